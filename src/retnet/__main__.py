@@ -1,0 +1,3 @@
+from retnet.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,7 @@
+"""Config → modules → language model, and the recurrent state it passes around."""
+
+from retnet.model.config import PRESETS, RetNetConfig
+from retnet.model.lm import RetNetLM, RetNetOutput, lm_loss
+from retnet.model.state import RetNetState
+
+__all__ = ["PRESETS", "RetNetConfig", "RetNetLM", "RetNetOutput", "RetNetState", "lm_loss"]

@@ -1,0 +1,123 @@
+"""RetNetConfig: the architecture of a RetNet language model, with named presets and validation."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from retnet.ops.decay import DECAY_SCHEMES
+
+
+@dataclass(frozen=True)
+class RetNetConfig:
+    """Architecture fields only; training, generation and benchmark options live elsewhere.
+
+    Derived sizes (paper §3.1): key head dim K = d_model / n_heads (so W_Q, W_K are d×d),
+    value head dim V = value_factor · K (W_V, W_G are d×2d, W_O 2d×d), FFN hidden ffn_factor · d.
+    """
+
+    vocab_size: int = 32000
+    d_model: int = 512
+    n_layers: int = 8
+    n_heads: int = 2
+    value_factor: int = 2
+    ffn_factor: int = 2
+    # The paper's experiments use one decay span for every size; "eq8" is torchscale's schedule.
+    decays: str = "multiscale"
+    dropout: float = 0.0
+    # Used by every LayerNorm and the per-head GroupNorm; the forms agree exactly at any eps.
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    # Ablations (paper Table 6); the defaults are the full model.
+    use_gate: bool = True
+    use_group_norm: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "value_factor", "ffn_factor"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer; got {value!r}")
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}); "
+                f"valid n_heads here: {_divisors(self.d_model)}"
+            )
+        if self.key_head_dim % 2:
+            raise ValueError(
+                f"n_heads={self.n_heads} gives an odd key head dim {self.key_head_dim} = "
+                "d_model / n_heads; rotation needs it even: change d_model or n_heads"
+            )
+        if self.decays not in DECAY_SCHEMES:
+            raise ValueError(
+                f"decays must be one of {', '.join(DECAY_SCHEMES)}; got {self.decays!r}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1); got {self.dropout!r}")
+        if not self.norm_eps > 0:
+            raise ValueError(f"norm_eps must be positive; got {self.norm_eps!r}")
+
+    @property
+    def key_head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def value_head_dim(self) -> int:
+        return self.value_factor * self.key_head_dim
+
+    @property
+    def ffn_dim(self) -> int:
+        return self.ffn_factor * self.d_model
+
+    @property
+    def state_bytes_per_sequence(self) -> int:
+        """Bytes of float32 recurrent state per sequence: per layer H·K·(V+1), plus the offset."""
+        per_layer = self.n_heads * self.key_head_dim * (self.value_head_dim + 1) * 4
+        return self.n_layers * per_layer + 8
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> RetNetConfig:
+        """A named preset with keyword overrides, e.g. from_preset("tiny", vocab_size=256)."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return cls.from_dict({**dataclasses.asdict(PRESETS[name]), **overrides})
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RetNetConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown config field(s) {', '.join(unknown)}; "
+                f"valid fields: {', '.join(sorted(known))}"
+            )
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """A short hash of the fields that shape the weights and the state."""
+        fields = {k: v for k, v in self.to_dict().items() if k != "dropout"}
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, min(n, 64) + 1) if n % d == 0]
+
+
+PRESETS: dict[str, RetNetConfig] = {
+    # For tests: under 1M parameters at vocab_size 256.
+    "tiny": RetNetConfig(d_model=64, n_layers=2, n_heads=2),
+    # Trains in minutes on two CPU cores: about 4.7M non-embedding parameters.
+    "demo": RetNetConfig(d_model=256, n_layers=6, n_heads=4),
+    # The CPU benchmark size (K = 256, V = 512 as the paper's heads).
+    "small": RetNetConfig(d_model=512, n_layers=8, n_heads=2),
+    "medium": RetNetConfig(d_model=768, n_layers=12, n_heads=3),
+    # Paper Table 2: key head dim 256, value head dim 512.
+    "paper-1.3b": RetNetConfig(d_model=2048, n_layers=24, n_heads=8),
+    "paper-2.7b": RetNetConfig(d_model=2560, n_layers=32, n_heads=10),
+    "paper-6.7b": RetNetConfig(d_model=4096, n_layers=32, n_heads=16),
+}

@@ -1,0 +1,146 @@
+"""RetNetLM: embeddings, a stack of RetNet blocks, a final norm and a (tied) LM head."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from retnet.model.config import RetNetConfig
+from retnet.model.state import RetNetState
+from retnet.modules import RetNetBlock
+from retnet.ops import get_form
+
+INIT_STD = 0.02
+
+
+class RetNetOutput(NamedTuple):
+    logits: Tensor  # [B, T, vocab_size] (or [B, 1, vocab_size] with last_only=True)
+    state: RetNetState  # after the last position
+
+
+class RetNetLM(nn.Module):
+    """A RetNet language model. One forward for every form:
+
+        model(input_ids)                                   # parallel
+        model(input_ids, mode="chunkwise", chunk_size=64)
+        model(next_ids, state=out.state, mode="recurrent")
+    """
+
+    def __init__(self, config: RetNetConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        self.embed = nn.Embedding(c.vocab_size, c.d_model)
+        self.blocks = nn.ModuleList(
+            RetNetBlock(c.d_model, c.n_heads, c.key_head_dim, c.value_head_dim, c.ffn_dim,
+                        decays=c.decays, norm_eps=c.norm_eps, dropout=c.dropout,
+                        use_gate=c.use_gate, use_group_norm=c.use_group_norm)
+            for _ in range(c.n_layers)
+        )
+        self.norm = nn.LayerNorm(c.d_model, eps=c.norm_eps)
+        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        if c.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        # Run option, not architecture: recompute each block in the backward pass.
+        self.activation_checkpointing = False
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """N(0, 0.02) everywhere; the two projections that write to the residual stream
+        (W_O and the FFN's down projection) are scaled by 1/√(2L) (GPT-2) so the stream's
+        RMS stays flat with depth; norms start at identity. The input embedding is
+        multiplied by √d in forward, so the stream starts at RMS ≈ 0.02·√d while the tied
+        LM head's logits start small (loss ≈ ln V)."""
+        residual_std = INIT_STD / math.sqrt(2 * self.config.n_layers)
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                continue
+            std = residual_std if name.endswith(("out_proj.weight", "down.weight")) else INIT_STD
+            nn.init.normal_(p, mean=0.0, std=std)
+        for m in self.modules():
+            if isinstance(m, (nn.LayerNorm, nn.GroupNorm)) and m.weight is not None:
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    @property
+    def state_dtype(self) -> torch.dtype:
+        """float64 for a float64 model, float32 otherwise (also under bf16 weights or autocast)."""
+        dtype = self.embed.weight.dtype
+        return torch.float64 if dtype == torch.float64 else torch.float32
+
+    def init_state(self, batch_size: int,
+                   device: torch.device | str | None = None) -> RetNetState:
+        """A zero state for `batch_size` sequences at position 0."""
+        c = self.config
+        device = self.embed.weight.device if device is None else device
+        shape = (batch_size, c.n_heads, c.key_head_dim, c.value_head_dim + 1)
+        kv = tuple(torch.zeros(shape, dtype=self.state_dtype, device=device)
+                   for _ in range(c.n_layers))
+        return RetNetState(kv, torch.zeros(batch_size, dtype=torch.long, device=device))
+
+    def num_parameters(self, *, embeddings: bool = True) -> int:
+        """Parameter count (tied weights once); embeddings=False leaves out embedding, LM head."""
+        seen, total = set(), 0
+        skip = set() if embeddings else {id(self.embed.weight), id(self.lm_head.weight)}
+        for p in self.parameters():
+            if id(p) in seen or id(p) in skip:
+                continue
+            seen.add(id(p))
+            total += p.numel()
+        return total
+
+    def forward(self, input_ids: Tensor, state: RetNetState | None = None, *,
+                mode: str = "parallel", chunk_size: int = 64,
+                attention_mask: Tensor | None = None, last_only: bool = False) -> RetNetOutput:
+        """input_ids [B, T]; attention_mask [B, T] (1 = real token; left padding for batches
+        of different lengths). Returns logits and the state after the last position; the
+        caller's state is never modified. last_only=True computes logits for the last
+        position only (prefill)."""
+        B, _ = self._check_inputs(input_ids, state, attention_mask)
+        form = get_form(mode, chunk_size)
+        state = self.init_state(B, input_ids.device) if state is None else state
+        mask = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
+                else attention_mask.to(torch.bool))
+        seen = mask.long().cumsum(1)  # [B, T] real tokens so far
+        # Positions count from each row's first real token; padding sits at the last position.
+        positions = (state.offset[:, None] + seen - 1).clamp(min=0)
+        x = self.embed(input_ids) * math.sqrt(self.config.d_model)  # [B, T, D]
+        kvs = []
+        for block, kv in zip(self.blocks, state.kv):
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x, kv = checkpoint(block, x, kv, positions, mask, form, use_reentrant=False)
+            else:
+                x, kv = block(x, kv, positions, mask, form)
+            kvs.append(kv)
+        if last_only:
+            x = x[:, -1:]
+        logits = self.lm_head(self.norm(x))
+        return RetNetOutput(logits, RetNetState(tuple(kvs), state.offset + seen[:, -1]))
+
+    def _check_inputs(self, input_ids: Tensor, state: RetNetState | None,
+                      attention_mask: Tensor | None) -> tuple[int, int]:
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be [B, T] with T ≥ 1; got {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        if attention_mask is not None and attention_mask.shape != (B, T):
+            raise ValueError(f"attention_mask must be [B, T] = [{B}, {T}]; "
+                             f"got {tuple(attention_mask.shape)}")
+        if state is not None:
+            if len(state.kv) != self.config.n_layers:
+                raise ValueError(f"state has {len(state.kv)} layers but the model has "
+                                 f"{self.config.n_layers}: it was made by another model")
+            if state.batch_size != B:
+                raise ValueError(f"state holds {state.batch_size} rows but input_ids has {B}; "
+                                 "use state.select(rows) to match the batch")
+        return B, T
+
+
+def lm_loss(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
+    """Mean next-token cross-entropy in float32. logits [B, T, V]; targets [B, T]."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
+                           ignore_index=ignore_index)

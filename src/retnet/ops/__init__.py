@@ -1,0 +1,28 @@
+"""Pure tensor functions: retention in its three forms, decays, rotation, normalisation."""
+
+from retnet.ops.decay import DECAY_SCHEMES, decay_row_sum, log_decays
+from retnet.ops.retention import (
+    MODES,
+    RetentionForm,
+    get_form,
+    retention,
+    retention_chunkwise,
+    retention_parallel,
+    retention_recurrent,
+)
+from retnet.ops.rotary import rotary_angles, rotate
+
+__all__ = [
+    "DECAY_SCHEMES",
+    "MODES",
+    "RetentionForm",
+    "decay_row_sum",
+    "get_form",
+    "log_decays",
+    "retention",
+    "retention_chunkwise",
+    "retention_parallel",
+    "retention_recurrent",
+    "rotary_angles",
+    "rotate",
+]

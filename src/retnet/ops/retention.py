@@ -1,0 +1,219 @@
+"""Retention, RetNet's sequence mixer, in three equivalent forms with one signature.
+
+Every form computes, for each batch row and head, the masked decayed recurrence
+
+    S_n = γ^(m_n) S_(n-1) + m_n k_nᵀ v_n          o_n = q_n S_n
+
+where m_n ∈ {0, 1} is the mask (1 = real token). A masked position neither decays the state
+nor writes to it, so padding is invisible to the real tokens. Unrolled, with p_n the number
+of real tokens up to and including n:
+
+    o_n = Σ_(m ≤ n) γ^(p_n − p_m) (q_n · m_m k_m) v_m  +  γ^(p_n) q_n S_0
+
+The exponents p_n − p_m are exact integers, so every decay is γ raised to an exact count,
+computed as exp(count · log γ) with the causal mask applied before exp: no positive
+exponent is ever exponentiated, whatever the length.
+
+Layout: q, k [B, T, H, K]; v [B, T, H, V]; log_decay [H]; state [B, H, K, V]; mask [B, T].
+All forms compute in float32 (float64 when q is float64) with autocast disabled, and return
+the output in that dtype: callers decide when to round to a lower precision.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Literal, Protocol
+
+import torch
+from torch import Tensor
+
+Mode = Literal["parallel", "recurrent", "chunkwise"]
+MODES: tuple[str, ...] = ("parallel", "recurrent", "chunkwise")
+
+
+class RetentionForm(Protocol):
+    def __call__(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        log_decay: Tensor,
+        state: Tensor | None = None,
+        mask: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]: ...
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """float64 stays float64; everything else (fp32, bf16, fp16) computes in float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _check_shapes(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor,
+                  state: Tensor | None, mask: Tensor | None) -> None:
+    if q.dim() != 4 or k.shape != q.shape:
+        raise ValueError(
+            f"q and k must both be [B, T, H, K]; got q {tuple(q.shape)} and k {tuple(k.shape)}"
+        )
+    B, T, H, K = q.shape
+    if v.dim() != 4 or v.shape[:3] != (B, T, H):
+        raise ValueError(f"v must be [B, T, H, V] = [{B}, {T}, {H}, V]; got {tuple(v.shape)}")
+    if log_decay.shape != (H,):
+        raise ValueError(f"log_decay must be [H] = [{H}]; got {tuple(log_decay.shape)}")
+    if state is not None and state.shape != (B, H, K, v.shape[-1]):
+        raise ValueError(
+            f"state must be [B, H, K, V] = [{B}, {H}, {K}, {v.shape[-1]}]; got {tuple(state.shape)}"
+        )
+    if mask is not None and mask.shape != (B, T):
+        raise ValueError(f"mask must be [B, T] = [{B}, {T}]; got {tuple(mask.shape)}")
+
+
+def _prepare(q, k, v, log_decay, state, mask):
+    """Validate, upcast to the compute dtype, and fill in the defaults (zero state, no mask)."""
+    _check_shapes(q, k, v, log_decay, state, mask)
+    dtype = compute_dtype(q)
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    log_decay = log_decay.to(device=q.device, dtype=dtype)
+    if state is None:
+        state = q.new_zeros(B, H, K, V)
+    state = state.to(dtype)
+    if mask is None:
+        mask = q.new_ones(B, T)
+    mask = mask.to(dtype)
+    # A masked key writes nothing to the state.
+    k = k * mask[:, :, None, None]
+    return q, k, v, log_decay, state, mask
+
+
+def _causal_decay(pos: Tensor, log_decay: Tensor) -> Tensor:
+    """D[..., h, n, m] = γ_h^(pos_n − pos_m) for n ≥ m, else 0.
+
+    pos [..., T] counts real tokens (integer-valued floats); returns [..., H, T, T].
+    """
+    T = pos.shape[-1]
+    dist = pos[..., :, None] - pos[..., None, :]  # [..., T, T]
+    log_d = dist.unsqueeze(-3) * log_decay[:, None, None]  # [..., H, T, T]
+    causal = torch.ones(T, T, dtype=torch.bool, device=pos.device).tril()
+    # Mask in log space before exp: above the diagonal the exponent would be positive.
+    return log_d.masked_fill(~causal, float("-inf")).exp()
+
+
+def _powers(count: Tensor, log_decay: Tensor) -> Tensor:
+    """γ_h^count for count [...] (integer-valued floats); returns [..., H]."""
+    return (count.unsqueeze(-1) * log_decay).exp()
+
+
+def retention_parallel(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor,
+                       state: Tensor | None = None, mask: Tensor | None = None
+                       ) -> tuple[Tensor, Tensor]:
+    """Parallel form: (Q Kᵀ ⊙ D) V plus the decayed incoming state. O(T²) time and memory.
+
+    Args:
+        q, k: [B, T, H, K]. v: [B, T, H, V]. log_decay: [H], log γ per head (≤ 0).
+        state: optional incoming [B, H, K, V]. mask: optional [B, T], 1 = real token.
+    Returns:
+        o [B, T, H, V] and the final state [B, H, K, V], in the compute dtype.
+    """
+    with torch.autocast(q.device.type, enabled=False):
+        q, k, v, log_decay, state, mask = _prepare(q, k, v, log_decay, state, mask)
+        pos = mask.cumsum(1)  # [B, T]
+        # 1. within the sequence: scores decayed by γ^(p_n − p_m)
+        scores = torch.einsum("bnhk,bmhk->bhnm", q, k) * _causal_decay(pos, log_decay)
+        o = torch.einsum("bhnm,bmhv->bnhv", scores, v)
+        # 2. the incoming state, decayed by γ^(p_n)
+        o = o + torch.einsum("bnhk,bhkv->bnhv", q * _powers(pos, log_decay)[..., None], state)
+        # 3. the final state: every key decayed to the end, plus the decayed incoming state
+        total = pos[:, -1:]  # [B, 1]
+        k_end = k * _powers(total - pos, log_decay)[..., None]
+        final = _powers(total[:, 0], log_decay)[..., None, None] * state
+        final = final + torch.einsum("bmhk,bmhv->bhkv", k_end, v)
+    return o, final
+
+
+def retention_recurrent(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor,
+                        state: Tensor | None = None, mask: Tensor | None = None
+                        ) -> tuple[Tensor, Tensor]:
+    """Recurrent form: one step per token, O(1) memory in T. Same arguments as the parallel form."""
+    with torch.autocast(q.device.type, enabled=False):
+        q, k, v, log_decay, state, mask = _prepare(q, k, v, log_decay, state, mask)
+        step_decay = _powers(mask, log_decay)[..., None, None]  # [B, T, H, 1, 1]: γ or 1
+        outputs = []
+        for t in range(q.shape[1]):
+            kv = k[:, t, :, :, None] * v[:, t, :, None, :]  # [B, H, K, V]
+            state = torch.addcmul(kv, step_decay[:, t], state)
+            outputs.append(torch.einsum("bhk,bhkv->bhv", q[:, t], state))
+        o = torch.stack(outputs, dim=1)
+    return o, state
+
+
+def retention_chunkwise(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor,
+                        state: Tensor | None = None, mask: Tensor | None = None,
+                        chunk_size: int = 64) -> tuple[Tensor, Tensor]:
+    """Chunkwise form: parallel within chunks of L tokens, recurrent across them. O(T·L) memory.
+
+    Derived from the recurrence (not from the paper's eq. 7, which has known errors). A tail
+    shorter than L is padded with masked positions, which by definition change nothing.
+    Same arguments as the parallel form, plus chunk_size (any positive int).
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer; got {chunk_size}")
+    with torch.autocast(q.device.type, enabled=False):
+        q, k, v, log_decay, state, mask = _prepare(q, k, v, log_decay, state, mask)
+        B, T, H, K = q.shape
+        V = v.shape[-1]
+        L = min(chunk_size, T)
+        N = math.ceil(T / L)
+        if N * L != T:
+            pad = N * L - T
+            q, k, v = (torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad)) for x in (q, k, v))
+            mask = torch.nn.functional.pad(mask, (0, pad))
+        q, k = q.view(B, N, L, H, K), k.view(B, N, L, H, K)
+        v = v.view(B, N, L, H, V)
+        pos = mask.view(B, N, L).cumsum(-1)  # [B, N, L] real tokens so far within the chunk
+        total = pos[..., -1:]  # [B, N, 1] real tokens in the chunk
+
+        # 1. intra-chunk: the parallel form inside each chunk
+        scores = torch.einsum("bnlhk,bnshk->bnhls", q, k) * _causal_decay(pos, log_decay)
+        o = torch.einsum("bnhls,bnshv->bnlhv", scores, v)
+        # 2. each chunk's own write to the state at its end: Σ_s γ^(total − p_s) k_sᵀ v_s
+        k_end = k * _powers(total - pos, log_decay)[..., None]
+        chunk_kv = torch.einsum("bnlhk,bnlhv->bnhkv", k_end, v)  # [B, N, H, K, V]
+        # 3. pass the state across chunks: S_(j+1) = γ^(total_j) S_j + chunk_kv_j
+        chunk_decay = _powers(total[..., 0], log_decay)[..., None, None]  # [B, N, H, 1, 1]
+        incoming = []
+        for j in range(N):
+            incoming.append(state)
+            state = torch.addcmul(chunk_kv[:, j], chunk_decay[:, j], state)
+        incoming = torch.stack(incoming, dim=1)  # [B, N, H, K, V] state entering each chunk
+        # 4. the incoming state's contribution: γ^(p_l) q_l S_j
+        q_in = q * _powers(pos, log_decay)[..., None]
+        o = o + torch.einsum("bnlhk,bnhkv->bnlhv", q_in, incoming)
+        o = o.reshape(B, N * L, H, V)[:, :T]
+    return o, state
+
+
+_FORMS: dict[str, RetentionForm] = {
+    "parallel": retention_parallel,
+    "recurrent": retention_recurrent,
+    "chunkwise": retention_chunkwise,
+}
+
+
+def get_form(mode: str, chunk_size: int = 64) -> RetentionForm:
+    """The retention form for `mode` ("parallel", "recurrent" or "chunkwise")."""
+    if mode not in _FORMS:
+        raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
+    if mode == "chunkwise":
+        if not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive integer; got {chunk_size!r}")
+        return functools.partial(retention_chunkwise, chunk_size=chunk_size)
+    return _FORMS[mode]
+
+
+def retention(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor,
+              state: Tensor | None = None, mask: Tensor | None = None, *,
+              mode: str = "parallel", chunk_size: int = 64) -> tuple[Tensor, Tensor]:
+    """Retention in the form named by `mode`; see `retention_parallel` for the arguments."""
+    return get_form(mode, chunk_size)(q, k, v, log_decay, state, mask)

@@ -1,0 +1,31 @@
+"""Rotation of queries and keys by absolute position (torchscale's layout, without xPos scaling)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def rotary_angles(positions: Tensor, head_dim: int) -> tuple[Tensor, Tensor]:
+    """cos and sin of position · θ_i with θ = 10000^(−linspace(0, 1, K/2)), each pair interleaved.
+
+    positions [B, T] (int); returns cos, sin [B, T, 1, K] in float32 (angles grow with the
+    position, so they are never formed in low precision).
+    """
+    inv_freq = 10000.0 ** -torch.linspace(0, 1, head_dim // 2, device=positions.device,
+                                          dtype=torch.float32)
+    angles = positions.to(torch.float32)[..., None] * inv_freq  # [B, T, K/2]
+    angles = angles.repeat_interleave(2, dim=-1).unsqueeze(2)  # [B, T, 1, K]
+    return angles.cos(), angles.sin()
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate interleaved pairs (x0, x1) → (x0 cos − x1 sin, x1 cos + x0 sin).
+
+    x [B, T, H, K]; cos, sin [B, T, 1, K]. Computed in float32 or higher, returned in that dtype.
+    """
+    dtype = torch.promote_types(x.dtype, cos.dtype)
+    x = x.to(dtype)
+    pairs = x.unflatten(-1, (-1, 2))  # [B, T, H, K/2, 2]
+    swapped = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+    return x * cos.to(dtype) + swapped * sin.to(dtype)
