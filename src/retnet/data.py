@@ -1,0 +1,180 @@
+"""Training text: the embedded default corpus (the Python standard library), files, JSONL;
+tokenised once into a memory-mapped cache; served as packed windows of seq_len + 1 tokens.
+
+Batches are a pure function of (seed, step, rank): resuming at step s sees exactly the data an
+uninterrupted run would, and ranks of a distributed run see disjoint rows of one global batch.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import sys
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from retnet.tokenizer import Tokenizer
+
+VAL_PER_MILLE = 20  # 2% of documents, chosen by a hash of their name
+LINES_PER_DOC = 200  # a single text file is cut into documents of this many lines
+
+
+@dataclass(frozen=True)
+class Document:
+    name: str  # a stable name: relative path, or path:line, or path#index
+    text: str
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def stdlib_documents() -> list[Document]:
+    """Every .py file of the running interpreter's standard library (pydoc_data/topics.py
+    included), sorted by relative path, without site-packages or dist-packages."""
+    root = stdlib_root()
+    docs = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if {"site-packages", "dist-packages"} & set(rel.parts):
+            continue
+        # Some stdlib files are deliberately not valid UTF-8 (test data): replace, don't fail.
+        docs.append(Document(rel.as_posix(), path.read_bytes().decode("utf-8", "replace")))
+    return docs
+
+
+def _file_documents(path: Path, label: str) -> list[Document]:
+    lines = path.read_bytes().decode("utf-8", "replace").splitlines(keepends=True)
+    return [Document(f"{label}:{i}", "".join(lines[i:i + LINES_PER_DOC]))
+            for i in range(0, len(lines), LINES_PER_DOC)]
+
+
+def _jsonl_documents(path: Path, field: str) -> list[Document]:
+    docs = []
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for i, line in enumerate(f):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                raise ValueError(f"{path}:{i + 1} is not valid JSON; fix or remove that line"
+                                 ) from None
+            if not isinstance(record, dict) or not isinstance(record.get(field), str):
+                raise ValueError(f"{path}:{i + 1} has no string field {field!r}; "
+                                 "pass --text-field NAME")
+            docs.append(Document(f"{path.name}#{i}", record[field]))
+    return docs
+
+
+def load_documents(source: str | None, text_field: str = "text") -> list[Document]:
+    """None: the standard library. Else a text file, a .jsonl file, a directory or a glob."""
+    if source is None:
+        return stdlib_documents()
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+    elif path.is_file():
+        files = [path]
+    else:
+        files = sorted(Path(p) for p in glob.glob(source, recursive=True) if Path(p).is_file())
+    if not files:
+        raise FileNotFoundError(f"no data at {source!r}: give a text file, a .jsonl file, "
+                                "a directory or a glob, or nothing for the default corpus")
+    docs = []
+    for f in files:
+        label = f.relative_to(path).as_posix() if path.is_dir() else f.as_posix()
+        is_jsonl = f.suffix == ".jsonl"
+        docs += _jsonl_documents(f, text_field) if is_jsonl else _file_documents(f, label)
+    docs = [d for d in docs if d.text.strip()]
+    if not docs:
+        raise ValueError(f"the data at {source!r} holds no text")
+    return docs
+
+
+def split_documents(docs: list[Document]) -> tuple[list[Document], list[Document]]:
+    """(train, validation), decided by a hash of each document's name: stable as data grows."""
+    def is_val(d: Document) -> bool:
+        return int(hashlib.sha256(d.name.encode()).hexdigest()[:8], 16) % 1000 < VAL_PER_MILLE
+
+    train = [d for d in docs if not is_val(d)]
+    val = [d for d in docs if is_val(d)]
+    if not val:  # tiny corpora: hold out the last document
+        train, val = train[:-1] or train, train[-1:]
+    return train, val
+
+
+def corpus_fingerprint(docs: list[Document]) -> str:
+    h = hashlib.sha256()
+    for d in docs:
+        h.update(d.name.encode() + b"\0" + hashlib.sha256(d.text.encode()).digest())
+    return h.hexdigest()[:16]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("RETNET_CACHE", Path.home() / ".cache" / "retnet"))
+
+
+def tokenize(docs: list[Document], tokenizer: Tokenizer, name: str) -> tuple[np.ndarray, dict]:
+    """All documents as one token array, each followed by <|endoftext|>; cached on disk as a
+    memory map keyed by the text and the tokenizer, so a second run starts at once."""
+    key = hashlib.sha256(f"{corpus_fingerprint(docs)}|{tokenizer.fingerprint()}".encode())
+    stem = cache_dir() / f"{name}-{key.hexdigest()[:16]}"
+    meta_path, bin_path = stem.with_suffix(".json"), stem.with_suffix(".bin")
+    if meta_path.is_file() and bin_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        return np.memmap(bin_path, dtype=meta["dtype"], mode="r", shape=(meta["tokens"],)), meta
+    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
+    texts = [d.text for d in docs]
+    encode_batch = getattr(tokenizer, "encode_batch", None)
+    ids = encode_batch(texts) if encode_batch else [tokenizer.encode(t) for t in texts]
+    arrays = [np.asarray([*x, tokenizer.eos_id], dtype=dtype) for x in ids]
+    tokens = np.concatenate(arrays) if arrays else np.zeros(0, dtype=dtype)
+    meta = {"tokens": int(tokens.size), "dtype": np.dtype(dtype).name, "documents": len(docs),
+            "bytes": sum(len(t.encode("utf-8")) for t in texts)}
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    tmp = bin_path.with_suffix(f".tmp{os.getpid()}")
+    tokens.tofile(tmp)
+    os.replace(tmp, bin_path)
+    meta_path.with_suffix(f".tmp{os.getpid()}").write_text(json.dumps(meta))
+    os.replace(meta_path.with_suffix(f".tmp{os.getpid()}"), meta_path)
+    return np.memmap(bin_path, dtype=dtype, mode="r", shape=(tokens.size,)), meta
+
+
+class PackedWindows:
+    """Windows of seq_len + 1 consecutive tokens (inputs and shifted targets)."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, what: str = "corpus") -> None:
+        if tokens.size < seq_len + 1:
+            raise ValueError(f"the {what} has {tokens.size} tokens, fewer than one window of "
+                             f"seq_len + 1 = {seq_len + 1}; add text or lower --seq-len")
+        self.tokens, self.seq_len = tokens, seq_len
+        self.n_starts = tokens.size - seq_len
+
+    def _gather(self, starts: np.ndarray) -> torch.Tensor:
+        rows = np.stack([self.tokens[s:s + self.seq_len + 1] for s in starts])
+        return torch.from_numpy(rows.astype(np.int64))  # [rows, seq_len + 1]
+
+    def batch(self, seed: int, step: int, rows: int, rank: int = 0, world: int = 1
+              ) -> torch.Tensor:
+        """Global batch of rows·world random windows for (seed, step); this rank's rows."""
+        g = np.random.default_rng([seed, step])
+        starts = g.integers(0, self.n_starts, size=rows * world)
+        return self._gather(starts[rank * rows:(rank + 1) * rows])
+
+    def evaluation_batches(self, rows: int, n_batches: int) -> list[torch.Tensor]:
+        """Fixed, evenly spaced windows (the same for every evaluation)."""
+        count = min(rows * n_batches, max(1, self.n_starts // self.seq_len))
+        starts = np.linspace(0, self.n_starts - 1, count).astype(np.int64)
+        return [self._gather(starts[i:i + rows]) for i in range(0, count, rows)]
+
+
+def describe_default_corpus() -> dict:
+    return {"source": "python-stdlib", "python": sys.version.split()[0],
+            "root": str(stdlib_root())}

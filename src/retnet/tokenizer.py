@@ -1,0 +1,126 @@
+"""Tokenizers: a zero-setup byte-level one, and byte-level BPE through Hugging Face `tokenizers`.
+
+Both expose encode / decode / vocab_size / eos_id / pad_id / save, and both are saved as a
+`tokenizer.json` that `load_tokenizer` reads back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Protocol
+
+EOS = "<|endoftext|>"
+PAD = "<|pad|>"
+BYTE_MARKER = "retnet-byte-tokenizer"
+
+
+class Tokenizer(Protocol):
+    vocab_size: int
+    eos_id: int
+    pad_id: int
+
+    def encode(self, text: str) -> list[int]: ...
+    def decode(self, ids: Iterable[int]) -> str: ...
+    def save(self, path: str | Path) -> None: ...
+    def fingerprint(self) -> str: ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes 0..255, then <|endoftext|> = 256 and <|pad|> = 257."""
+
+    vocab_size = 258
+    eos_id = 256
+    pad_id = 257
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    def save(self, path: str | Path) -> None:
+        _atomic_write_text(Path(path), json.dumps({"type": BYTE_MARKER, "version": 1}))
+
+    def fingerprint(self) -> str:
+        return "byte-v1"
+
+
+class BPETokenizer:
+    """A `tokenizers.Tokenizer` (any tokenizer.json) with <|endoftext|> and <|pad|> ids."""
+
+    def __init__(self, tok) -> None:
+        self.tok = tok
+        self.vocab_size = tok.get_vocab_size()
+        eos, pad = tok.token_to_id(EOS), tok.token_to_id(PAD)
+        if eos is None:
+            raise ValueError(f"tokenizer has no {EOS} token; train one with "
+                             "`retnet tokenizer train` or add it as a special token")
+        self.eos_id = eos
+        self.pad_id = eos if pad is None else pad
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tok.encode_batch(texts)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=True)
+
+    def save(self, path: str | Path) -> None:
+        _atomic_write_text(Path(path), self.tok.to_str())
+
+    def fingerprint(self) -> str:
+        import hashlib
+
+        return hashlib.sha256(self.tok.to_str().encode()).hexdigest()[:16]
+
+
+def train_bpe(texts: Iterator[str], vocab_size: int) -> BPETokenizer:
+    """Train a byte-level BPE (GPT-2 style pre-tokenisation) with <|endoftext|> and <|pad|>."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    if vocab_size < 258:
+        raise ValueError(f"vocab_size must be at least 258 (256 bytes + 2 specials); "
+                         f"got {vocab_size}")
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS, PAD],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    return BPETokenizer(tok)
+
+
+def load_tokenizer(path: str | Path | None) -> Tokenizer:
+    """`None` or "byte" gives the byte tokenizer; otherwise a tokenizer.json (or its folder)."""
+    if path is None or str(path) == "byte":
+        return ByteTokenizer()
+    path = Path(path)
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no tokenizer at {path}; pass a tokenizer.json, its folder, "
+                                "or 'byte'")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); retrain or re-copy it") from None
+    if data.get("type") == BYTE_MARKER:
+        return ByteTokenizer()
+    from tokenizers import Tokenizer as HFTokenizer
+
+    return BPETokenizer(HFTokenizer.from_str(text))
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

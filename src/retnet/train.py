@@ -1,0 +1,304 @@
+"""`retnet train`: AdamW with warm-up and decay, accumulation, clipping, evaluation, exact resume,
+DDP/FSDP2 under torchrun. Batches are a pure function of (seed, step), so resuming is exact."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from retnet import distributed as dist
+from retnet.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from retnet.data import PackedWindows, load_documents, split_documents, tokenize
+from retnet.model import RetNetConfig, RetNetLM, lm_loss
+from retnet.tokenizer import Tokenizer, load_tokenizer
+
+
+@dataclass
+class TrainConfig:
+    """Run options of `retnet train` (each is a --flag; a TOML/YAML file may set any of them)."""
+
+    preset: str = "demo"  # model preset; vocab size comes from the tokenizer
+    model: dict[str, Any] = field(default_factory=dict)  # RetNetConfig overrides
+    data: str | None = None  # text file, .jsonl, directory or glob; None: the stdlib corpus
+    text_field: str = "text"  # the JSONL field holding the text
+    tokenizer: str = "byte"  # "byte" or a tokenizer.json
+    out: str = "runs/train"  # run directory: checkpoints, metrics.jsonl, loss.png
+    steps: int = 1000  # optimiser steps
+    batch_size: int = 8  # sequences per micro-batch per process
+    seq_len: int = 256
+    grad_accum: int = 1  # micro-batches per optimiser step
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # final learning rate as a fraction of lr
+    warmup: int = 100  # linear warm-up steps
+    schedule: str = "cosine"  # "cosine" or "linear" decay after warm-up
+    weight_decay: float = 0.1  # not applied to norms, embeddings, biases
+    beta2: float = 0.95
+    clip: float = 1.0  # max gradient norm (0 disables)
+    mode: str = "parallel"  # "parallel" or "chunkwise" (long sequences)
+    chunk_size: int = 64
+    dtype: str | None = None  # "float32" or "bfloat16" (autocast); default fp32 CPU, bf16 CUDA
+    activation_checkpointing: bool = False
+    eval_every: int = 100
+    eval_batches: int = 8
+    save_every: int = 200
+    seed: int = 0
+    device: str | None = None  # default: cuda if available, else cpu
+    parallel: str = "ddp"  # under torchrun: "ddp" or "fsdp" (FSDP2 fully_shard)
+    resume: bool = False  # continue from OUT/latest
+
+    def __post_init__(self) -> None:
+        checks = {"steps": self.steps >= 1, "batch_size": self.batch_size >= 1,
+                  "seq_len": self.seq_len >= 1, "grad_accum": self.grad_accum >= 1,
+                  "lr": self.lr > 0, "warmup": self.warmup >= 0,
+                  "schedule": self.schedule in ("cosine", "linear"),
+                  "mode": self.mode in ("parallel", "chunkwise"),
+                  "dtype": self.dtype in (None, "float32", "bfloat16"),
+                  "parallel": self.parallel in ("ddp", "fsdp"),
+                  "eval_every": self.eval_every >= 1, "save_every": self.save_every >= 1}
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"invalid {name}={getattr(self, name)!r}; "
+                                 "see `retnet train --help`")
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> TrainConfig:
+        """Read a .toml or .yaml/.yml file; keyword overrides win."""
+        path = Path(path)
+        if path.suffix == ".toml":
+            import tomllib
+
+            values = tomllib.loads(path.read_text())
+        elif path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            values = yaml.safe_load(path.read_text()) or {}
+        else:
+            raise ValueError(f"config file {path} must end in .toml, .yaml or .yml")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown key(s) {', '.join(unknown)} in {path}; "
+                             f"valid keys: {', '.join(sorted(known))}")
+        return cls(**{**values, **overrides})
+
+
+def get_lr(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to lr, then cosine or linear decay to lr · min_lr_ratio at the last step."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on the matrices of linear layers only: not norms, embeddings or biases."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        is_matrix = p.dim() >= 2 and "embed" not in name and "lm_head" not in name
+        (decay if is_matrix else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: list[torch.Tensor], cfg: TrainConfig,
+             device: torch.device, amp: torch.dtype | None) -> float:
+    """Mean validation loss (nats per token) over fixed windows."""
+    model.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        batch = batch.to(device)
+        with _autocast(device, amp):
+            out = model(batch[:, :-1], mode=cfg.mode, chunk_size=cfg.chunk_size)
+        total += lm_loss(out.logits, batch[:, 1:]).item() * batch.shape[0]
+        count += batch.shape[0]
+    model.train()
+    return total / count
+
+
+def _autocast(device: torch.device, amp: torch.dtype | None):
+    return torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+@dataclass
+class _Run:
+    """Everything the loop needs, built once."""
+
+    model: RetNetLM
+    wrapped: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    tokenizer: Tokenizer
+    train: PackedWindows
+    val_batches: list[torch.Tensor]
+    val_bits_per_token: float  # converts nats/token into bits per byte
+    start_step: int
+    meta: dict[str, Any]
+
+
+def _prepare(cfg: TrainConfig, ctx: dist.Context) -> _Run:
+    out = Path(cfg.out)
+    ckpt = None
+    if cfg.resume:
+        ckpt = load_checkpoint(resolve_checkpoint(out))
+        tokenizer = ckpt.tokenizer
+        config = ckpt.config
+        wanted = RetNetConfig.from_preset(cfg.preset, vocab_size=config.vocab_size, **cfg.model)
+        if wanted.fingerprint() != config.fingerprint():
+            raise ValueError(f"{ckpt.path} was trained with another model config; resume with "
+                             "the same --preset and overrides, or use a new --out")
+    else:
+        tokenizer = load_tokenizer(cfg.tokenizer)
+        config = RetNetConfig.from_preset(cfg.preset, **{"vocab_size": tokenizer.vocab_size,
+                                                         **cfg.model})
+        if tokenizer.vocab_size > config.vocab_size:
+            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's "
+                             f"vocab_size is {config.vocab_size}; drop the vocab_size override")
+    docs = load_documents(cfg.data, cfg.text_field)
+    train_docs, val_docs = split_documents(docs)
+    with ctx.rank_zero_first():  # rank 0 tokenises and caches; the others read the cache
+        train_tokens, _ = tokenize(train_docs, tokenizer, "train")
+        val_tokens, val_meta = tokenize(val_docs, tokenizer, "val")
+    train = PackedWindows(train_tokens, cfg.seq_len, "training split")
+    val = PackedWindows(val_tokens, cfg.seq_len, "validation split")
+    torch.manual_seed(cfg.seed)
+    model = RetNetLM(config).to(ctx.device)
+    model.activation_checkpointing = cfg.activation_checkpointing
+    if ckpt is not None:
+        model.load_state_dict(ckpt.weights, strict=False)
+    wrapped = dist.wrap(model, ctx, cfg.parallel)
+    optimizer = torch.optim.AdamW(param_groups(wrapped, cfg.weight_decay), lr=cfg.lr,
+                                  betas=(0.9, cfg.beta2))
+    start = 0
+    if ckpt is not None:
+        state = ckpt.train_state()
+        dist.load_optimizer_state(wrapped, optimizer, state["optimizer"])
+        _set_rng_state(state["rng"])
+        start = state["step"]
+    meta = {"python_corpus": cfg.data is None, "documents": len(docs),
+            "train_tokens": int(train_tokens.size), "val_tokens": int(val_tokens.size),
+            "corpus": _corpus_record(cfg, docs), "train_config": dataclasses.asdict(cfg)}
+    bits = val_meta["tokens"] / max(val_meta["bytes"], 1) / math.log(2)
+    return _Run(model, wrapped, optimizer, tokenizer, train,
+                val.evaluation_batches(cfg.batch_size, cfg.eval_batches), bits, start, meta)
+
+
+def _corpus_record(cfg: TrainConfig, docs) -> dict[str, Any]:
+    from retnet.data import corpus_fingerprint, describe_default_corpus
+
+    base = describe_default_corpus() if cfg.data is None else {"source": cfg.data}
+    return {**base, "fingerprint": corpus_fingerprint(docs)}
+
+
+def _save(run: _Run, cfg: TrainConfig, ctx: dist.Context, step: int) -> None:
+    state = dist.full_state(run.wrapped, run.optimizer)  # a collective under FSDP
+    if ctx.is_main:
+        save_checkpoint(cfg.out, step, state["model"], run.model.config, run.tokenizer,
+                        {"optimizer": state["optimizer"], "step": step, "rng": _rng_state()},
+                        run.meta)
+    ctx.barrier()
+
+
+def _log(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def train(cfg: TrainConfig) -> dict[str, float]:
+    """Train (or resume) and return the final metrics. Launch under torchrun for DDP/FSDP2."""
+    ctx = dist.setup(cfg.device)
+    try:
+        return _train(cfg, ctx)
+    finally:
+        dist.teardown(ctx)
+
+
+def _train(cfg: TrainConfig, ctx: dist.Context) -> dict[str, float]:
+    run = _prepare(cfg, ctx)
+    amp = {"float32": None, "bfloat16": torch.bfloat16}[
+        cfg.dtype or ("bfloat16" if ctx.device.type == "cuda" else "float32")]
+    out = Path(cfg.out)
+    metrics_path = out / "metrics.jsonl"
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * ctx.world
+    bar = tqdm(total=cfg.steps, initial=run.start_step, disable=not ctx.is_main, unit="step",
+               dynamic_ncols=True)
+    result: dict[str, float] = {}
+    step = run.start_step
+    run.wrapped.train()
+    try:
+        while step < cfg.steps:
+            started = time.perf_counter()
+            loss = _train_step(run, cfg, ctx, step, amp)
+            step += 1
+            rate = tokens_per_step / (time.perf_counter() - started)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:.0f}")
+            record: dict[str, Any] = {"step": step, "loss": loss, "lr": get_lr(step - 1, cfg),
+                                      "tokens_per_s": rate}
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                val = evaluate(run.wrapped, run.val_batches, cfg, ctx.device, amp)
+                record |= {"val_loss": val, "val_ppl": math.exp(val),
+                           "val_bpb": val * run.val_bits_per_token}
+                result = {k: record[k] for k in ("loss", "val_loss", "val_ppl", "val_bpb")}
+                bar.write(f"step {step}: val loss {val:.4f}, ppl {math.exp(val):.2f}, "
+                          f"bits/byte {record['val_bpb']:.3f}")
+            if ctx.is_main:
+                _log(metrics_path, record)
+            if step % cfg.save_every == 0 or step == cfg.steps:
+                _save(run, cfg, ctx, step)
+    except KeyboardInterrupt:
+        bar.write(f"interrupted: saving step {step} to {out}")
+        _save(run, cfg, ctx, step)
+        raise
+    finally:
+        bar.close()
+    if ctx.is_main:
+        from retnet.plot import plot_losses
+
+        plot_losses(metrics_path, out / "loss.png")
+    return result
+
+
+def _train_step(run: _Run, cfg: TrainConfig, ctx: dist.Context, step: int,
+                amp: torch.dtype | None) -> float:
+    for group in run.optimizer.param_groups:
+        group["lr"] = get_lr(step, cfg)
+    total = 0.0
+    for micro in range(cfg.grad_accum):
+        batch = run.train.batch(cfg.seed, step * cfg.grad_accum + micro, cfg.batch_size,
+                                ctx.rank, ctx.world).to(ctx.device)
+        last = micro == cfg.grad_accum - 1
+        with dist.maybe_no_sync(run.wrapped, sync=last), _autocast(ctx.device, amp):
+            out = run.wrapped(batch[:, :-1], mode=cfg.mode, chunk_size=cfg.chunk_size)
+            loss = lm_loss(out.logits, batch[:, 1:]) / cfg.grad_accum
+        loss.backward()
+        total += loss.item()
+    if cfg.clip > 0:
+        torch.nn.utils.clip_grad_norm_(run.wrapped.parameters(), cfg.clip)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return ctx.mean(total)
