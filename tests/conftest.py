@@ -12,3 +12,22 @@ sys.path.insert(0, str(Path(__file__).parent))
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    """Tokenised-data caches go to a per-session temp folder, never the user's home."""
+    monkeypatch.setenv("RETNET_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """A small fixed text corpus of repetitive English (about 40k characters)."""
+    import random
+
+    rng = random.Random(0)
+    words = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex".split()
+    lines = [" ".join(rng.choice(words) for _ in range(10)) for _ in range(800)]
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(lines))
+    return path

@@ -1,6 +1,16 @@
 """retnet: Retentive Networks (Sun et al. 2023), exact in parallel, recurrent and chunkwise form."""
 
-from retnet.model import PRESETS, RetNetConfig, RetNetLM, RetNetOutput, RetNetState, lm_loss
+from retnet.generate import generate, generate_stream
+from retnet.model import (
+    PRESETS,
+    RetNetConfig,
+    RetNetLM,
+    RetNetOutput,
+    RetNetState,
+    lm_loss,
+    load_state,
+    save_state,
+)
 
 __version__ = "0.1.0"
 
@@ -11,5 +21,9 @@ __all__ = [
     "RetNetOutput",
     "RetNetState",
     "__version__",
+    "generate",
+    "generate_stream",
     "lm_loss",
+    "load_state",
+    "save_state",
 ]

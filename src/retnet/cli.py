@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
+import json
+import re
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import retnet
 
@@ -57,19 +62,154 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _field_help(cls: type) -> dict[str, str]:
+    """Each dataclass field's trailing comment, used as its --help text."""
+    source = inspect.getsource(cls)
+    return dict(re.findall(r"^\s+(\w+): [^=\n]+=[^#\n]*#\s*(.+)$", source, re.M))
+
+
+def add_dataclass_args(p: argparse.ArgumentParser, cls: type) -> None:
+    """One --flag per field of a run-options dataclass; dict fields take KEY=VALUE pairs."""
+    helps = _field_help(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        text = helps.get(f.name, "")
+        if isinstance(default, bool):
+            p.add_argument(flag, action="store_true", default=None, help=text)
+        elif f.default_factory is not dataclasses.MISSING:  # dict of overrides
+            p.add_argument(flag, action="append", metavar="KEY=VALUE", help=text)
+        else:
+            kind = type(default) if default is not None else str
+            p.add_argument(flag, type=kind, default=None,
+                           help=f"{text} (default: {default})")
+
+
+def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
+    """["d_model=128", "dropout=0.1"] -> {"d_model": 128, "dropout": 0.1} (JSON values)."""
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise UserError(f"expected KEY=VALUE, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    from retnet.train import TrainConfig
+
+    p.add_argument("--config", help="a .toml or .yaml file of these options (flags win)")
+    add_dataclass_args(p, TrainConfig)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from retnet.train import TrainConfig, train
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+              if getattr(args, f.name) is not None}
+    if "model" in values:
+        values["model"] = parse_overrides(values["model"])
+    cfg = (TrainConfig.from_file(args.config, **values) if args.config
+           else TrainConfig(**values))
+    result = train(cfg)
+    print(json.dumps({k: round(v, 4) for k, v in result.items()}))
+    return 0
+
+
+def _tokenizer_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["train"], help="what to do")
+    p.add_argument("--data", help="text file, .jsonl, directory or glob (default: the stdlib)")
+    p.add_argument("--text-field", default="text", help="JSONL field holding the text")
+    p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size")
+    p.add_argument("--out", required=True, help="where to write tokenizer.json")
+
+
+def _tokenizer(args: argparse.Namespace) -> int:
+    from retnet.data import load_documents, split_documents
+    from retnet.tokenizer import train_bpe
+
+    train_docs, _ = split_documents(load_documents(args.data, args.text_field))
+    tok = train_bpe((d.text for d in train_docs), args.vocab_size)
+    tok.save(args.out)
+    print(f"wrote {args.out}: {tok.vocab_size} tokens, trained on {len(train_docs)} documents")
+    return 0
+
+
 def _demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="tiny", help="model preset (default tiny)")
+    p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: ~3 min)")
 
 
 def _demo(args: argparse.Namespace) -> int:
     from retnet.demo import run_demo
 
-    return run_demo(args.preset)
+    return run_demo(args.out, args.steps)
+
+
+def _generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="run directory or checkpoint folder")
+    p.add_argument("--prompt", default="", help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--state-in", help="continue from a state saved by --state-out")
+    p.add_argument("--state-out", help="save the state after the run (safetensors)")
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from retnet.checkpoint import load_checkpoint
+    from retnet.generate import generate_stream
+    from retnet.model import load_state, save_state
+
+    ckpt = load_checkpoint(args.checkpoint)
+    model, tok = ckpt.build_model(), ckpt.tokenizer
+    fingerprint = model.config.fingerprint()
+    state = load_state(args.state_in, fingerprint) if args.state_in else None
+    ids = tok.encode(args.prompt) or [tok.eos_id]
+    if max(ids) >= model.config.vocab_size:
+        raise UserError("the prompt encodes to ids beyond the model's vocabulary")
+    stream = generate_stream(
+        model, torch.tensor([ids]), args.max_new_tokens, temperature=args.temperature,
+        top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+        eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, seed=args.seed, state=state)
+    sys.stdout.write(args.prompt)
+    new: list[int] = []
+    shown = ""
+    for token, final in stream:
+        if final is not None:
+            state = final
+            continue
+        new.append(int(token[0]))
+        text = tok.decode(new)
+        if not text.endswith("\ufffd"):  # wait for a multi-byte character to complete
+            sys.stdout.write(text[len(shown):])
+            sys.stdout.flush()
+            shown = text
+    sys.stdout.write("\n")
+    if args.state_out:
+        save_state(args.state_out, state, fingerprint)
+        print(f"state after {int(state.offset[0])} tokens saved to {args.state_out}",
+              file=sys.stderr)
+    return 0
 
 
 COMMANDS: dict[str, tuple[str, Command]] = {
     "info": ("parameter counts, shapes, state and KV-cache sizes of a preset", (_info_args, _info)),
-    "demo": ("build a model, check the three forms agree, decode a few tokens",
+    "train": ("train a RetNet language model (torchrun for several processes)",
+              (_train_args, _train)),
+    "tokenizer": ("train a byte-level BPE tokenizer", (_tokenizer_args, _tokenizer)),
+    "generate": ("generate text from a checkpoint, streaming; save or continue a state",
+                 (_generate_args, _generate)),
+    "demo": ("the main job: train the demo model on the stdlib corpus, then sample",
              (_demo_args, _demo)),
 }
 

@@ -32,7 +32,8 @@ class TrainConfig:
     text_field: str = "text"  # the JSONL field holding the text
     tokenizer: str = "byte"  # "byte" or a tokenizer.json
     out: str = "runs/train"  # run directory: checkpoints, metrics.jsonl, loss.png
-    steps: int = 1000  # optimiser steps
+    steps: int = 1000  # optimiser steps (the schedule's length)
+    stop_at: int | None = None  # end this invocation after this step and save (resume later)
     batch_size: int = 8  # sequences per micro-batch per process
     seq_len: int = 256
     grad_accum: int = 1  # micro-batches per optimiser step
@@ -249,8 +250,9 @@ def _train(cfg: TrainConfig, ctx: dist.Context) -> dict[str, float]:
     result: dict[str, float] = {}
     step = run.start_step
     run.wrapped.train()
+    last = min(cfg.steps, cfg.stop_at or cfg.steps)
     try:
-        while step < cfg.steps:
+        while step < last:
             started = time.perf_counter()
             loss = _train_step(run, cfg, ctx, step, amp)
             step += 1
@@ -259,7 +261,7 @@ def _train(cfg: TrainConfig, ctx: dist.Context) -> dict[str, float]:
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:.0f}")
             record: dict[str, Any] = {"step": step, "loss": loss, "lr": get_lr(step - 1, cfg),
                                       "tokens_per_s": rate}
-            if step % cfg.eval_every == 0 or step == cfg.steps:
+            if step % cfg.eval_every == 0 or step == last:
                 val = evaluate(run.wrapped, run.val_batches, cfg, ctx.device, amp)
                 record |= {"val_loss": val, "val_ppl": math.exp(val),
                            "val_bpb": val * run.val_bits_per_token}
@@ -268,7 +270,7 @@ def _train(cfg: TrainConfig, ctx: dist.Context) -> dict[str, float]:
                           f"bits/byte {record['val_bpb']:.3f}")
             if ctx.is_main:
                 _log(metrics_path, record)
-            if step % cfg.save_every == 0 or step == cfg.steps:
+            if step % cfg.save_every == 0 or step == last:
                 _save(run, cfg, ctx, step)
     except KeyboardInterrupt:
         bar.write(f"interrupted: saving step {step} to {out}")

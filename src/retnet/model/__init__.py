@@ -2,6 +2,15 @@
 
 from retnet.model.config import PRESETS, RetNetConfig
 from retnet.model.lm import RetNetLM, RetNetOutput, lm_loss
-from retnet.model.state import RetNetState
+from retnet.model.state import RetNetState, load_state, save_state
 
-__all__ = ["PRESETS", "RetNetConfig", "RetNetLM", "RetNetOutput", "RetNetState", "lm_loss"]
+__all__ = [
+    "PRESETS",
+    "RetNetConfig",
+    "RetNetLM",
+    "RetNetOutput",
+    "RetNetState",
+    "lm_loss",
+    "load_state",
+    "save_state",
+]
