@@ -94,7 +94,11 @@ def test_console_entry_points():
     assert "info" in out.stdout and "demo" in out.stdout
 
 
-def test_cli_demo(capsys):
-    assert main(["demo"]) == 0
+def test_cli_demo_end_to_end(capsys, corpus, tmp_path):
+    """The main job on a small corpus for 2 steps: tokenizer, training, checkpoint, sample."""
+    run = tmp_path / "demo"
+    assert main(["demo", "--steps", "2", "--out", str(run), "--data", str(corpus)]) == 0
     out = capsys.readouterr().out
-    assert "rel. error" in out and "greedy decode" in out
+    assert "validation loss" in out and "bits per byte" in out and "sample" in out
+    for name in ("tokenizer.json", "metrics.jsonl", "loss.png", "latest"):
+        assert (run / name).is_file()

@@ -142,12 +142,13 @@ def _tokenizer(args: argparse.Namespace) -> int:
 def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: ~3 min)")
+    p.add_argument("--data", default=None, help="other text instead of the stdlib corpus")
 
 
 def _demo(args: argparse.Namespace) -> int:
     from retnet.demo import run_demo
 
-    return run_demo(args.out, args.steps)
+    return run_demo(args.out, args.steps, args.data)
 
 
 def _generate_args(p: argparse.ArgumentParser) -> None:

@@ -14,21 +14,21 @@ DEMO_STEPS = 250  # ≈ 3 minutes on two CPU cores at 2048 tokens per step
 VOCAB = 4096
 
 
-def _tokenizer(out: Path) -> Path:
+def _tokenizer(out: Path, data: str | None) -> Path:
     from retnet.data import load_documents, split_documents
     from retnet.tokenizer import train_bpe
 
     path = out / "tokenizer.json"
     if not path.is_file():
         start = time.perf_counter()
-        train_docs, _ = split_documents(load_documents(None))
+        train_docs, _ = split_documents(load_documents(data))
         train_bpe((d.text for d in train_docs), VOCAB).save(path)
-        print(f"trained a {VOCAB}-token BPE on the stdlib in {time.perf_counter() - start:.0f} s "
+        print(f"trained a {VOCAB}-token BPE on the corpus in {time.perf_counter() - start:.0f} s "
               f"-> {path}")
     return path
 
 
-def run_demo(out: str = "runs/demo", steps: int | None = None) -> int:
+def run_demo(out: str = "runs/demo", steps: int | None = None, data: str | None = None) -> int:
     from retnet.checkpoint import load_checkpoint
     from retnet.generate import generate
     from retnet.train import TrainConfig, train
@@ -38,9 +38,9 @@ def run_demo(out: str = "runs/demo", steps: int | None = None) -> int:
         target = run / stale
         shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
     run.mkdir(parents=True, exist_ok=True)
-    tokenizer = _tokenizer(run)
+    tokenizer = _tokenizer(run, data)
     steps = steps or DEMO_STEPS
-    cfg = TrainConfig(preset="demo", tokenizer=str(tokenizer), out=str(run), steps=steps,
+    cfg = TrainConfig(preset="demo", data=data, tokenizer=str(tokenizer), out=str(run), steps=steps,
                       batch_size=8, seq_len=256, lr=2e-3, warmup=min(30, steps // 5),
                       eval_every=max(1, steps // 5), eval_batches=16, save_every=steps,
                       mode="chunkwise", chunk_size=64)
