@@ -1,0 +1,224 @@
+"""Generation: decode equals the forward, prefill forms agree, padding, state files, sampling."""
+
+import pytest
+import torch
+
+from helpers import tiny_model, tokens
+from reference import rel_err
+from retnet import generate, generate_stream, load_state, save_state
+from retnet.cli import main
+from retnet.generate import SamplingParams, filter_logits, sample
+
+
+def test_greedy_equals_argmax_of_the_growing_parallel_forward():
+    model = tiny_model(torch.float64)
+    prompt = tokens(1, 12)
+    out = generate(model, prompt, 64)
+    seq = prompt
+    for _ in range(64):
+        nxt = model(seq).logits[:, -1].argmax(-1, keepdim=True)
+        seq = torch.cat([seq, nxt], 1)
+    assert torch.equal(out, seq)
+
+
+def test_decode_logits_equal_the_parallel_forward_float32():
+    model = tiny_model(torch.float32)
+    seq = tokens(2, 40)
+    full = model(seq).logits
+    out = model(seq[:, :8], mode="chunkwise")
+    steps = [out.logits]
+    state = out.state
+    for t in range(8, 40):
+        step = model(seq[:, t:t + 1], state=state, mode="recurrent")
+        steps.append(step.logits)
+        state = step.state
+    assert rel_err(torch.cat(steps, 1), full) < 1e-5
+
+
+@pytest.mark.parametrize("mode,chunk", [("parallel", 64), ("chunkwise", 1), ("chunkwise", 7),
+                                        ("chunkwise", 64), ("recurrent", 64)],
+                         ids=["parallel", "chunk1", "chunk7", "chunk64", "token-by-token"])
+def test_prefill_forms_give_the_same_state_and_continuation(mode, chunk):
+    model = tiny_model(torch.float64)
+    prompt = tokens(2, 50)
+    ref_tokens, ref_state = generate(model, prompt, 20, return_state=True)
+    out, state = generate(model, prompt, 20, prefill_mode=mode, chunk_size=chunk,
+                          return_state=True)
+    assert torch.equal(out, ref_tokens)
+    for a, b in zip(state.kv, ref_state.kv):
+        assert rel_err(a, b) < 1e-10
+    assert torch.equal(state.offset, torch.tensor([70, 70]))
+
+
+def left_pad(seqs, pad=0):
+    width = max(s.shape[1] for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - s.shape[1]:] = s[0]
+        mask[i, width - s.shape[1]:] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm-state"])
+def test_left_padded_batch_equals_each_prompt_alone(warm):
+    model = tiny_model(torch.float64)
+    prompts = [tokens(1, n, seed=n) for n in (3, 17, 9, 30)]
+    ids, mask = left_pad(prompts)
+    state = model(tokens(4, 6, seed=99)).state if warm else None
+    batch = generate(model, ids, 25, attention_mask=mask, state=state)
+    for i, p in enumerate(prompts):
+        alone = generate(model, p, 25, state=None if state is None else state.select([i]))
+        assert torch.equal(batch[i, -25:], alone[0, -25:]), i
+
+
+def test_batch_of_one_with_padding():
+    model = tiny_model(torch.float64)
+    p = tokens(1, 10)
+    ids = torch.cat([torch.zeros(1, 5, dtype=torch.long), p], 1)
+    mask = torch.cat([torch.zeros(1, 5), torch.ones(1, 10)], 1).long()
+    assert torch.equal(generate(model, ids, 15, attention_mask=mask)[:, -15:],
+                       generate(model, p, 15)[:, -15:])
+
+
+def test_save_load_continue_equals_one_run(tmp_path):
+    model = tiny_model(torch.float64)
+    prompt, question = tokens(1, 20), tokens(1, 6, seed=7)
+    first, state = generate(model, prompt, 10, return_state=True)
+    assert torch.equal(state.offset, torch.tensor([30]))  # consumed every returned token
+    save_state(tmp_path / "s.safetensors", state, model.config.fingerprint())
+    loaded = load_state(tmp_path / "s.safetensors", model.config.fingerprint())
+    assert all(torch.equal(a, b) for a, b in zip(state.kv, loaded.kv))
+    resumed = generate(model, question, 20, state=loaded)
+    straight = generate(model, torch.cat([first, question], 1), 20)
+    assert torch.equal(resumed[:, -20:], straight[:, -20:])
+
+
+def test_prefill_only_returns_the_prompt_state():
+    model = tiny_model(torch.float64)
+    prompt = tokens(2, 9)
+    out, state = generate(model, prompt, 0, return_state=True)
+    assert torch.equal(out, prompt)
+    ref = model(prompt).state
+    assert all(rel_err(a, b) < 1e-12 for a, b in zip(state.kv, ref.kv))
+
+
+def test_state_file_from_another_config_is_refused(tmp_path):
+    model = tiny_model()
+    state = model.init_state(1)
+    save_state(tmp_path / "s.safetensors", state, model.config.fingerprint())
+    other = tiny_model(n_layers=3)
+    with pytest.raises(ValueError, match="another config"):
+        load_state(tmp_path / "s.safetensors", other.config.fingerprint())
+    (tmp_path / "junk.safetensors").write_bytes(b"not a state")
+    with pytest.raises(ValueError, match="cannot read state file"):
+        load_state(tmp_path / "junk.safetensors", model.config.fingerprint())
+
+
+def test_calls_are_pure_and_a_cached_prefix_is_reusable():
+    model = tiny_model(torch.float64)
+    prefix = model(tokens(1, 30)).state
+    before = prefix.clone()
+    a = generate(model, tokens(1, 4, seed=1), 10, state=prefix)
+    b = generate(model, tokens(1, 4, seed=2), 10, state=prefix)
+    a2 = generate(model, tokens(1, 4, seed=1), 10, state=prefix)
+    assert torch.equal(a, a2) and not torch.equal(a, b)
+    assert all(torch.equal(x, y) for x, y in zip(prefix.kv, before.kv))
+    assert torch.equal(prefix.offset, before.offset)
+
+
+def test_seeded_rows_do_not_depend_on_their_batch():
+    model = tiny_model()
+    p = tokens(1, 8)
+    kw = dict(temperature=1.0, top_p=0.9, seed=1234)
+    alone = generate(model, p, 20, **kw)
+    batch = generate(model, torch.cat([tokens(1, 8, seed=5), p, p]), 20, **kw)
+    assert torch.equal(batch[1], alone[0]) and torch.equal(batch[2], alone[0])
+    assert torch.equal(generate(model, p, 20, **kw), alone)
+    assert not torch.equal(generate(model, p, 20, temperature=1.0, seed=99), alone)
+
+
+def test_top_k_and_top_p_keep_exactly_the_right_tokens():
+    logits = torch.log(torch.tensor([[0.05, 0.4, 0.1, 0.3, 0.15]]))
+    kept = torch.isfinite(filter_logits(logits, top_k=2, top_p=None))
+    assert kept.tolist() == [[False, True, False, True, False]]
+    # sorted: .4 (1), .3 (3), .15 (4), .1, .05: .4 + .3 < .8 so token 4 is needed; .85 ≥ .8
+    kept = torch.isfinite(filter_logits(logits, top_k=None, top_p=0.8))
+    assert kept.tolist() == [[False, True, False, True, True]]
+    kept = torch.isfinite(filter_logits(logits, top_k=None, top_p=0.7))
+    assert kept.tolist() == [[False, True, False, True, False]]
+    kept = torch.isfinite(filter_logits(logits, top_k=None, top_p=0.1))
+    assert kept.tolist() == [[False, True, False, False, False]]
+    draws = {int(sample(logits, SamplingParams(1.0, top_k=2), [torch.Generator().manual_seed(s)]))
+             for s in range(200)}
+    assert draws == {1, 3}
+
+
+def test_eos_stops_a_row_and_pads_it():
+    model = tiny_model(torch.float64)
+    p = tokens(2, 6)
+    free = generate(model, p, 12)
+    eos = int(free[0, 6 + 3])  # the 4th new token of row 0
+    out = generate(model, p, 12, eos_token_id=eos, pad_token_id=255)
+    row = out[0, 6:].tolist()
+    first = row.index(eos)
+    assert all(t == 255 for t in row[first + 1:])
+    assert row[:first + 1] == free[0, 6:6 + first + 1].tolist()
+
+
+def test_stop_strings_need_a_tokenizer_and_stop():
+    from retnet.tokenizer import ByteTokenizer
+
+    model = tiny_model(torch.float64)
+    p = tokens(1, 5)
+    free = generate(model, p, 15)
+    tok = ByteTokenizer()
+    target = tok.decode(free[0, 5 + 4:5 + 6].tolist())
+    with pytest.raises(ValueError, match="need the tokenizer"):
+        generate(model, p, 15, stop=[target])
+    if target and "\ufffd" not in target:
+        out = generate(model, p, 15, stop=[target], tokenizer=tok, pad_token_id=0)
+        assert target in tok.decode(out[0, 5:].tolist())
+        assert (out[0, 5 + 6:] == 0).all()
+
+
+def test_streaming_yields_the_same_tokens():
+    model = tiny_model(torch.float64)
+    p = tokens(2, 7)
+    streamed = [t for t, s in generate_stream(model, p, 9) if s is None]
+    assert torch.equal(torch.stack(streamed, 1), generate(model, p, 9)[:, 7:])
+
+
+def test_right_padding_is_refused():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="pad prompts on the left"):
+        generate(model, tokens(1, 4), 2, attention_mask=torch.tensor([[1, 1, 1, 0]]))
+
+
+def test_state_select_clone_to_and_cat():
+    model = tiny_model()
+    state = model(tokens(3, 5)).state
+    picked = state.select([2, 0])
+    assert torch.equal(picked.kv[0][0], state.kv[0][2]) and picked.batch_size == 2
+    joined = type(state).cat([picked, state.select([1])])
+    assert joined.batch_size == 3 and torch.equal(joined.kv[1][2], state.kv[1][1])
+    moved = state.to("cpu")
+    assert moved.kv[0].dtype == torch.float32 and moved.offset.dtype == torch.long
+    assert state.nbytes == 3 * state.nbytes_per_sequence
+
+
+def test_cli_generate_streams_and_continues_a_state(corpus, tmp_path, capsys):
+    from retnet.train import TrainConfig, train
+
+    run = tmp_path / "run"
+    train(TrainConfig(preset="tiny", data=str(corpus), out=str(run), steps=2, batch_size=2,
+                      seq_len=16, eval_every=2))
+    capsys.readouterr()
+    state = tmp_path / "doc.safetensors"
+    assert main(["generate", "--checkpoint", str(run), "--prompt", "the quick",
+                 "--max-new-tokens", "5", "--temperature", "0", "--state-out", str(state)]) == 0
+    first = capsys.readouterr()
+    assert first.out.startswith("the quick") and "saved to" in first.err
+    assert main(["generate", "--checkpoint", str(run), "--prompt", " fox", "--max-new-tokens",
+                 "3", "--state-in", str(state)]) == 0
+    assert capsys.readouterr().out.startswith(" fox")
