@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from retnet.model import RetNetConfig, RetNetLM
-from retnet.tokenizer import Tokenizer, load_tokenizer
+from retnet.tokenizer import Tokenizer, load_tokenizer, save_chat_template
 
 KEEP = 2  # complete checkpoints kept per run
 
@@ -75,6 +75,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict[str, torch
     save_file(weights, tmp / "model.safetensors", metadata={"format": "retnet-v1"})
     (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
     tokenizer.save(tmp / "tokenizer.json")
+    save_chat_template(tmp)
     torch.save(train_state, tmp / "train_state.pt")
     (tmp / "meta.json").write_text(json.dumps({**meta, "step": step,
                                                "config_fingerprint": config.fingerprint()},

@@ -9,6 +9,7 @@ import json
 import re
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import retnet
@@ -68,6 +69,14 @@ def _field_help(cls: type) -> dict[str, str]:
     return dict(re.findall(r"^\s+(\w+): [^=\n]+=[^#\n]*#\s*(.+)$", source, re.M))
 
 
+def _flag_type(f: dataclasses.Field) -> type:
+    """int, float or str, from the default or else from the annotation ("int | None")."""
+    if f.default is not None and f.default is not dataclasses.MISSING:
+        return type(f.default)
+    annotation = str(f.type)
+    return int if annotation.startswith("int") else float if annotation.startswith("float") else str
+
+
 def add_dataclass_args(p: argparse.ArgumentParser, cls: type) -> None:
     """One --flag per field of a run-options dataclass; dict fields take KEY=VALUE pairs."""
     helps = _field_help(cls)
@@ -80,8 +89,7 @@ def add_dataclass_args(p: argparse.ArgumentParser, cls: type) -> None:
         elif f.default_factory is not dataclasses.MISSING:  # dict of overrides
             p.add_argument(flag, action="append", metavar="KEY=VALUE", help=text)
         else:
-            kind = type(default) if default is not None else str
-            p.add_argument(flag, type=kind, default=None,
+            p.add_argument(flag, type=_flag_type(f), default=None,
                            help=f"{text} (default: {default})")
 
 
@@ -135,6 +143,9 @@ def _tokenizer(args: argparse.Namespace) -> int:
     train_docs, _ = split_documents(load_documents(args.data, args.text_field))
     tok = train_bpe((d.text for d in train_docs), args.vocab_size)
     tok.save(args.out)
+    from retnet.tokenizer import save_chat_template
+
+    save_chat_template(Path(args.out).parent)
     print(f"wrote {args.out}: {tok.vocab_size} tokens, trained on {len(train_docs)} documents")
     return 0
 
@@ -203,6 +214,26 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    from retnet.serve import ServeConfig
+
+    add_dataclass_args(p, ServeConfig)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        from retnet.serve import ServeConfig, serve
+    except ImportError as err:
+        raise UserError(f"serving needs the [serve] extra ({err.name} is missing): "
+                        "pip install 'retnet-exact[serve]'") from None
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig)
+              if getattr(args, f.name) is not None}
+    if "checkpoint" not in values:
+        raise UserError("--checkpoint is required (a run directory such as runs/demo)")
+    serve(ServeConfig(**values))
+    return 0
+
+
 COMMANDS: dict[str, tuple[str, Command]] = {
     "info": ("parameter counts, shapes, state and KV-cache sizes of a preset", (_info_args, _info)),
     "train": ("train a RetNet language model (torchrun for several processes)",
@@ -210,6 +241,8 @@ COMMANDS: dict[str, tuple[str, Command]] = {
     "tokenizer": ("train a byte-level BPE tokenizer", (_tokenizer_args, _tokenizer)),
     "generate": ("generate text from a checkpoint, streaming; save or continue a state",
                  (_generate_args, _generate)),
+    "serve": ("an OpenAI-compatible HTTP server with continuous batching",
+              (_serve_args, _serve)),
     "demo": ("the main job: train the demo model on the stdlib corpus, then sample",
              (_demo_args, _demo)),
 }

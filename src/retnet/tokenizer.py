@@ -119,6 +119,27 @@ def load_tokenizer(path: str | Path | None) -> Tokenizer:
     return BPETokenizer(HFTokenizer.from_str(text))
 
 
+# A role-tagged chat template, saved beside tokenizer.json as chat_template.json.
+DEFAULT_CHAT_TEMPLATE = {"message": "<|{role}|>\n{content}\n",
+                         "generation_prompt": "<|assistant|>\n"}
+CHAT_TEMPLATE_FILE = "chat_template.json"
+
+
+def save_chat_template(folder: str | Path, template: dict[str, str] | None = None) -> None:
+    _atomic_write_text(Path(folder) / CHAT_TEMPLATE_FILE,
+                       json.dumps(template or DEFAULT_CHAT_TEMPLATE, indent=1))
+
+
+def load_chat_template(folder: str | Path) -> dict[str, str]:
+    path = Path(folder) / CHAT_TEMPLATE_FILE
+    if not path.is_file():
+        return dict(DEFAULT_CHAT_TEMPLATE)
+    template = json.loads(path.read_text())
+    if not {"message", "generation_prompt"} <= set(template):
+        raise ValueError(f"{path} needs 'message' and 'generation_prompt' entries")
+    return template
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

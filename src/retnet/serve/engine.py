@@ -1,0 +1,303 @@
+"""The serving engine: one thread, one decode loop over every active sequence (continuous
+batching). New requests are prefilled (chunkwise, reusing cached prefix states) between
+steps and join the batch; finished or cancelled ones leave at once.
+
+Every sequence is a row of one batched RetNetState, so the whole batch costs the same per
+step whatever the lengths of the contexts."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from retnet.generate import SamplingParams, decode_one, prefill, sample
+from retnet.model import RetNetLM, RetNetState
+from retnet.serve.cache import Entry, PrefixCache, boundaries
+from retnet.tokenizer import Tokenizer
+
+
+class Busy(Exception):
+    """The queue is full: the client should retry later (HTTP 429)."""
+
+
+@dataclass
+class Event:
+    """One thing a request's client hears: a text delta, a finish, or the final usage."""
+
+    index: int
+    text: str = ""
+    token: int | None = None
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    finish_reason: str | None = None
+    usage: dict | None = None  # only on the last event of a request (index -1)
+    state_id: str | None = None
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    max_tokens: int
+    params: SamplingParams
+    emit: Callable[[Event], None]
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    n: int = 1
+    logprobs: int | None = None  # number of top alternatives; None: no logprobs
+    message_ends: list[int] = field(default_factory=list)
+    state_id: str | None = None  # continue from a saved conversation state
+    save_state: bool = False
+    ignore_eos: bool = False  # generate exactly max_tokens (load tests)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    arrived: float = field(default_factory=time.perf_counter)
+    # filled by the engine
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    open_rows: int = 0
+
+
+@dataclass
+class Row:
+    """One sequence being decoded (one choice of one request)."""
+
+    request: Request
+    index: int
+    generator: torch.Generator
+    last: int  # the newest token, not yet consumed by the state
+    ids: list[int] = field(default_factory=list)
+    sent: int = 0  # characters of decoded text already emitted
+
+
+class Engine:
+    def __init__(self, model: RetNetLM, tokenizer: Tokenizer, *, max_batch: int = 32,
+                 max_queue: int = 64, cache_bytes: int = 1 << 30, chunk_size: int = 64) -> None:
+        self.model, self.tok = model.eval(), tokenizer
+        self.max_batch, self.chunk_size = max_batch, chunk_size
+        self.cache = PrefixCache(cache_bytes)
+        self.saved: OrderedDict[str, RetNetState] = OrderedDict()
+        self.saved_limit = 256
+        self._queue: queue.Queue[Request] = queue.Queue(maxsize=max_queue)
+        self._rows: list[Row] = []
+        self._state: RetNetState | None = None
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self.accepting = True
+        self.metrics = {"requests": 0, "rejected": 0, "prompt_tokens": 0, "cached_tokens": 0,
+                        "prefilled_tokens": 0, "generated_tokens": 0, "decode_steps": 0,
+                        "batch_size_last": 0, "batch_size_max": 0, "batch_size_sum": 0,
+                        "ttft_s_sum": 0.0, "ttft_count": 0, "step_s_sum": 0.0}
+        self._thread = threading.Thread(target=self._loop, name="retnet-engine", daemon=True)
+        self._thread.start()
+
+    # ---- called from the HTTP side -------------------------------------------------------
+    def submit(self, request: Request) -> None:
+        if not self.accepting:
+            raise Busy("the server is shutting down")
+        if request.state_id is not None and request.state_id not in self.saved:
+            raise KeyError(request.state_id)
+        try:
+            self._queue.put_nowait(request)
+        except queue.Full:
+            self.metrics["rejected"] += 1
+            raise Busy("too many requests in flight") from None
+        self.metrics["requests"] += 1
+        self._wake.set()
+
+    def snapshot(self) -> dict:
+        m = dict(self.metrics)
+        steps = max(m["decode_steps"], 1)
+        m |= {"active_sequences": len(self._rows), "queued_requests": self._queue.qsize(),
+              "batch_size_mean": m["batch_size_sum"] / steps,
+              "step_ms_mean": 1e3 * m["step_s_sum"] / steps,
+              "ttft_ms_mean": 1e3 * m["ttft_s_sum"] / max(m["ttft_count"], 1),
+              "prefix_cache_entries": len(self.cache), "prefix_cache_bytes": self.cache.nbytes,
+              "saved_states": len(self.saved)}
+        return m
+
+    def shutdown(self, drain_s: float = 10.0) -> None:
+        """Stop accepting, let in-flight sequences finish for up to drain_s, cancel the rest."""
+        self.accepting = False
+        deadline = time.monotonic() + drain_s
+        while (self._rows or not self._queue.empty()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=5)
+
+    # ---- the engine thread ---------------------------------------------------------------
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while not self._stop.is_set():
+                self._drop_cancelled()
+                self._admit()
+                if self._rows:
+                    self._step()
+                else:
+                    self._wake.wait(timeout=0.05)
+                    self._wake.clear()
+            for row in self._rows:
+                self._finish(row, "cancelled")
+            self._rows, self._state = [], None
+
+    def _admit(self) -> None:
+        while len(self._rows) < self.max_batch:
+            try:
+                request = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if request.cancelled.is_set():
+                continue
+            try:
+                self._start(request)
+            except Exception as err:  # a failure in one request must not stop the server
+                request.emit(Event(index=-1, finish_reason="error", usage={"error": str(err)}))
+
+    def _start(self, request: Request) -> None:
+        logits, state = self._prefill(request)
+        self.metrics["ttft_s_sum"] += time.perf_counter() - request.arrived
+        self.metrics["ttft_count"] += 1
+        request.open_rows = request.n
+        new_rows = []
+        for i in range(request.n):
+            seed = request.seed + i if request.seed is not None else None
+            gen = torch.Generator().manual_seed(seed if seed is not None
+                                                else int(torch.randint(2**62, ())))
+            row = Row(request, i, gen, last=-1)
+            new_rows.append(row)
+        states = [state] * request.n
+        self._state = RetNetState.cat(([self._state] if self._state else []) + states)
+        self._rows += new_rows
+        logits = logits[None].expand(request.n, -1)
+        self._emit_tokens(new_rows, logits)
+        self._remove_finished()
+
+    def _prefill(self, request: Request) -> tuple[torch.Tensor, RetNetState]:
+        """Next-token logits [V] and the state after the prompt, reusing cached prefixes."""
+        ids = request.prompt_ids
+        device = self.model.embed.weight.device
+        as_tensor = lambda xs: torch.tensor([xs], device=device)  # noqa: E731
+        self.metrics["prompt_tokens"] += len(ids)
+        if request.state_id is not None:  # a saved conversation: the prompt continues it
+            logits, state = prefill(self.model, as_tensor(ids), state=self.saved[request.state_id],
+                                    chunk_size=self.chunk_size)
+            self.metrics["prefilled_tokens"] += len(ids)
+            return logits[0], state
+        points = boundaries(len(ids), request.message_ends)
+        done, entry = self.cache.longest(ids, points)
+        request.cached_tokens = done
+        self.metrics["cached_tokens"] += done
+        state = entry.state if entry else None
+        logits = entry.logits if entry else None
+        for end in points:
+            if end <= done:
+                continue
+            out, state = prefill(self.model, as_tensor(ids[done:end]), state=state,
+                                 chunk_size=self.chunk_size)
+            logits = out[0]
+            self.metrics["prefilled_tokens"] += end - done
+            self.cache.put(ids[:end], Entry(state, logits))
+            done = end
+        return logits, state
+
+    def _step(self) -> None:
+        start = time.perf_counter()
+        tokens = torch.tensor([r.last for r in self._rows], device=self._state.device)
+        logits, self._state = decode_one(self.model, tokens, self._state)
+        self._emit_tokens(self._rows, logits)
+        self._remove_finished()
+        m, b = self.metrics, len(tokens)
+        m["decode_steps"] += 1
+        m["batch_size_last"], m["batch_size_sum"] = b, m["batch_size_sum"] + b
+        m["batch_size_max"] = max(m["batch_size_max"], b)
+        m["step_s_sum"] += time.perf_counter() - start
+
+    def _emit_tokens(self, rows: list[Row], logits: torch.Tensor) -> None:
+        logprobs = logits.float().log_softmax(-1)
+        for row, row_logits, row_lp in zip(rows, logits, logprobs):
+            req = row.request
+            token = int(sample(row_logits[None], req.params, [row.generator])[0])
+            row.last = token
+            self.metrics["generated_tokens"] += 1
+            req.completion_tokens += 1
+            top = None
+            if req.logprobs:
+                values, idx = row_lp.topk(req.logprobs)
+                top = list(zip(idx.tolist(), values.tolist()))
+            if token == self.tok.eos_id and not req.ignore_eos:
+                self._finish(row, "stop")
+                continue
+            row.ids.append(token)
+            text, stopped = self._new_text(row)
+            row.request.emit(Event(row.index, text, token, float(row_lp[token]), top))
+            if stopped:
+                self._finish(row, "stop", flush=False)
+            elif len(row.ids) >= req.max_tokens:
+                self._finish(row, "length")
+
+    def _new_text(self, row: Row) -> tuple[str, bool]:
+        """The text this token adds, holding back what may be an unfinished stop string or an
+        unfinished UTF-8 character; cut at a stop string."""
+        text = self.tok.decode(row.ids)
+        stops = row.request.stop
+        for s in stops:
+            at = text.find(s, max(0, row.sent - len(s)))
+            if at >= 0:
+                delta = text[row.sent:at]
+                row.sent = at
+                return delta, True
+        safe = len(text)
+        if text.endswith("\ufffd"):
+            safe = len(text.rstrip("\ufffd"))
+        for s in stops:  # a suffix that could grow into a stop string stays back
+            for k in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:k]):
+                    safe = min(safe, len(text) - k)
+                    break
+        delta = text[row.sent:safe] if safe > row.sent else ""
+        row.sent = max(row.sent, safe)
+        return delta, False
+
+    def _finish(self, row: Row, reason: str, flush: bool = True) -> None:
+        """End a row; flush=False when a stop string ended it (the rest is the stop)."""
+        row.request.open_rows -= 1
+        req = row.request
+        if reason != "cancelled":
+            rest = self.tok.decode(row.ids)[row.sent:] if flush else ""
+            state_id = self._save(row) if req.save_state and row.index == 0 else None
+            req.emit(Event(row.index, rest, finish_reason=reason, state_id=state_id))
+        row.index = -1 - row.index  # marks the row finished (removed after this step)
+        if req.open_rows == 0:
+            req.emit(Event(-1, usage={"prompt_tokens": len(req.prompt_ids),
+                                      "completion_tokens": req.completion_tokens,
+                                      "cached_tokens": req.cached_tokens}))
+
+    def _save(self, row: Row) -> str:
+        """The state after every token of this row, kept under a new id (LRU-bounded)."""
+        i = self._rows.index(row)
+        _, state = decode_one(self.model, torch.tensor([row.last], device=self._state.device),
+                              self._state.select([i]))
+        key = uuid.uuid4().hex
+        self.saved[key] = state
+        while len(self.saved) > self.saved_limit:
+            self.saved.popitem(last=False)
+        return key
+
+    def _remove_finished(self) -> None:
+        keep = [i for i, r in enumerate(self._rows) if r.index >= 0]
+        if len(keep) == len(self._rows):
+            return
+        self._rows = [self._rows[i] for i in keep]
+        self._state = self._state.select(keep) if keep else None
+
+    def _drop_cancelled(self) -> None:
+        for row in self._rows:
+            if row.request.cancelled.is_set() and row.index >= 0:
+                self._finish(row, "cancelled")
+        self._remove_finished()
