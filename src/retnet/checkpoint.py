@@ -36,7 +36,7 @@ class Checkpoint:
 
     def build_model(self, device: torch.device | str | None = None) -> RetNetLM:
         model = RetNetLM(self.config)
-        model.load_state_dict(self.weights, strict=False)  # the tied LM head is one tensor
+        model.load_state_dict(self.weights)
         return model.to(device).eval()
 
     def train_state(self) -> dict[str, Any]:
@@ -70,8 +70,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict[str, torch
     tmp = final.with_name(f".tmp-{name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    weights = {k: v.detach().to("cpu").contiguous() for k, v in model_state.items()
-               if not (config.tie_embeddings and k == "lm_head.weight")}
+    weights = {k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}
     save_file(weights, tmp / "model.safetensors", metadata={"format": "retnet-v1"})
     (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
     tokenizer.save(tmp / "tokenizer.json")
@@ -132,8 +131,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise ValueError(f"checkpoint {path}: tokenizer has {tokenizer.vocab_size} tokens but "
                          f"the model only {config.vocab_size}; they do not belong together")
     with torch.device("meta"):
-        expected = {k for k in RetNetLM(config).state_dict()
-                    if not (config.tie_embeddings and k == "lm_head.weight")}
+        expected = set(RetNetLM(config).state_dict())
     if set(weights) != expected:
         missing = sorted(expected - set(weights))[:3]
         raise ValueError(f"checkpoint {path} does not match its config.json "

@@ -188,7 +188,7 @@ def _prepare(cfg: TrainConfig, ctx: dist.Context) -> _Run:
     model = RetNetLM(config).to(ctx.device)
     model.activation_checkpointing = cfg.activation_checkpointing
     if ckpt is not None:
-        model.load_state_dict(ckpt.weights, strict=False)
+        model.load_state_dict(ckpt.weights)
     wrapped = dist.wrap(model, ctx, cfg.parallel)
     optimizer = torch.optim.AdamW(param_groups(wrapped, cfg.weight_decay), lr=cfg.lr,
                                   betas=(0.9, cfg.beta2))

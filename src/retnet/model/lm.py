@@ -43,9 +43,10 @@ class RetNetLM(nn.Module):
             for _ in range(c.n_layers)
         )
         self.norm = nn.LayerNorm(c.d_model, eps=c.norm_eps)
-        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
-        if c.tie_embeddings:
-            self.lm_head.weight = self.embed.weight
+        # Tied: the LM head *is* the embedding matrix; no second module, so state dicts and
+        # safetensors files hold it once.
+        self.lm_head = (None if c.tie_embeddings
+                        else nn.Linear(c.d_model, c.vocab_size, bias=False))
         # Run option, not architecture: recompute each block in the backward pass.
         self.activation_checkpointing = False
         self.reset_parameters()
@@ -84,15 +85,14 @@ class RetNetLM(nn.Module):
         return RetNetState(kv, torch.zeros(batch_size, dtype=torch.long, device=device))
 
     def num_parameters(self, *, embeddings: bool = True) -> int:
-        """Parameter count (tied weights once); embeddings=False leaves out embedding, LM head."""
-        seen, total = set(), 0
-        skip = set() if embeddings else {id(self.embed.weight), id(self.lm_head.weight)}
-        for p in self.parameters():
-            if id(p) in seen or id(p) in skip:
-                continue
-            seen.add(id(p))
-            total += p.numel()
-        return total
+        """Parameter count; embeddings=False leaves out the embedding and an untied LM head."""
+        skip = set() if embeddings else {id(self.embed.weight), id(self.output_weight)}
+        return sum(p.numel() for p in self.parameters() if id(p) not in skip)
+
+    @property
+    def output_weight(self) -> Tensor:
+        """[vocab_size, D]: the LM head's weight (the embedding when tied)."""
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
     def forward(self, input_ids: Tensor, state: RetNetState | None = None, *,
                 mode: str = "parallel", chunk_size: int = 64,
@@ -119,7 +119,7 @@ class RetNetLM(nn.Module):
             kvs.append(kv)
         if last_only:
             x = x[:, -1:]
-        logits = self.lm_head(self.norm(x))
+        logits = F.linear(self.norm(x), self.output_weight)
         return RetNetOutput(logits, RetNetState(tuple(kvs), state.offset + seen[:, -1]))
 
     def _check_inputs(self, input_ids: Tensor, state: RetNetState | None,

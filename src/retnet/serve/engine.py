@@ -12,7 +12,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -85,6 +85,9 @@ class Engine:
         self.saved_limit = 256
         self._queue: queue.Queue[Request] = queue.Queue(maxsize=max_queue)
         self._rows: list[Row] = []
+        # Requests being prefilled, one segment (≤ 256 tokens) per loop turn, so that a long
+        # prompt never stalls the streams already decoding for more than one segment.
+        self._prefilling: list[tuple[Request, Iterator[None]]] = []
         self._state: RetNetState | None = None
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -114,6 +117,7 @@ class Engine:
         m = dict(self.metrics)
         steps = max(m["decode_steps"], 1)
         m |= {"active_sequences": len(self._rows), "queued_requests": self._queue.qsize(),
+              "prefilling_requests": len(self._prefilling),
               "batch_size_mean": m["batch_size_sum"] / steps,
               "step_ms_mean": 1e3 * m["step_s_sum"] / steps,
               "ttft_ms_mean": 1e3 * m["ttft_s_sum"] / max(m["ttft_count"], 1),
@@ -125,7 +129,8 @@ class Engine:
         """Stop accepting, let in-flight sequences finish for up to drain_s, cancel the rest."""
         self.accepting = False
         deadline = time.monotonic() + drain_s
-        while (self._rows or not self._queue.empty()) and time.monotonic() < deadline:
+        while ((self._rows or self._prefilling or not self._queue.empty())
+               and time.monotonic() < deadline):
             time.sleep(0.02)
         self._stop.set()
         self._wake.set()
@@ -139,7 +144,7 @@ class Engine:
                 self._admit()
                 if self._rows:
                     self._step()
-                else:
+                elif not self._prefilling:
                     self._wake.wait(timeout=0.05)
                     self._wake.clear()
             for row in self._rows:
@@ -147,20 +152,36 @@ class Engine:
             self._rows, self._state = [], None
 
     def _admit(self) -> None:
-        while len(self._rows) < self.max_batch:
+        """Take queued requests while slots are free; advance the oldest prefill one segment."""
+        while len(self._rows) + sum(r.n for r, _ in self._prefilling) < self.max_batch:
             try:
                 request = self._queue.get_nowait()
             except queue.Empty:
-                return
+                break
+            if not request.cancelled.is_set():
+                self._prefilling.append((request, self._prefill(request)))
+        if not self._prefilling:
+            return
+        request, segments = self._prefilling[0]
+        try:
             if request.cancelled.is_set():
-                continue
-            try:
-                self._start(request)
-            except Exception as err:  # a failure in one request must not stop the server
-                request.emit(Event(index=-1, finish_reason="error", usage={"error": str(err)}))
+                self._prefilling.pop(0)
+            else:
+                next(segments)
+        except StopIteration as done:
+            self._prefilling.pop(0)
+            self._guarded(request, self._start, request, *done.value)
+        except Exception as err:  # a failure in one request must not stop the server
+            self._prefilling.pop(0)
+            request.emit(Event(index=-1, finish_reason="error", usage={"error": str(err)}))
 
-    def _start(self, request: Request) -> None:
-        logits, state = self._prefill(request)
+    def _guarded(self, request: Request, fn, *args) -> None:
+        try:
+            fn(*args)
+        except Exception as err:
+            request.emit(Event(index=-1, finish_reason="error", usage={"error": str(err)}))
+
+    def _start(self, request: Request, logits: torch.Tensor, state: RetNetState) -> None:
         self.metrics["ttft_s_sum"] += time.perf_counter() - request.arrived
         self.metrics["ttft_count"] += 1
         request.open_rows = request.n
@@ -178,32 +199,34 @@ class Engine:
         self._emit_tokens(new_rows, logits)
         self._remove_finished()
 
-    def _prefill(self, request: Request) -> tuple[torch.Tensor, RetNetState]:
-        """Next-token logits [V] and the state after the prompt, reusing cached prefixes."""
+    def _prefill(self, request: Request) -> Generator[None, None, tuple[torch.Tensor, RetNetState]]:
+        """Prefill segment by segment (yielding after each), reusing and filling the prefix
+        cache; returns the next-token logits [V] and the state after the prompt."""
         ids = request.prompt_ids
         device = self.model.embed.weight.device
-        as_tensor = lambda xs: torch.tensor([xs], device=device)  # noqa: E731
         self.metrics["prompt_tokens"] += len(ids)
-        if request.state_id is not None:  # a saved conversation: the prompt continues it
-            logits, state = prefill(self.model, as_tensor(ids), state=self.saved[request.state_id],
-                                    chunk_size=self.chunk_size)
-            self.metrics["prefilled_tokens"] += len(ids)
-            return logits[0], state
         points = boundaries(len(ids), request.message_ends)
-        done, entry = self.cache.longest(ids, points)
+        if request.state_id is not None:  # a saved conversation: the prompt continues it
+            done, state, logits, cache = 0, self.saved[request.state_id], None, False
+        else:
+            done, entry = self.cache.longest(ids, points)
+            state = entry.state if entry else None
+            logits = entry.logits if entry else None
+            cache = True
         request.cached_tokens = done
         self.metrics["cached_tokens"] += done
-        state = entry.state if entry else None
-        logits = entry.logits if entry else None
         for end in points:
             if end <= done:
                 continue
-            out, state = prefill(self.model, as_tensor(ids[done:end]), state=state,
-                                 chunk_size=self.chunk_size)
+            out, state = prefill(self.model, torch.tensor([ids[done:end]], device=device),
+                                 state=state, chunk_size=self.chunk_size)
             logits = out[0]
             self.metrics["prefilled_tokens"] += end - done
-            self.cache.put(ids[:end], Entry(state, logits))
+            if cache:
+                self.cache.put(ids[:end], Entry(state, logits))
             done = end
+            if done < len(ids):
+                yield
         return logits, state
 
     def _step(self) -> None:
