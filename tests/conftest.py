@@ -1,5 +1,11 @@
+import os
 import sys
+import tempfile
 from pathlib import Path
+
+# Offline, and Hugging Face caches out of the user's home (set before anything imports them).
+os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+                  HF_HOME=tempfile.mkdtemp(prefix="retnet-hf-"), TOKENIZERS_PARALLELISM="false")
 
 import pytest
 import torch

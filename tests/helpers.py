@@ -13,7 +13,7 @@ FORM_IDS = ["parallel", "recurrent", "chunkwise7", "chunkwise64"]
 
 def tiny_model(dtype=torch.float32, **overrides) -> RetNetLM:
     torch.manual_seed(0)
-    config = RetNetConfig.from_preset("tiny", vocab_size=256, **overrides)
+    config = RetNetConfig.from_preset("tiny", **{"vocab_size": 256, **overrides})
     return RetNetLM(config).to(dtype).eval()
 
 

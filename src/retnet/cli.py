@@ -234,6 +234,77 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--hf", nargs=2, metavar=("CHECKPOINT", "OUT"), required=True,
+                   help="write a transformers folder (AutoModelForCausalLM after import retnet.hf)")
+
+
+def _export(args: argparse.Namespace) -> int:
+    hf = _extra("retnet.hf", "hf")
+    out = hf.export_checkpoint(*args.hf)
+    print(f"wrote {out}: load with `import retnet.hf; AutoModelForCausalLM.from_pretrained`")
+    return 0
+
+
+def _extra(module: str, extra: str):
+    """Import an optional part, or say which extra to install."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise UserError(f"this needs the [{extra}] extra ({err.name} is missing): "
+                        f"pip install 'retnet-exact[{extra}]'") from None
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="run directory or checkpoint folder")
+    p.add_argument("--tasks", default=None, help="lm-eval task names, comma-separated")
+    p.add_argument("--include-path", default=None, help="folder of extra task YAML files")
+    p.add_argument("--num-fewshot", type=int, default=None)
+    p.add_argument("--limit", type=float, default=None, help="documents per task")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--perplexity", nargs="?", const="", default=None, metavar="DATA",
+                   help="also report perplexity on DATA (no value: the stdlib validation split)")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from retnet.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(args.checkpoint)
+    model, tok = ckpt.build_model(), ckpt.tokenizer
+    results: dict[str, Any] = {}
+    if args.perplexity is not None:
+        from retnet.data import load_documents, split_documents
+        from retnet.evaluate import perplexity
+
+        _, val = split_documents(load_documents(args.perplexity or None))
+        results["perplexity"] = perplexity(model, tok, [d.text for d in val])
+        print(f"perplexity {results['perplexity']['perplexity']:.3f}, bits per byte "
+              f"{results['perplexity']['bits_per_byte']:.4f} over "
+              f"{results['perplexity']['tokens']:,} tokens")
+    if args.tasks:
+        harness = _extra("retnet.harness", "eval")
+        from lm_eval import simple_evaluate
+        from lm_eval.tasks import TaskManager
+
+        lm = harness.RetNetHarnessLM(model=model, tokenizer=tok, batch_size=args.batch_size)
+        out = simple_evaluate(model=lm, tasks=args.tasks.split(","),
+                              num_fewshot=args.num_fewshot, limit=args.limit,
+                              task_manager=TaskManager(include_path=args.include_path))
+        results["tasks"] = out["results"]
+        for task, metrics in out["results"].items():
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                              if isinstance(v, float) and "stderr" not in k)
+            print(f"{task}: {shown}")
+    if not results:
+        raise UserError("nothing to do: pass --tasks and/or --perplexity")
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1, default=str))
+    return 0
+
+
 COMMANDS: dict[str, tuple[str, Command]] = {
     "info": ("parameter counts, shapes, state and KV-cache sizes of a preset", (_info_args, _info)),
     "train": ("train a RetNet language model (torchrun for several processes)",
@@ -243,6 +314,8 @@ COMMANDS: dict[str, tuple[str, Command]] = {
                  (_generate_args, _generate)),
     "serve": ("an OpenAI-compatible HTTP server with continuous batching",
               (_serve_args, _serve)),
+    "export": ("export a checkpoint for Hugging Face transformers", (_export_args, _export)),
+    "eval": ("lm-evaluation-harness tasks and perplexity of a checkpoint", (_eval_args, _eval)),
     "demo": ("the main job: train the demo model on the stdlib corpus, then sample",
              (_demo_args, _demo)),
 }

@@ -1,0 +1,101 @@
+"""Evaluation: log-likelihoods of continuations, whole-document perplexity and generation, with
+padding that changes nothing (so scores do not depend on batch size or order). The
+lm-evaluation-harness adapter in `retnet.lm_eval` is a thin layer over these functions."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from retnet.generate import generate
+from retnet.model import RetNetLM
+from retnet.tokenizer import Tokenizer
+
+
+def _left_pad(rows: Sequence[Sequence[int]], pad: int, device) -> tuple[Tensor, Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r)
+        mask[i, width - len(r):] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def continuation_logprobs(model: RetNetLM, pairs: Sequence[tuple[list[int], list[int]]],
+                          batch_size: int = 8, pad_id: int = 0, chunk_size: int = 64
+                          ) -> list[tuple[float, bool]]:
+    """For each (context ids, continuation ids): log P(continuation | context) and whether the
+    continuation is the greedy choice at every position. Requests are sorted by length and
+    left-padded in batches; results come back in the input order."""
+    device = model.embed.weight.device
+    order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
+    results: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        rows = [(pairs[i][0] + pairs[i][1])[:-1] for i in idx]
+        ids, mask = _left_pad(rows, pad_id, device)
+        logits = model(ids, attention_mask=mask, mode="chunkwise", chunk_size=chunk_size).logits
+        logprobs = logits.double().log_softmax(-1)
+        for row, i in enumerate(idx):
+            cont = pairs[i][1]
+            lp = logprobs[row, -len(cont):]  # positions predicting the continuation
+            target = torch.tensor(cont, device=device)
+            total = lp.gather(-1, target[:, None]).sum().item()
+            greedy = bool((lp.argmax(-1) == target).all())
+            results[i] = (total, greedy)
+    return results
+
+
+@torch.no_grad()
+def document_logprob(model: RetNetLM, ids: list[int], bos_id: int, segment: int = 4096,
+                     chunk_size: int = 64) -> float:
+    """log P(document) with the whole document as context (the first token conditioned on
+    bos_id), read in segments that carry the state: exact, at linear cost."""
+    device = model.embed.weight.device
+    tokens = [bos_id, *ids]
+    total, state = 0.0, None
+    for start in range(0, len(tokens) - 1, segment):
+        inputs = torch.tensor([tokens[start:start + segment]], device=device)
+        targets = torch.tensor(tokens[start + 1:start + segment + 1], device=device)
+        inputs = inputs[:, :len(targets)]
+        out = model(inputs, state=state, mode="chunkwise", chunk_size=chunk_size)
+        state = out.state
+        lp = out.logits[0].double().log_softmax(-1)
+        total += lp.gather(-1, targets[:, None]).sum().item()
+    return total
+
+
+def perplexity(model: RetNetLM, tokenizer: Tokenizer, texts: Sequence[str]) -> dict[str, float]:
+    """Token perplexity and bits per byte of texts, each read as one whole document."""
+    logprob, tokens, nbytes = 0.0, 0, 0
+    for text in texts:
+        ids = tokenizer.encode(text)
+        if not ids:
+            continue
+        logprob += document_logprob(model, ids, tokenizer.eos_id)
+        tokens += len(ids)
+        nbytes += len(text.encode("utf-8"))
+    if tokens == 0:
+        raise ValueError("no text to evaluate")
+    return {"tokens": tokens, "bytes": nbytes, "nll_per_token": -logprob / tokens,
+            "perplexity": math.exp(-logprob / tokens),
+            "bits_per_byte": -logprob / nbytes / math.log(2)}
+
+
+def generate_until(model: RetNetLM, tokenizer: Tokenizer, context: str, until: Sequence[str],
+                   max_new_tokens: int, temperature: float = 0.0, seed: int = 0) -> str:
+    """Continue context until a stop string (excluded) or max_new_tokens."""
+    ids = tokenizer.encode(context) or [tokenizer.eos_id]
+    device = model.embed.weight.device
+    out = generate(model, torch.tensor([ids], device=device), max_new_tokens,
+                   temperature=temperature, seed=seed, eos_token_id=tokenizer.eos_id,
+                   pad_token_id=tokenizer.pad_id, stop=list(until) or None, tokenizer=tokenizer)
+    new = [t for t in out[0, len(ids):].tolist() if t not in (tokenizer.pad_id, tokenizer.eos_id)]
+    text = tokenizer.decode(new)
+    cut = min((text.find(s) for s in until if s in text), default=len(text))
+    return text[:cut]

@@ -1,0 +1,21 @@
+"""Hugging Face transformers integration (the `[hf]` extra).
+
+Importing this module registers model_type "retnet_exact" with AutoConfig and
+AutoModelForCausalLM: the one import in the package with a side effect.
+
+    import retnet.hf
+    model = AutoModelForCausalLM.from_pretrained("exported/")
+"""
+
+from __future__ import annotations
+
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from retnet.hf.export import export_checkpoint, hf_tokenizer, save_hf_tokenizer
+from retnet.hf.modeling import MODEL_TYPE, RetNetForCausalLM, RetNetHFConfig, StateCache
+
+AutoConfig.register(MODEL_TYPE, RetNetHFConfig, exist_ok=True)
+AutoModelForCausalLM.register(RetNetHFConfig, RetNetForCausalLM, exist_ok=True)
+
+__all__ = ["MODEL_TYPE", "RetNetForCausalLM", "RetNetHFConfig", "StateCache",
+           "export_checkpoint", "hf_tokenizer", "save_hf_tokenizer"]
