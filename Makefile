@@ -4,7 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+LOWEST := .venv-hf-lowest
+LOWEST_STAMP := $(LOWEST)/.installed
+
+.PHONY: demo test test-hf-lowest lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -14,9 +17,21 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/retnet demo
 
-test: $(STAMP)
+# The whole suite on the newest pinned versions, then the transformers integration again on
+# the lowest supported transformers.
+test: $(STAMP) $(LOWEST_STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q
+	$(LOWEST)/bin/python -m pytest -q tests/test_hf.py
+
+$(LOWEST_STAMP): pyproject.toml constraints-hf-lowest.txt
+	$(PYTHON) -m venv $(LOWEST)
+	$(LOWEST)/bin/pip install -q --disable-pip-version-check -c constraints-hf-lowest.txt \
+		-e '.[train]' pytest transformers
+	touch $(LOWEST_STAMP)
+
+test-hf-lowest: $(LOWEST_STAMP)
+	$(LOWEST)/bin/python -m pytest -q tests/test_hf.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
@@ -25,4 +40,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/forms.py
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(LOWEST) build src/*.egg-info .pytest_cache .ruff_cache

@@ -25,16 +25,12 @@ MODEL_TYPE = "retnet_exact"  # not "retnet": flash-linear-attention registers th
 class RetNetHFConfig(PretrainedConfig):
     model_type = MODEL_TYPE
 
-    def __init__(self, vocab_size: int = 32000, d_model: int = 512, n_layers: int = 8,
-                 n_heads: int = 2, value_factor: int = 2, ffn_factor: int = 2,
-                 decays: str = "multiscale", dropout: float = 0.0, norm_eps: float = 1e-5,
-                 tie_embeddings: bool = True, use_gate: bool = True,
-                 use_group_norm: bool = True, **kwargs: Any) -> None:
-        self.vocab_size, self.d_model, self.n_layers = vocab_size, d_model, n_layers
-        self.n_heads, self.value_factor, self.ffn_factor = n_heads, value_factor, ffn_factor
-        self.decays, self.dropout, self.norm_eps = decays, dropout, norm_eps
-        self.tie_embeddings, self.use_gate, self.use_group_norm = (tie_embeddings, use_gate,
-                                                                   use_group_norm)
+    def __init__(self, **kwargs: Any) -> None:
+        # Every RetNetConfig field, with RetNetConfig's defaults.
+        import dataclasses
+
+        for f in dataclasses.fields(RetNetConfig):
+            setattr(self, f.name, kwargs.pop(f.name, f.default))
         # The core model ties internally (one tensor); transformers has nothing to tie.
         kwargs["tie_word_embeddings"] = False
         super().__init__(**kwargs)

@@ -13,6 +13,7 @@ from torch.utils.checkpoint import checkpoint
 from retnet.model.config import RetNetConfig
 from retnet.model.state import RetNetState
 from retnet.modules import RetNetBlock
+from retnet.modules.block import make_norm
 from retnet.ops import get_form
 
 INIT_STD = 0.02
@@ -38,11 +39,11 @@ class RetNetLM(nn.Module):
         self.embed = nn.Embedding(c.vocab_size, c.d_model)
         self.blocks = nn.ModuleList(
             RetNetBlock(c.d_model, c.n_heads, c.key_head_dim, c.value_head_dim, c.ffn_dim,
-                        decays=c.decays, norm_eps=c.norm_eps, dropout=c.dropout,
-                        use_gate=c.use_gate, use_group_norm=c.use_group_norm)
+                        decays=c.decays, norm_eps=c.norm_eps, dropout=c.dropout, norm=c.norm,
+                        head_norm=c.head_norm, ffn=c.ffn, use_gate=c.use_gate)
             for _ in range(c.n_layers)
         )
-        self.norm = nn.LayerNorm(c.d_model, eps=c.norm_eps)
+        self.norm = make_norm(c.norm, c.d_model, c.norm_eps)
         # Tied: the LM head *is* the embedding matrix; no second module, so state dicts and
         # safetensors files hold it once.
         self.lm_head = (None if c.tie_embeddings
@@ -64,9 +65,11 @@ class RetNetLM(nn.Module):
             std = residual_std if name.endswith(("out_proj.weight", "down.weight")) else INIT_STD
             nn.init.normal_(p, mean=0.0, std=std)
         for m in self.modules():
-            if isinstance(m, (nn.LayerNorm, nn.GroupNorm)) and m.weight is not None:
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+            if isinstance(m, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)):
+                if m.weight is not None:
+                    nn.init.ones_(m.weight)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
 
     @property
     def state_dtype(self) -> torch.dtype:
@@ -109,7 +112,9 @@ class RetNetLM(nn.Module):
         seen = mask.long().cumsum(1)  # [B, T] real tokens so far
         # Positions count from each row's first real token; padding sits at the last position.
         positions = (state.offset[:, None] + seen - 1).clamp(min=0)
-        x = self.embed(input_ids) * math.sqrt(self.config.d_model)  # [B, T, D]
+        x = self.embed(input_ids)  # [B, T, D]
+        if self.config.scale_embeddings:
+            x = x * math.sqrt(self.config.d_model)
         kvs = []
         for block, kv in zip(self.blocks, state.kv):
             if self.activation_checkpointing and torch.is_grad_enabled():

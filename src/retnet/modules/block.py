@@ -8,32 +8,43 @@ from torch import Tensor, nn
 from retnet.modules.retention import MultiScaleRetention
 from retnet.ops import RetentionForm
 
+ACTIVATIONS = {"gelu": F.gelu, "swish": F.silu}
+
+
+def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
+    """LayerNorm (the paper) or RMSNorm with a weight (torchscale)."""
+    return nn.LayerNorm(dim, eps=eps) if kind == "layer" else nn.RMSNorm(dim, eps=eps)
+
 
 class FeedForward(nn.Module):
-    """Two projections with GELU between them (paper §3.1: hidden size 2d)."""
+    """"gelu": down(gelu(up(x))) (paper §3.1, hidden 2d); "glu-gelu" / "glu-swish":
+    down(act(up(x)) ⊙ gate(x)) (torchscale's GLU)."""
 
-    def __init__(self, d_model: int, hidden: int) -> None:
+    def __init__(self, d_model: int, hidden: int, kind: str = "gelu") -> None:
         super().__init__()
         self.up = nn.Linear(d_model, hidden, bias=False)
+        self.gate = nn.Linear(d_model, hidden, bias=False) if kind.startswith("glu") else None
         self.down = nn.Linear(hidden, d_model, bias=False)
+        self.act = ACTIVATIONS[kind.removeprefix("glu-")]
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down(F.gelu(self.up(x)))
+        h = self.act(self.up(x))
+        return self.down(h if self.gate is None else h * self.gate(x))
 
 
 class RetNetBlock(nn.Module):
     """Y = MSR(LN(X)) + X;  X' = FFN(LN(Y)) + Y  (paper eq. 9)."""
 
     def __init__(self, d_model: int, n_heads: int, key_dim: int, value_dim: int, ffn_dim: int,
-                 *, decays: str, norm_eps: float, dropout: float,
-                 use_gate: bool = True, use_group_norm: bool = True) -> None:
+                 *, decays: str, norm_eps: float, dropout: float, norm: str = "layer",
+                 head_norm: str = "group", ffn: str = "gelu", use_gate: bool = True) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(d_model, eps=norm_eps)
+        self.norm1 = make_norm(norm, d_model, norm_eps)
         self.retention = MultiScaleRetention(d_model, n_heads, key_dim, value_dim, decays=decays,
                                              norm_eps=norm_eps, use_gate=use_gate,
-                                             use_group_norm=use_group_norm)
-        self.norm2 = nn.LayerNorm(d_model, eps=norm_eps)
-        self.ffn = FeedForward(d_model, ffn_dim)
+                                             head_norm=head_norm)
+        self.norm2 = make_norm(norm, d_model, norm_eps)
+        self.ffn = FeedForward(d_model, ffn_dim, ffn)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, kv: Tensor, positions: Tensor, mask: Tensor,

@@ -21,7 +21,7 @@ class MultiScaleRetention(nn.Module):
 
     def __init__(self, d_model: int, n_heads: int, key_dim: int, value_dim: int, *,
                  decays: str = "multiscale", norm_eps: float = 1e-5,
-                 use_gate: bool = True, use_group_norm: bool = True) -> None:
+                 use_gate: bool = True, head_norm: str = "group") -> None:
         super().__init__()
         self.n_heads, self.key_dim, self.value_dim = n_heads, key_dim, value_dim
         self.decays = decays
@@ -30,8 +30,11 @@ class MultiScaleRetention(nn.Module):
         self.v_proj = nn.Linear(d_model, n_heads * value_dim, bias=False)
         self.g_proj = nn.Linear(d_model, n_heads * value_dim, bias=False) if use_gate else None
         self.out_proj = nn.Linear(n_heads * value_dim, d_model, bias=False)
+        # "group": GroupNorm per head with affine (paper); "rms": RMS per head, no affine
+        # (torchscale); "none": the paper's ablation.
+        self.head_norm, self.norm_eps = head_norm, norm_eps
         self.group_norm = (nn.GroupNorm(n_heads, n_heads * value_dim, eps=norm_eps)
-                           if use_group_norm else None)
+                           if head_norm == "group" else None)
 
     def log_decay(self, device: torch.device, dtype: torch.dtype) -> Tensor:
         """log γ per head, [H], built in float64 and never stored (a .to(bf16) cannot round it)."""
@@ -57,11 +60,19 @@ class MultiScaleRetention(nn.Module):
         log_decay = self.log_decay(x.device, kv.dtype)
         o, kv = form(q, k, torch.cat([v, ones], dim=-1), log_decay, kv, mask)
         sqrt_c = decay_row_sum(positions, log_decay).sqrt()  # [B, T, H]
-        o = o[..., :V] / torch.maximum(o[..., V].abs(), sqrt_c).unsqueeze(-1)
-        o = o.reshape(B, T, H * V)
-        if self.group_norm is not None:
-            o = F.group_norm(o.reshape(B * T, H * V), H, self.group_norm.weight.to(o.dtype),
-                             self.group_norm.bias.to(o.dtype), self.group_norm.eps).view(B, T, -1)
+        o = o[..., :V] / torch.maximum(o[..., V].abs(), sqrt_c).unsqueeze(-1)  # [B, T, H, V]
+        o = self._normalise_heads(o).reshape(B, T, H * V)
         if self.g_proj is not None:
             o = F.silu(self.g_proj(x)) * o
         return self.out_proj(o.to(x.dtype)), kv
+
+    def _normalise_heads(self, o: Tensor) -> Tensor:
+        """o [B, T, H, V] in float32/64: each head normalised over its V values."""
+        if self.head_norm == "rms":
+            return o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.norm_eps)
+        if self.group_norm is None:
+            return o
+        B, T, H, V = o.shape
+        gn = self.group_norm
+        return F.group_norm(o.reshape(B * T, H * V), H, gn.weight.to(o.dtype),
+                            gn.bias.to(o.dtype), gn.eps).view(B, T, H, V)
