@@ -305,6 +305,24 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--from", dest="source", required=True, choices=["torchscale"],
+                   help="the implementation that wrote CKPT")
+    p.add_argument("checkpoint", metavar="CKPT",
+                   help="state_dict (.pt, weights only) or .safetensors")
+    p.add_argument("out", metavar="OUT", help="run directory to write (retnet generate/serve it)")
+    p.add_argument("--arch", help="JSON of torchscale's RetNetConfig arguments "
+                                  "(activation_fn, no_scale_embedding, …); shapes give the rest")
+    p.add_argument("--tokenizer", default="byte", help="the model's tokenizer.json (default byte)")
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from retnet.convert import convert_command
+
+    convert_command(args.source, args.checkpoint, args.out, args.arch, args.tokenizer)
+    return 0
+
+
 COMMANDS: dict[str, tuple[str, Command]] = {
     "info": ("parameter counts, shapes, state and KV-cache sizes of a preset", (_info_args, _info)),
     "train": ("train a RetNet language model (torchrun for several processes)",
@@ -314,6 +332,7 @@ COMMANDS: dict[str, tuple[str, Command]] = {
                  (_generate_args, _generate)),
     "serve": ("an OpenAI-compatible HTTP server with continuous batching",
               (_serve_args, _serve)),
+    "convert": ("convert weights from microsoft/torchscale", (_convert_args, _convert)),
     "export": ("export a checkpoint for Hugging Face transformers", (_export_args, _export)),
     "eval": ("lm-evaluation-harness tasks and perplexity of a checkpoint", (_eval_args, _eval)),
     "demo": ("the main job: train the demo model on the stdlib corpus, then sample",

@@ -1,0 +1,155 @@
+"""Weights from microsoft/torchscale's RetNetDecoder into the one RetNetLM, exactly.
+
+torchscale's architecture is a set of config variants of ours (RMSNorm blocks, a per-head RMS
+norm without affine, a GLU FFN, eq. 8 decays, no embedding scale by default, untied output,
+any value and FFN width); its retention maths (rotation, decay-normalised mask, score
+normalisation) equals ours in the parallel form. Only tensors are read: a state_dict saved
+with torch.save (loaded with weights_only=True) or a safetensors file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from retnet.model import RetNetConfig
+from retnet.ops import log_decays
+
+EXTRACT_HINT = (
+    "it holds pickled Python objects (a fairseq checkpoint?), which are never unpickled here; "
+    "extract the weights once, in Python, from a file you trust: "
+    "torch.save(torch.load(CKPT, weights_only=False)['model'], 'weights.pt')")
+UNSUPPORTED = {"deepnorm": True, "multiway": True, "layernorm_embedding": True,
+               "xpos_rel_pos": True, "moe_freq": lambda v: v != 0}
+
+
+def load_tensors(path: str | Path) -> dict[str, Tensor]:
+    """A flat {name: tensor} from safetensors or a weights-only torch file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        raise ValueError(f"cannot read {path}: {EXTRACT_HINT}") from None
+    if isinstance(data, dict) and "model" in data and isinstance(data["model"], dict):
+        data = data["model"]
+    if not isinstance(data, dict) or not all(isinstance(v, Tensor) for v in data.values()):
+        raise ValueError(f"{path} is not a state_dict of tensors; {EXTRACT_HINT}")
+    return data
+
+
+def _strip_prefix(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """fairseq models keep the decoder under 'decoder.'."""
+    if any(k.startswith("decoder.") for k in tensors):
+        return {k.removeprefix("decoder."): v for k, v in tensors.items()
+                if k.startswith("decoder.")}
+    return tensors
+
+
+def torchscale_config(tensors: dict[str, Tensor], arch: dict[str, Any]) -> RetNetConfig:
+    """Our config for a torchscale state_dict; arch holds torchscale's argument names
+    (e.g. from its RetNetConfig) and wins over what the tensor shapes say."""
+    for key, bad in UNSUPPORTED.items():
+        value = arch.get(key)
+        if value is not None and (bad(value) if callable(bad) else value == bad):
+            raise ValueError(f"torchscale option {key}={value!r} has no equivalent here")
+    embed = tensors["embed_tokens.weight"]
+    d = arch.get("decoder_embed_dim", embed.shape[1])
+    layers = arch.get("decoder_layers",
+                      1 + max(int(k.split(".")[1]) for k in tensors if k.startswith("layers.")))
+    if "decoder_retention_heads" in arch:
+        heads = arch["decoder_retention_heads"]
+    elif "retnet_rel_pos.decay" in tensors:
+        heads = tensors["retnet_rel_pos.decay"].numel()
+    else:
+        raise ValueError("cannot tell the number of heads: pass an --arch JSON with "
+                         "decoder_retention_heads")
+    tied = bool(arch.get("share_decoder_input_output_embed", False)) or (
+        "output_projection.weight" in tensors
+        and torch.equal(tensors["output_projection.weight"], embed))
+    activation = arch.get("activation_fn", "gelu")
+    if activation not in ("gelu", "swish"):
+        raise ValueError(f"activation_fn {activation!r} is not supported (gelu or swish)")
+    return RetNetConfig(
+        vocab_size=arch.get("vocab_size", embed.shape[0]), d_model=d, n_layers=layers,
+        n_heads=heads, value_dim=tensors["layers.0.retention.v_proj.weight"].shape[0],
+        ffn_dim=tensors["layers.0.ffn.fc1.weight"].shape[0], decays="eq8",
+        norm_eps=arch.get("layernorm_eps", 1e-6), tie_embeddings=tied, norm="rms",
+        head_norm="rms", ffn=f"glu-{activation}",
+        scale_embeddings=not arch.get("no_scale_embedding", True))
+
+
+def convert_torchscale(tensors: dict[str, Tensor], arch: dict[str, Any] | None = None
+                       ) -> tuple[RetNetConfig, dict[str, Tensor]]:
+    """(config, our state_dict) for a torchscale RetNetDecoder state_dict."""
+    tensors = _strip_prefix(tensors)
+    if "embed_tokens.weight" not in tensors or "layers.0.retention.q_proj.weight" not in tensors:
+        raise ValueError("this is not a torchscale RetNetDecoder state_dict (no embed_tokens / "
+                         "layers.0.retention weights)")
+    config = torchscale_config(tensors, arch or {})
+    _check_buffers(tensors, config)
+    names = {"retention_layer_norm": "norm1", "final_layer_norm": "norm2", "ffn.fc1": "ffn.up",
+             "ffn.gate": "ffn.gate", "ffn.fc2": "ffn.down"}
+    out = {"embed.weight": tensors["embed_tokens.weight"],
+           "norm.weight": tensors["layer_norm.weight"]}
+    if not config.tie_embeddings:
+        out["lm_head.weight"] = tensors["output_projection.weight"]
+    for i in range(config.n_layers):
+        for part in ("q_proj", "k_proj", "v_proj", "g_proj", "out_proj"):
+            out[f"blocks.{i}.retention.{part}.weight"] = tensors[
+                f"layers.{i}.retention.{part}.weight"]
+        for theirs, ours in names.items():
+            out[f"blocks.{i}.{ours}.weight"] = tensors[f"layers.{i}.{theirs}.weight"]
+    return config, {k: v.float().contiguous() for k, v in out.items()}
+
+
+def _check_buffers(tensors: dict[str, Tensor], config: RetNetConfig) -> None:
+    """torchscale stores its decays and rotation angles: they must be the ones we compute."""
+    decay = tensors.get("retnet_rel_pos.decay")
+    eq8 = log_decays(config.n_heads, "eq8", dtype=torch.float64)
+    if decay is not None and not torch.allclose(decay.double(), eq8, atol=1e-6):
+        raise ValueError("the checkpoint's decays are not eq. 8's; it is not a standard "
+                         "torchscale RetNet")
+    angle = tensors.get("retnet_rel_pos.angle")
+    if angle is not None:
+        k = config.key_head_dim
+        ours = (10000.0 ** -torch.linspace(0, 1, k // 2)).repeat_interleave(2)
+        if angle.shape != ours.shape or not torch.allclose(angle, ours, rtol=1e-5):
+            raise ValueError("the checkpoint's rotation angles do not match d_model / heads = "
+                             f"{k}; check decoder_retention_heads")
+
+
+def convert_command(source: str, checkpoint: str, out: str, arch_path: str | None,
+                    tokenizer: str = "byte") -> Path:
+    """`retnet convert --from torchscale CKPT OUT`: write one of our checkpoints."""
+    from retnet.checkpoint import save_checkpoint
+    from retnet.model import RetNetLM
+    from retnet.tokenizer import load_tokenizer
+
+    if source != "torchscale":
+        raise ValueError(f"unknown source {source!r}; supported: torchscale")
+    arch = json.loads(Path(arch_path).read_text()) if arch_path else {}
+    config, weights = convert_torchscale(load_tensors(checkpoint), arch)
+    tok = load_tokenizer(tokenizer)
+    if tok.vocab_size > config.vocab_size:
+        raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model only "
+                         f"{config.vocab_size}; pass the model's own --tokenizer")
+    model = RetNetLM(config)
+    model.load_state_dict(weights)  # strict: every tensor placed, none left over
+    params = sum(v.numel() for v in weights.values())
+    path = save_checkpoint(out, 0, model.state_dict(), config, tok,
+                           {"optimizer": {}, "step": 0, "rng": {}},
+                           {"converted_from": f"torchscale:{Path(checkpoint).name}",
+                            "parameters": params})
+    print(f"converted {params:,} parameters ({math.ceil(params * 4 / 2**20)} MiB) -> {path}")
+    return path
