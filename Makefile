@@ -20,7 +20,7 @@ demo: $(STAMP)
 # The whole suite on the newest pinned versions, then the transformers integration again on
 # the lowest supported transformers.
 test: $(STAMP) $(LOWEST_STAMP)
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks scripts
 	$(BIN)/python -m pytest -q
 	$(LOWEST)/bin/python -m pytest -q tests/test_hf.py
 
@@ -34,7 +34,7 @@ test-hf-lowest: $(LOWEST_STAMP)
 	$(LOWEST)/bin/python -m pytest -q tests/test_hf.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks scripts
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/forms.py
