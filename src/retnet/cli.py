@@ -86,6 +86,9 @@ def add_dataclass_args(p: argparse.ArgumentParser, cls: type) -> None:
         text = helps.get(f.name, "")
         if isinstance(default, bool):
             p.add_argument(flag, action="store_true", default=None, help=text)
+        elif str(f.type).startswith("list"):  # e.g. list[int]
+            p.add_argument(flag, nargs="+", type=int, default=None, metavar="N",
+                           help=f"{text} (default: {' '.join(map(str, f.default_factory()))})")
         elif f.default_factory is not dataclasses.MISSING:  # dict of overrides
             p.add_argument(flag, action="append", metavar="KEY=VALUE", help=text)
         else:
@@ -323,6 +326,26 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    from retnet.bench.cost import BenchConfig
+
+    add_dataclass_args(p, BenchConfig)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from retnet.bench.cost import BenchConfig, run
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(BenchConfig)
+              if getattr(args, f.name) is not None}
+    for key in ("contexts", "batches", "prefill_lengths", "train_lengths"):
+        if key in values:
+            values[key] = [int(x) for x in values[key]]
+    cfg = BenchConfig(**values)
+    run(cfg)
+    print(f"wrote {cfg.out}/results.json, report.md and plots")
+    return 0
+
+
 COMMANDS: dict[str, tuple[str, Command]] = {
     "info": ("parameter counts, shapes, state and KV-cache sizes of a preset", (_info_args, _info)),
     "train": ("train a RetNet language model (torchrun for several processes)",
@@ -335,6 +358,8 @@ COMMANDS: dict[str, tuple[str, Command]] = {
     "convert": ("convert weights from microsoft/torchscale", (_convert_args, _convert)),
     "export": ("export a checkpoint for Hugging Face transformers", (_export_args, _export)),
     "eval": ("lm-evaluation-harness tasks and perplexity of a checkpoint", (_eval_args, _eval)),
+    "bench": ("decode/prefill/training cost against a matched Transformer and peers",
+              (_bench_args, _bench)),
     "demo": ("the main job: train the demo model on the stdlib corpus, then sample",
              (_demo_args, _demo)),
 }

@@ -1,0 +1,1 @@
+"""Cost benchmarks (`retnet bench`): RetNet against a matched Transformer and other RetNet code."""

@@ -1,0 +1,206 @@
+"""The models the cost benchmark compares, each behind the same three operations:
+
+    decode_setup(batch, context) -> step()   one token per sequence after `context` tokens
+    prefill(ids) -> None                     read a prompt, keep the state/cache, last logits
+    train_step(ids) -> None                  forward + backward of a [B, T] batch
+
+Caches and states for decode are filled synthetically (random values, the right shapes and
+positions): the cost of a step does not depend on the values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from retnet.generate import decode_one, prefill
+from retnet.model import RetNetConfig, RetNetLM, RetNetState, lm_loss
+
+STATIC_HEADROOM = 256  # static-cache slots beyond the context (warm-up and timed steps)
+
+
+@dataclass
+class Backend:
+    name: str
+    model: torch.nn.Module
+    config: dict
+    non_embedding: int
+    decode_setup: Callable[[int, int], Callable[[], None]] | None
+    prefill: Callable[[torch.Tensor], None] | None
+    train_step: Callable[[torch.Tensor, str], None] | None
+    memory_bytes: Callable[[int, int], int]  # state or KV cache bytes for (batch, context)
+    train_modes: tuple[str, ...] = ("default",)
+
+    def train_label(self, mode: str) -> str:
+        """retnet-parallel, retnet-chunkwise, llama-sdpa, yet-another-retnet-parallel."""
+        return f"{self.name.removesuffix('-dynamic')}-{mode}"
+
+
+def _random_state(model: RetNetLM, batch: int, context: int) -> RetNetState:
+    state = model.init_state(batch)
+    kv = tuple(torch.randn_like(t) * 1e-2 for t in state.kv)
+    return RetNetState(kv, torch.full_like(state.offset, context))
+
+
+def retnet_backend(config: RetNetConfig, dtype: torch.dtype = torch.float32) -> Backend:
+    torch.manual_seed(0)
+    model = RetNetLM(config).to(dtype).eval()
+    name = "retnet" if dtype == torch.float32 else f"retnet-{str(dtype).split('.')[-1]}"
+
+    def decode_setup(batch: int, context: int) -> Callable[[], None]:
+        holder = {"state": _random_state(model, batch, context),
+                  "token": torch.randint(0, config.vocab_size, (batch,))}
+
+        def step() -> None:
+            logits, _ = decode_one(model, holder["token"], holder["state"])
+            holder["token"] = logits.argmax(-1)  # the state is not advanced: same context
+
+        return step
+
+    def do_prefill(ids: torch.Tensor) -> None:
+        prefill(model, ids, chunk_size=128)
+
+    def train_step(ids: torch.Tensor, mode: str) -> None:
+        model.train()
+        out = model(ids[:, :-1], mode=mode, chunk_size=128)
+        lm_loss(out.logits, ids[:, 1:]).backward()
+        model.zero_grad(set_to_none=True)
+        model.eval()
+
+    return Backend(name, model, config.to_dict(), model.num_parameters(embeddings=False),
+                   decode_setup, do_prefill, train_step if dtype == torch.float32 else None,
+                   lambda b, c: b * config.state_bytes_per_sequence,
+                   train_modes=("parallel", "chunkwise"))
+
+
+def llama_backends(config: RetNetConfig) -> list[Backend]:
+    """transformers' Llama with its default dynamic cache and with its static cache."""
+    import inspect
+
+    from transformers import DynamicCache, StaticCache
+
+    from retnet.baselines import llama_non_embedding, matched_llama
+
+    torch.manual_seed(0)
+    model = matched_llama(config).eval()
+    cfg = model.config
+    # transformers renamed the cache argument (past_key_values → cache in 5.2x)
+    cache_arg = ("cache" if "cache" in inspect.signature(model.forward).parameters
+                 else "past_key_values")
+    heads, head_dim, layers = cfg.num_key_value_heads, cfg.head_dim, cfg.num_hidden_layers
+
+    def kv_bytes(batch: int, context: int) -> int:
+        return 2 * layers * batch * heads * head_dim * context * 4
+
+    def fill(cache, batch: int, context: int, static: bool) -> None:
+        for layer in range(layers):
+            k = torch.randn(batch, heads, context, head_dim) * 1e-2
+            kwargs = {"cache_position": torch.arange(context)} if static else {}
+            cache.update(k, k.clone(), layer, kwargs)
+
+    def setup(static: bool) -> Callable[[int, int], Callable[[], None]]:
+        def decode_setup(batch: int, context: int) -> Callable[[], None]:
+            if static:  # it advances by one slot per step: room for every timed step
+                cache = StaticCache(config=cfg, max_cache_len=context + STATIC_HEADROOM)
+            else:
+                cache = DynamicCache(config=cfg)
+            fill(cache, batch, context, static)
+            token = torch.randint(0, cfg.vocab_size, (batch, 1))
+
+            @torch.no_grad()
+            def step() -> None:
+                out = model(input_ids=token, use_cache=True, **{cache_arg: cache})
+                out.logits[:, -1].argmax(-1)
+                if not static:
+                    cache.crop(-1)  # drop the new token: the context stays fixed across repeats
+
+            return step
+
+        return decode_setup
+
+    @torch.no_grad()
+    def do_prefill(ids: torch.Tensor) -> None:
+        model(input_ids=ids, use_cache=True, logits_to_keep=1)
+
+    def train_step(ids: torch.Tensor, mode: str) -> None:
+        model.train()
+        logits = model(input_ids=ids[:, :-1], use_cache=False).logits
+        lm_loss(logits, ids[:, 1:]).backward()
+        model.zero_grad(set_to_none=True)
+        model.eval()
+
+    described = {"hidden_size": cfg.hidden_size, "layers": layers, "heads": heads,
+                 "head_dim": head_dim, "intermediate_size": cfg.intermediate_size,
+                 "vocab_size": cfg.vocab_size, "tied": cfg.tie_word_embeddings,
+                 "attention": "sdpa"}
+    n = llama_non_embedding(model)
+    return [Backend("llama-dynamic", model, described, n, setup(False), do_prefill, train_step,
+                    kv_bytes, ("sdpa",)),
+            Backend("llama-static", model, described, n, setup(True), None, None, kv_bytes)]
+
+
+def yar_backend(config: RetNetConfig) -> Backend:
+    """yet-another-retnet at the same width, depth and heads; its value width is d (not 2d),
+    so its FFN is widened to 3.5·d to match 12·d² per layer."""
+    from yet_another_retnet.retnet import RetNet
+
+    torch.manual_seed(0)
+    d, heads = config.d_model, config.n_heads
+    model = RetNet(config.vocab_size, d_model=d, nhead=heads, num_layers=config.n_layers,
+                   dropout=0.0, dim_feedforward=7 * d // 2).eval()
+    skip = {id(model.embedding.weight), id(model.out.weight), id(model.out.bias)}
+    n = sum(p.numel() for p in model.parameters() if id(p) not in skip)
+    head = d // heads
+
+    def decode_setup(batch: int, context: int) -> Callable[[], None]:
+        states = [torch.randn(batch, heads, head, head) * 1e-2 for _ in range(config.n_layers)]
+        token = torch.randint(0, config.vocab_size, (batch,))
+
+        @torch.no_grad()
+        def step() -> None:
+            logits, _ = model.forward_recurrent(token, seq_idx=context, prev_states=states)
+            logits.argmax(-1)
+
+        return step
+
+    @torch.no_grad()
+    def do_prefill(ids: torch.Tensor) -> None:
+        model.forward_chunkwise(ids, start_idx=0)
+
+    def train_step(ids: torch.Tensor, mode: str) -> None:
+        model.train()
+        logits = model.forward_parallel(ids[:, :-1])
+        F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
+        model.zero_grad(set_to_none=True)
+        model.eval()
+
+    return Backend("yet-another-retnet", model,
+                   {"d_model": d, "nhead": heads, "num_layers": config.n_layers,
+                    "dim_feedforward": 7 * d // 2, "untied_output_with_bias": True}, n,
+                   decode_setup, do_prefill, train_step,
+                   lambda b, c: b * config.n_layers * heads * head * head * 4, ("parallel",))
+
+
+def build_backends(config: RetNetConfig, skipped: dict[str, str], bf16: bool = True
+                   ) -> list[Backend]:
+    """Every backend that can run here; `skipped` receives the others with the reason."""
+    backends = [retnet_backend(config)]
+    if bf16:
+        backends.append(retnet_backend(config, torch.bfloat16))
+    try:
+        backends += llama_backends(config)
+    except ImportError as err:
+        skipped["llama"] = f"transformers is not installed ({err.name}): pip install '.[hf]'"
+    try:
+        backends.append(yar_backend(config))
+    except ImportError as err:
+        skipped["yet-another-retnet"] = (f"not installed ({err.name}): pip install "
+                                         "yet-another-retnet einops")
+    skipped["torchscale"] = ("not run in this environment: torchscale needs timm, hence "
+                             "torchvision, which does not import beside the CPU torch 2.13.0; its "
+                             "weights convert exactly (retnet convert --from torchscale) and then "
+                             "run as `retnet`")
+    return backends

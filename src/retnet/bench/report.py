@@ -1,0 +1,178 @@
+"""The Markdown report and PNG plots of a `retnet bench` results file, with the derived figures:
+decode floor, ratios against the Transformer and peers, flatness, crossover, MFU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+MiB = 2**20
+
+
+def _ms(cell: dict, name: str) -> float | None:
+    r = cell["results"].get(name, {})
+    return 1e3 * r["median_s"] if r.get("status") == "ok" and "median_s" in r else None
+
+
+def _fmt(x: float | None, digits: int = 2) -> str:
+    return "—" if x is None else f"{x:.{digits}f}"
+
+
+def decode_floor_ms(results: dict, batch: int, context: int) -> float:
+    """(weight bytes + 2 × state bytes) / copy bandwidth: every weight read once, the state
+    read and written once."""
+    state = batch * results["meta"]["retnet_config_state_bytes"]
+    weights = results["meta"]["weight_bytes"]
+    return 1e3 * (weights + 2 * state) / results["limits"]["copy_bytes_per_s"]
+
+
+def derived(results: dict) -> dict[str, Any]:
+    """The figures the targets are stated in."""
+    from retnet.model import RetNetConfig
+
+    config = RetNetConfig.from_dict(results["meta"]["retnet_config"])
+    results["meta"]["retnet_config_state_bytes"] = config.state_bytes_per_sequence
+    decode = {(c["batch"], c["context"]): c for c in results["decode"]}
+    contexts = sorted({c for _, c in decode})
+    out: dict[str, Any] = {}
+    probe = 8192 if 8192 in contexts else contexts[-1]
+    for batch in sorted({b for b, _ in decode}):
+        cell = decode[(batch, probe)]
+        ours = _ms(cell, "retnet")
+        entry = {"context": probe, "retnet_ms": ours,
+                 "floor_ms": decode_floor_ms(results, batch, probe)}
+        entry["over_floor"] = ours / entry["floor_ms"] if ours else None
+        for other in ("retnet-bfloat16", "llama-dynamic", "llama-static", "yet-another-retnet"):
+            theirs = _ms(cell, other)
+            entry[f"{other}_ms"] = theirs
+            entry[f"speedup_vs_{other}"] = theirs / ours if theirs and ours else None
+        lo, hi = _ms(decode[(batch, contexts[0])], "retnet"), _ms(decode[(batch, contexts[-1])],
+                                                                  "retnet")
+        entry["flatness"] = hi / lo if hi and lo else None
+        entry["flatness_contexts"] = (contexts[0], contexts[-1])
+        crossover = next((c for c in contexts if (_ms(decode[(batch, c)], "llama-dynamic") or 0)
+                          > (_ms(decode[(batch, c)], "retnet") or float("inf"))), None)
+        entry["crossover_context_vs_llama_dynamic"] = crossover
+        out[f"decode_batch_{batch}"] = entry
+    for cell in results["prefill"]:
+        r = {k: _ms(cell, k) for k in cell["results"]}
+        ours = r.get("retnet")
+        out[f"prefill_{cell['T']}"] = {k: v for k, v in r.items()} | {
+            f"ratio_vs_{k}": ours / v for k, v in r.items() if v and ours and k != "retnet"}
+    peak = results["limits"]["matmul_flops"]
+    # 6 × parameters per token, the tied LM head counted as the matmul it is
+    n_total = results["meta"]["backends"]["retnet"]["non_embedding"]
+    n_total += config.vocab_size * config.d_model
+    for cell in results["train"]:
+        T = cell["T"]
+        entry = {}
+        for name, r in cell["results"].items():
+            if r.get("status") != "ok" or "tokens_per_s" not in r:
+                entry[name] = r.get("status")
+                continue
+            entry[f"{name}_tokens_per_s"] = r["tokens_per_s"]
+            if name.startswith("retnet"):
+                span = T if name.endswith("parallel") else 128
+                mix = 3 * config.n_layers * span * (config.d_model + config.value_dim)
+                if name.endswith("chunkwise"):
+                    mix += 12 * config.n_layers * config.n_heads * config.key_head_dim * (
+                        config.value_head_dim + 1)
+                entry[f"{name}_mfu"] = (6 * n_total + mix) * r["tokens_per_s"] / peak
+        llama = entry.get("llama-sdpa_tokens_per_s")
+        for name in ("retnet-parallel", "retnet-chunkwise"):
+            if llama and entry.get(f"{name}_tokens_per_s"):
+                entry[f"{name}_vs_llama"] = entry[f"{name}_tokens_per_s"] / llama
+        out[f"train_{T}"] = entry
+    return out
+
+
+def _plots(results: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = []
+    batches = sorted({c["batch"] for c in results["decode"]})
+    fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 4), squeeze=False)
+    backends = sorted({k for c in results["decode"] for k in c["results"]})
+    for ax, batch in zip(axes[0], batches):
+        cells = sorted((c for c in results["decode"] if c["batch"] == batch),
+                       key=lambda c: c["context"])
+        for name in backends:
+            pts = [(c["context"], _ms(c, name)) for c in cells if _ms(c, name)]
+            if pts:
+                ax.plot(*zip(*pts), "o-", label=name)
+        ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="ms per decode step",
+               title=f"decode, batch {batch}")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "decode.png", dpi=100)
+    names.append("decode.png")
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    contexts = sorted({c["context"] for c in results["decode"]})
+    state = results["meta"]["retnet_config_state_bytes"]
+    ax.plot(contexts, [state / MiB] * len(contexts), "o-", label="RetNet state (batch 1)")
+    kv = [c["results"].get("llama-dynamic", {}).get("memory_bytes") for c in results["decode"]
+          if c["batch"] == batches[0]]
+    if any(kv):
+        ax.plot(contexts, [k / MiB if k else None for k in kv], "o-", label="Llama KV cache")
+    ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="MiB per sequence",
+           title="decode memory per sequence (float32)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "memory.png", dpi=100)
+    names.append("memory.png")
+    plt.close(fig)
+    return names
+
+
+def write_report(results: dict, out: Path) -> Path:
+    d = derived(results)
+    meta, limits = results["meta"], results["limits"]
+    lines = [f"# Cost benchmark: {meta['bench_config']['preset']}", "",
+             f"Command: `{meta['command']}`. Machine: {meta['cpu']}, {meta['cores']} cores, "
+             f"{meta['threads']} threads ({meta['backend']}); versions: "
+             + ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if v) + ".",
+             f"Measured limits: float32 matmul {limits['matmul_flops'] / 1e9:.0f} GFLOP/s, copy "
+             f"bandwidth {limits['copy_bytes_per_s'] / 1e9:.1f} GB/s (buffer "
+             f"{limits['copy_buffer_bytes'] / MiB:.0f} MiB). Weights: "
+             f"{meta['weight_bytes'] / MiB:.0f} MiB float32.", ""]
+    for name, info in meta["backends"].items():
+        lines.append(f"- `{name}`: {info['non_embedding']:,} non-embedding parameters, "
+                     f"{info['config']}")
+    for name, why in meta["skipped"].items():
+        lines.append(f"- skipped `{name}`: {why}")
+    backends = sorted({k for c in results["decode"] for k in c["results"]})
+    lines += ["", "## Decode: ms per step (one token per sequence, LM head and greedy choice)",
+              "", "| batch | context | " + " | ".join(backends) + " |",
+              "|---|---|" + "---|" * len(backends)]
+    for c in results["decode"]:
+        cells = []
+        for b in backends:
+            r = c["results"].get(b, {})
+            cells.append(_fmt(_ms(c, b)) + (f" ({1e3 * r['min_s']:.1f}–{1e3 * r['max_s']:.1f})"
+                                            if _ms(c, b) else " " + r.get("status", "")))
+        lines.append(f"| {c['batch']} | {c['context']} | " + " | ".join(cells) + " |")
+    lines += ["", "## Prefill: seconds to read T tokens (state/cache and last logits only)", "",
+              "| T | " + " | ".join(sorted(results["prefill"][0]["results"])) + " |",
+              "|---|" + "---|" * len(results["prefill"][0]["results"])]
+    for c in results["prefill"]:
+        lines.append(f"| {c['T']} | " + " | ".join(
+            _fmt(c["results"][k].get("median_s"), 3) for k in sorted(c["results"])) + " |")
+    lines += ["", "## Training: forward+backward tokens/s (peak MiB above the process)", "",
+              "| T | batch | backend | tokens/s | peak MiB |", "|---|---|---|---|---|"]
+    for c in results["train"]:
+        for name, r in sorted(c["results"].items()):
+            lines.append(f"| {c['T']} | {c['batch']} | {name} | "
+                         f"{_fmt(r.get('tokens_per_s'), 0) if r['status'] == 'ok' else r['status']}"
+                         f" | {_fmt(r.get('peak_mib'), 0)} |")
+    lines += ["", "## Derived figures", "", "```", *(f"{k}: {v}" for k, v in d.items()), "```"]
+    plots = _plots(results, out)
+    lines += ["", *(f"![{p}]({p})" for p in plots)]
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
