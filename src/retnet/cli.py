@@ -86,8 +86,9 @@ def add_dataclass_args(p: argparse.ArgumentParser, cls: type) -> None:
         text = helps.get(f.name, "")
         if isinstance(default, bool):
             p.add_argument(flag, action="store_true", default=None, help=text)
-        elif str(f.type).startswith("list"):  # e.g. list[int]
-            p.add_argument(flag, nargs="+", type=int, default=None, metavar="N",
+        elif str(f.type).startswith("list"):  # list[int] or list[str]
+            kind = int if str(f.type) == "list[int]" else str
+            p.add_argument(flag, nargs="+", type=kind, default=None, metavar="X",
                            help=f"{text} (default: {' '.join(map(str, f.default_factory()))})")
         elif f.default_factory is not dataclasses.MISSING:  # dict of overrides
             p.add_argument(flag, action="append", metavar="KEY=VALUE", help=text)
@@ -346,6 +347,28 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare_args(p: argparse.ArgumentParser) -> None:
+    from retnet.compare import CompareConfig
+
+    add_dataclass_args(p, CompareConfig)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from retnet.compare import CompareConfig, run, summarise
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(CompareConfig)
+              if getattr(args, f.name) is not None}
+    if "variants" in values:  # --variants no-gate no-decay (or comma-separated)
+        values["variants"] = [v for item in values["variants"] for v in item.split(",") if v]
+    cfg = CompareConfig(**values)
+    results = run(cfg)
+    for name, row in summarise(results["runs"]).items():
+        print(f"{name:24s} val loss {row['val_loss']:.4f}  ppl {row['val_ppl']:.2f}  "
+              f"acc {row['acc']:.3f}  {row['tokens_per_s']:.0f} tokens/s")
+    print(f"report: {cfg.out}/report.md")
+    return 0
+
+
 COMMANDS: dict[str, tuple[str, Command]] = {
     "info": ("parameter counts, shapes, state and KV-cache sizes of a preset", (_info_args, _info)),
     "train": ("train a RetNet language model (torchrun for several processes)",
@@ -360,6 +383,8 @@ COMMANDS: dict[str, tuple[str, Command]] = {
     "eval": ("lm-evaluation-harness tasks and perplexity of a checkpoint", (_eval_args, _eval)),
     "bench": ("decode/prefill/training cost against a matched Transformer and peers",
               (_bench_args, _bench)),
+    "compare": ("RetNet against a matched Transformer (and ablations) on the same data",
+                (_compare_args, _compare)),
     "demo": ("the main job: train the demo model on the stdlib corpus, then sample",
              (_demo_args, _demo)),
 }

@@ -1,0 +1,74 @@
+"""The report of `retnet compare`: validation curves and loss by position (PNG), and a table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from retnet.compare import summarise
+
+
+def _plots(results: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in results["runs"]:
+        xs = [p["tokens"] / 1e6 for p in r["curve"]]
+        ax.plot(xs, [p["val_loss"] for p in r["curve"]], "o-", ms=3,
+                label=f"{r['name']} (seed {r['seed']})")
+    ax.set(xlabel="training tokens (millions)", ylabel="validation loss (nats/token)",
+           title="validation loss, same batches for every model")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=100)
+    plt.close(fig)
+    seq = results["config"]["seq_len"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in results["runs"]:
+        losses = r["loss_by_position"]
+        span = 4 * seq / len(losses)
+        ax.plot([span * (i + 0.5) for i in range(len(losses))], losses, "o-", ms=3,
+                label=f"{r['name']} (seed {r['seed']})")
+    ax.axvline(seq, color="grey", ls="--", lw=1)
+    ax.text(seq, ax.get_ylim()[1], " training length", va="top", fontsize=8)
+    ax.set(xlabel="token position", ylabel="validation loss",
+           title="loss by position up to 4× the training length")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "positions.png", dpi=100)
+    plt.close(fig)
+
+
+def write_report(results: dict, out: Path) -> Path:
+    cfg = results["config"]
+    table = summarise(results["runs"])
+    lines = ["# RetNet against a matched Transformer", "",
+             f"{results['tokens_per_model']:,} training tokens per model, batch "
+             f"{cfg['batch_size']} × {cfg['seq_len']}, {cfg['steps']} steps, lr {cfg['lr']}, "
+             f"{cfg['seeds']} seed(s), BPE vocabulary {results['tokenizer_vocab']}.", "",
+             "| model | non-embedding params | val loss (min–max) | val ppl | zero-shot acc | "
+             "tokens/s | peak MiB |", "|---|---|---|---|---|---|---|"]
+    for name, t in table.items():
+        lines.append(f"| {name} | {t['non_embedding']:,} | {t['val_loss']:.4f} "
+                     f"({t['val_loss_min']:.4f}–{t['val_loss_max']:.4f}) | {t['val_ppl']:.2f} | "
+                     f"{t['acc']:.3f} | {t['tokens_per_s']:.0f} | {t['peak_mib']:.0f} |")
+    buckets = len(results["runs"][0]["loss_by_position"])
+    span = 4 * cfg["seq_len"] // buckets
+    lines += ["", "Loss by position (validation windows of 4× the training length):", "",
+              "| model | " + " | ".join(f"{i * span}–{(i + 1) * span}" for i in range(buckets))
+              + " |", "|---|" + "---|" * buckets]
+    for name in table:
+        rows = [r["loss_by_position"] for r in results["runs"] if r["name"] == name]
+        means = [sum(col) / len(col) for col in zip(*rows)]
+        lines.append(f"| {name} | " + " | ".join(f"{m:.3f}" for m in means) + " |")
+    same = len({tuple(r["batch_hashes"]) for r in results["runs"] if r["seed"] == 0}) == 1
+    lines += ["", f"Every model saw byte-identical batches: {same} (sha256 of each batch).",
+              "", "![validation curves](curves.png)", "", "![loss by position](positions.png)"]
+    _plots(results, out)
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
