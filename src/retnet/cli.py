@@ -97,6 +97,12 @@ def add_dataclass_args(p: argparse.ArgumentParser, cls: type) -> None:
                            help=f"{text} (default: {default})")
 
 
+def _given(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The fields of a run-options dataclass that were given on the command line."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+            if getattr(args, f.name) is not None}
+
+
 def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
     """["d_model=128", "dropout=0.1"] -> {"d_model": 128, "dropout": 0.1} (JSON values)."""
     out: dict[str, Any] = {}
@@ -121,8 +127,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 def _train(args: argparse.Namespace) -> int:
     from retnet.train import TrainConfig, train
 
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-              if getattr(args, f.name) is not None}
+    values = _given(args, TrainConfig)
     if "model" in values:
         values["model"] = parse_overrides(values["model"])
     cfg = (TrainConfig.from_file(args.config, **values) if args.config
@@ -230,8 +235,7 @@ def _serve(args: argparse.Namespace) -> int:
     except ImportError as err:
         raise UserError(f"serving needs the [serve] extra ({err.name} is missing): "
                         "pip install 'retnet-exact[serve]'") from None
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig)
-              if getattr(args, f.name) is not None}
+    values = _given(args, ServeConfig)
     if "checkpoint" not in values:
         raise UserError("--checkpoint is required (a run directory such as runs/demo)")
     serve(ServeConfig(**values))
@@ -336,8 +340,7 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
 def _bench(args: argparse.Namespace) -> int:
     from retnet.bench.cost import BenchConfig, run
 
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(BenchConfig)
-              if getattr(args, f.name) is not None}
+    values = _given(args, BenchConfig)
     for key in ("contexts", "batches", "prefill_lengths", "train_lengths"):
         if key in values:
             values[key] = [int(x) for x in values[key]]
@@ -356,8 +359,7 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
 def _compare(args: argparse.Namespace) -> int:
     from retnet.compare import CompareConfig, run, summarise
 
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(CompareConfig)
-              if getattr(args, f.name) is not None}
+    values = _given(args, CompareConfig)
     if "variants" in values:  # --variants no-gate no-decay (or comma-separated)
         values["variants"] = [v for item in values["variants"] for v in item.split(",") if v]
     cfg = CompareConfig(**values)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import ctypes
 import gc
 import json
-import platform
 import resource
 import statistics
 import sys
@@ -200,7 +199,3 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
 
     write_report(results, out)
     return results
-
-
-def platform_line() -> str:
-    return f"{platform.machine()}, {platform.python_version()}"
