@@ -54,7 +54,7 @@ class CompareConfig:
     tasks: str = "python_mc"  # lm-eval tasks (shipped local files) for zero-shot accuracy
     out: str = "runs/compare"
     quick: bool = False  # tiny models and budget: a smoke run
-    device: str | None = None
+    device: str | None = None  # default: cuda if available, else cpu
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.variants) - set(VARIANTS))
@@ -119,7 +119,9 @@ def loss_by_position(model: torch.nn.Module, windows: list[torch.Tensor], bucket
     """Mean loss in `buckets` equal spans of position over long validation windows."""
     model.eval()
     total = None
+    device = next(model.parameters()).device
     for w in windows:
+        w = w.to(device)
         logits = model(w[:, :-1])
         nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), w[:, 1:],
                                                 reduction="none").mean(0)  # [T]
@@ -131,13 +133,33 @@ def loss_by_position(model: torch.nn.Module, windows: list[torch.Tensor], bucket
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches: list[torch.Tensor]) -> float:
     model.eval()
-    out = statistics.mean(lm_loss(model(b[:, :-1]), b[:, 1:]).item() for b in batches)
+    device = next(model.parameters()).device
+    out = statistics.mean(lm_loss(model(b[:, :-1].to(device)), b[:, 1:].to(device)).item()
+                          for b in batches)
     model.train()
     return out
 
 
+def _reset_peak() -> None:
+    """Return freed heap to the system, then reset the kernel's peak-RSS counter (Linux), so
+    that a model trained after another does not hide its peak in reused heap."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
 def _rss_mib(name: str = "VmRSS") -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return float("nan")
+    for line in lines:
         if line.startswith(name + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
@@ -149,12 +171,16 @@ def train_one(name: str, model: torch.nn.Module, train: PackedWindows, val: list
     schedule = TrainConfig(steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, min_lr_ratio=0.1)
     opt = torch.optim.AdamW(param_groups(model, 0.1), lr=cfg.lr, betas=(0.9, 0.95))
     curve, hashes, elapsed = [], [], 0.0
-    Path("/proc/self/clear_refs").write_text("5")
+    device = next(model.parameters()).device
+    _reset_peak()
     base = _rss_mib()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     model.train()
     for step in range(cfg.steps):
         batch = train.batch(seed, step, cfg.batch_size)
         hashes.append(hashlib.sha256(batch.numpy().tobytes()).hexdigest()[:16])
+        batch = batch.to(device)
         for group in opt.param_groups:
             group["lr"] = get_lr(step, schedule)
         start = time.perf_counter()
@@ -163,15 +189,19 @@ def train_one(name: str, model: torch.nn.Module, train: PackedWindows, val: list
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":  # time the work, not the kernel launches
+            torch.cuda.synchronize(device)
         elapsed += time.perf_counter() - start
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             curve.append({"step": step + 1, "tokens": (step + 1) * cfg.batch_size * cfg.seq_len,
                           "train_loss": loss.item(), "val_loss": evaluate(model, val)})
             bar.set_postfix(model=name, val=f"{curve[-1]['val_loss']:.3f}")
         bar.update(1)
+    peak = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
+            else _rss_mib("VmHWM") - base)  # GPU: allocator peak; CPU: resident-set peak
     return {"curve": curve, "batch_hashes": hashes,
             "tokens_per_s": cfg.steps * cfg.batch_size * cfg.seq_len / elapsed,
-            "peak_mib": _rss_mib("VmHWM") - base, "non_embedding": non_embedding(model)}
+            "peak_mib": peak, "non_embedding": non_embedding(model)}
 
 
 def task_dir() -> Path:
@@ -237,10 +267,12 @@ def run(cfg: CompareConfig) -> dict[str, Any]:
     long_windows = PackedWindows(val_tokens, 4 * cfg.seq_len, "validation split"
                                  ).evaluation_batches(4, 2 if cfg.quick else 6)
     runs: list[dict[str, Any]] = []
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     n_models = 2 + len(cfg.variants)
     with tqdm(total=cfg.seeds * n_models * cfg.steps, desc="compare", unit="step") as bar:
         for seed in range(cfg.seeds):
             for name, model in build_models(cfg, tok.vocab_size, seed).items():
+                model = model.to(device)
                 result = train_one(name, model, train, val, cfg, seed, bar)
                 result |= {"name": name, "seed": seed,
                            "loss_by_position": loss_by_position(model, long_windows, 8),
