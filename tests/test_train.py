@@ -1,6 +1,8 @@
 """Training: learning, exact resume, crash-safe checkpoints, tokenizers, DDP/FSDP2, bad input."""
 
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -48,8 +50,8 @@ def test_resume_is_exact(corpus, tmp_path):
     assert max_diff(weights(tmp_path / "straight"), weights(tmp_path / "split")) <= 1e-6
     straight = (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
     split = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
-    loss = [__import__("json").loads(x)["loss"] for x in straight]
-    assert loss == [__import__("json").loads(x)["loss"] for x in split]
+    loss = [json.loads(x)["loss"] for x in straight]
+    assert loss == [json.loads(x)["loss"] for x in split]
 
 
 def test_dropout_rng_is_restored_on_resume(corpus, tmp_path):
@@ -181,7 +183,7 @@ def test_bad_training_input_is_one_line(case, message, corpus, tmp_path, capsys)
         args += ["--model", "vocab_size=100"]
     code, err = run_cli(args, capsys)
     assert code == 2 and "\n" not in err
-    assert __import__("re").search(message, err), err
+    assert re.search(message, err), err
 
 
 def test_bad_checkpoints_are_one_line(corpus, tmp_path, capsys):

@@ -18,10 +18,17 @@ def _fmt(x: float | None, digits: int = 2) -> str:
     return "—" if x is None else f"{x:.{digits}f}"
 
 
+def _state_bytes(results: dict) -> int:
+    """RetNet's state bytes per sequence, from the config recorded in the results."""
+    from retnet.model import RetNetConfig
+
+    return RetNetConfig.from_dict(results["meta"]["retnet_config"]).state_bytes_per_sequence
+
+
 def decode_floor_ms(results: dict, batch: int, context: int) -> float:
     """(weight bytes + 2 × state bytes) / copy bandwidth: every weight read once, the state
     read and written once."""
-    state = batch * results["meta"]["retnet_config_state_bytes"]
+    state = batch * _state_bytes(results)
     weights = results["meta"]["weight_bytes"]
     return 1e3 * (weights + 2 * state) / results["limits"]["copy_bytes_per_s"]
 
@@ -31,7 +38,6 @@ def derived(results: dict) -> dict[str, Any]:
     from retnet.model import RetNetConfig
 
     config = RetNetConfig.from_dict(results["meta"]["retnet_config"])
-    results["meta"]["retnet_config_state_bytes"] = config.state_bytes_per_sequence
     decode = {(c["batch"], c["context"]): c for c in results["decode"]}
     contexts = sorted({c for _, c in decode})
     out: dict[str, Any] = {}
@@ -113,7 +119,7 @@ def _plots(results: dict, out: Path) -> list[str]:
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(6, 4))
     contexts = sorted({c["context"] for c in results["decode"]})
-    state = results["meta"]["retnet_config_state_bytes"]
+    state = _state_bytes(results)
     ax.plot(contexts, [state / MiB] * len(contexts), "o-", label="RetNet state (batch 1)")
     kv = [c["results"].get("llama-dynamic", {}).get("memory_bytes") for c in results["decode"]
           if c["batch"] == batches[0]]
