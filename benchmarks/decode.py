@@ -1,5 +1,7 @@
 """Per-token decode latency and process memory after contexts of 1k, 4k and 16k tokens.
 
+The model runs as `retnet generate` runs it: weights in the inference layout
+(retnet.model.layout), the new state written into the previous step's buffers.
 Each (batch, context) cell runs in a fresh process: a real chunkwise prefill of the context
 (last position's logits only), then the peak-RSS counter is reset (/proc/self/clear_refs) and
 freed heap returned (malloc_trim), then recurrent decode steps are timed. A decode step is one
@@ -33,9 +35,10 @@ def run_cell(preset: str, batch: int, context: int, steps: int) -> dict:
 
     from retnet import RetNetConfig, RetNetLM
     from retnet.generate import decode_one, prefill
+    from retnet.model.layout import use_inference_layout
 
     torch.manual_seed(0)
-    model = RetNetLM(RetNetConfig.from_preset(preset)).eval()
+    model = use_inference_layout(RetNetLM(RetNetConfig.from_preset(preset)).eval())
     ids = torch.randint(0, model.config.vocab_size, (batch, context))
     start = time.perf_counter()
     logits, state = prefill(model, ids, chunk_size=128)
@@ -43,12 +46,13 @@ def run_cell(preset: str, batch: int, context: int, steps: int) -> dict:
     del ids
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    times = []
+    times, spare = [], state.empty_like()
     with torch.no_grad():
         for i in range(steps + 4):  # 4 warm-up steps
             start = time.perf_counter()
             token = logits.argmax(-1)
-            logits, state = decode_one(model, token, state)
+            # as generate() does: two state buffers take turns
+            (logits, state), spare = decode_one(model, token, state, out=spare), state
             if i >= 4:
                 times.append(time.perf_counter() - start)
     return {"batch": batch, "context": context, "prefill_s": prefill_s,

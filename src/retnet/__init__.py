@@ -10,6 +10,7 @@ from retnet.model import (
     lm_loss,
     load_state,
     save_state,
+    use_inference_layout,
 )
 
 __version__ = "0.1.0"
@@ -26,4 +27,5 @@ __all__ = [
     "lm_loss",
     "load_state",
     "save_state",
+    "use_inference_layout",
 ]

@@ -190,9 +190,10 @@ def _generate(args: argparse.Namespace) -> int:
     from retnet.checkpoint import load_checkpoint
     from retnet.generate import generate_stream
     from retnet.model import load_state, save_state
+    from retnet.model.layout import use_inference_layout
 
     ckpt = load_checkpoint(args.checkpoint)
-    model, tok = ckpt.build_model(), ckpt.tokenizer
+    model, tok = use_inference_layout(ckpt.build_model()), ckpt.tokenizer
     fingerprint = model.config.fingerprint()
     state = load_state(args.state_in, fingerprint) if args.state_in else None
     ids = tok.encode(args.prompt) or [tok.eos_id]

@@ -97,11 +97,16 @@ def prefill(model: RetNetLM, input_ids: Tensor, attention_mask: Tensor | None = 
 
 @torch.no_grad()
 def decode_one(model: RetNetLM, token: Tensor, state: RetNetState,
-               active: Tensor | None = None) -> tuple[Tensor, RetNetState]:
-    """One recurrent step on token [B]; rows with active=False are left untouched."""
+               active: Tensor | None = None, *, out: RetNetState | None = None
+               ) -> tuple[Tensor, RetNetState]:
+    """One recurrent step on token [B]; rows with active=False are left untouched.
+
+    out: optional buffers (e.g. `state.empty_like()`, or the state before last) that receive
+    the new state; a loop that alternates two states allocates nothing per token."""
     mask = None if active is None else active[:, None]
-    out = model(token[:, None], state=state, mode="recurrent", attention_mask=mask)
-    return out.logits[:, -1], out.state
+    result = model(token[:, None], state=state, mode="recurrent", attention_mask=mask,
+                   state_out=out)
+    return result.logits[:, -1], result.state
 
 
 def generate_stream(model: RetNetLM, input_ids: Tensor, max_new_tokens: int, *,
@@ -124,12 +129,15 @@ def generate_stream(model: RetNetLM, input_ids: Tensor, max_new_tokens: int, *,
                             chunk_size=chunk_size)
     active = torch.ones(B, dtype=torch.bool, device=input_ids.device)
     texts = [[] for _ in range(B)] if stop else None
+    spare = None  # prefill made a fresh state: from here on two buffers take turns
     for _ in range(max_new_tokens):
         token = sample(logits, params, generators, seen).masked_fill(~active, pad)
         if seen is not None:
             seen[torch.arange(B), token] |= active
         yield token, None
-        logits, state = decode_one(model, token, state, active)  # the state consumes it
+        spare = spare if spare is not None and spare.fits(state) else state.empty_like()
+        # the state consumes the token
+        (logits, state), spare = decode_one(model, token, state, active, out=spare), state
         if eos_token_id is not None:
             active &= token != eos_token_id
         if texts is not None:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from retnet.generate import decode_one, prefill
 from retnet.model import RetNetConfig, RetNetLM, RetNetState, lm_loss
+from retnet.model.layout import set_weight_layout
 
 STATIC_HEADROOM = 256  # static-cache slots beyond the context (warm-up and timed steps)
 
@@ -49,28 +50,38 @@ def retnet_backend(config: RetNetConfig, dtype: torch.dtype = torch.float32) -> 
     torch.manual_seed(0)
     model = RetNetLM(config).to(dtype).eval()
     name = "retnet" if dtype == torch.float32 else f"retnet-{str(dtype).split('.')[-1]}"
+    # Inference in float32 uses the transposed weight layout (retnet.model.layout); bf16
+    # GEMVs go through oneDNN, which wants the default one. Training uses the default.
+    inference_layout = "decode" if dtype == torch.float32 else "default"
 
     def decode_setup(batch: int, context: int) -> Callable[[], None]:
-        holder = {"state": _random_state(model, batch, context),
+        set_weight_layout(model, inference_layout)
+        state = _random_state(model, batch, context)
+        holder = {"out": state.empty_like(),
                   "token": torch.randint(0, config.vocab_size, (batch,))}
 
         def step() -> None:
-            logits, _ = decode_one(model, holder["token"], holder["state"])
-            holder["token"] = logits.argmax(-1)  # the state is not advanced: same context
+            # as in generate(): the new state goes into a reused buffer; the input state is
+            # not advanced, so every repeat decodes after the same context
+            logits, _ = decode_one(model, holder["token"], state, out=holder["out"])
+            holder["token"] = logits.argmax(-1)
 
         return step
 
     def do_prefill(ids: torch.Tensor) -> None:
+        set_weight_layout(model, inference_layout)
         prefill(model, ids, chunk_size=128)
 
     def train_step(ids: torch.Tensor, mode: str) -> None:
+        set_weight_layout(model, "default")
         model.train()
         out = model(ids[:, :-1], mode=mode, chunk_size=128)
         lm_loss(out.logits, ids[:, 1:]).backward()
         model.zero_grad(set_to_none=True)
         model.eval()
 
-    return Backend(name, model, config.to_dict(), model.num_parameters(embeddings=False),
+    return Backend(name, model, {**config.to_dict(), "inference_weight_layout": inference_layout},
+                   model.num_parameters(embeddings=False),
                    decode_setup, do_prefill, train_step if dtype == torch.float32 else None,
                    lambda b, c: b * config.state_bytes_per_sequence,
                    train_modes=("parallel", "chunkwise"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -14,7 +15,10 @@ from retnet.model.config import RetNetConfig
 from retnet.model.state import RetNetState
 from retnet.modules import RetNetBlock
 from retnet.modules.block import make_norm
+from retnet.modules.linear import Linear
 from retnet.ops import get_form
+from retnet.ops.linear import linear
+from retnet.ops.retention import retention_recurrent
 
 INIT_STD = 0.02
 
@@ -47,7 +51,7 @@ class RetNetLM(nn.Module):
         # Tied: the LM head *is* the embedding matrix; no second module, so state dicts and
         # safetensors files hold it once.
         self.lm_head = (None if c.tie_embeddings
-                        else nn.Linear(c.d_model, c.vocab_size, bias=False))
+                        else Linear(c.d_model, c.vocab_size))
         # Run option, not architecture: recompute each block in the backward pass.
         self.activation_checkpointing = False
         self.reset_parameters()
@@ -99,14 +103,17 @@ class RetNetLM(nn.Module):
 
     def forward(self, input_ids: Tensor, state: RetNetState | None = None, *,
                 mode: str = "parallel", chunk_size: int = 64,
-                attention_mask: Tensor | None = None, last_only: bool = False) -> RetNetOutput:
+                attention_mask: Tensor | None = None, last_only: bool = False,
+                state_out: RetNetState | None = None) -> RetNetOutput:
         """input_ids [B, T]; attention_mask [B, T] (1 = real token; left padding for batches
         of different lengths). Returns logits and the state after the last position; the
         caller's state is never modified. last_only=True computes logits for the last
-        position only (prefill)."""
+        position only (prefill). state_out (recurrent mode, no autograd): a state of the
+        same shape whose buffers receive the new state, so that a decode loop alternates two
+        states instead of allocating one per token; it must not be `state` itself."""
         B, _ = self._check_inputs(input_ids, state, attention_mask)
-        form = get_form(mode, chunk_size)
         state = self.init_state(B, input_ids.device) if state is None else state
+        forms = self._forms(mode, chunk_size, state, state_out)
         mask = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
                 else attention_mask.to(torch.bool))
         seen = mask.long().cumsum(1)  # [B, T] real tokens so far
@@ -115,17 +122,34 @@ class RetNetLM(nn.Module):
         x = self.embed(input_ids)  # [B, T, D]
         if self.config.scale_embeddings:
             x = x * math.sqrt(self.config.d_model)
+        # Rotation and decay row sums depend only on the positions: once for all layers.
+        pos = self.blocks[0].retention.encode_positions(positions, state.kv[0].dtype)
         kvs = []
-        for block, kv in zip(self.blocks, state.kv):
+        for block, kv, form in zip(self.blocks, state.kv, forms):
             if self.activation_checkpointing and torch.is_grad_enabled():
-                x, kv = checkpoint(block, x, kv, positions, mask, form, use_reentrant=False)
+                x, kv = checkpoint(block, x, kv, pos, mask, form, use_reentrant=False)
             else:
-                x, kv = block(x, kv, positions, mask, form)
+                x, kv = block(x, kv, pos, mask, form)
             kvs.append(kv)
         if last_only:
             x = x[:, -1:]
-        logits = F.linear(self.norm(x), self.output_weight)
-        return RetNetOutput(logits, RetNetState(tuple(kvs), state.offset + seen[:, -1]))
+        logits = linear(self.norm(x), self.output_weight)
+        offset = state.offset + seen[:, -1]
+        if state_out is not None:
+            offset = state_out.offset.copy_(offset)
+        return RetNetOutput(logits, RetNetState(tuple(kvs), offset))
+
+    def _forms(self, mode: str, chunk_size: int, state: RetNetState,
+               state_out: RetNetState | None) -> list:
+        """The retention form for each layer; with state_out, each writes into its buffer."""
+        if state_out is None:
+            return [get_form(mode, chunk_size)] * len(self.blocks)
+        if mode != "recurrent" or torch.is_grad_enabled():
+            raise ValueError("state_out needs mode='recurrent' and torch.no_grad()")
+        if not state_out.fits(state):
+            raise ValueError("state_out must be a contiguous state of the input state's shape "
+                             "and dtype sharing no buffer with it, e.g. state.empty_like()")
+        return [functools.partial(retention_recurrent, out=buf) for buf in state_out.kv]
 
     def _check_inputs(self, input_ids: Tensor, state: RetNetState | None,
                       attention_mask: Tensor | None) -> tuple[int, int]:

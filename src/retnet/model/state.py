@@ -47,6 +47,19 @@ class RetNetState(NamedTuple):
     def clone(self) -> RetNetState:
         return RetNetState(tuple(t.clone() for t in self.kv), self.offset.clone())
 
+    def empty_like(self) -> RetNetState:
+        """Uninitialised contiguous buffers of the same shapes: a `state_out` for decoding."""
+        return RetNetState(tuple(torch.empty_like(t, memory_format=torch.contiguous_format)
+                                 for t in self.kv), torch.empty_like(self.offset))
+
+    def fits(self, other: RetNetState) -> bool:
+        """Whether this state's buffers can receive the state after `other` (a `state_out`):
+        same shapes, dtypes and device, contiguous, and no buffer shared with `other`."""
+        return len(other.kv) == len(self.kv) and all(
+            a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+            and a.is_contiguous() and a.data_ptr() != b.data_ptr()
+            for a, b in zip((*self.kv, self.offset), (*other.kv, other.offset)))
+
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
            ) -> RetNetState:
         """Move to a device; `dtype` applies to kv only (the offset stays int64)."""

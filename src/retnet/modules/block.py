@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from retnet.modules.retention import MultiScaleRetention
+from retnet.modules.linear import Linear
+from retnet.modules.retention import MultiScaleRetention, Positions
 from retnet.ops import RetentionForm
 
 ACTIVATIONS = {"gelu": F.gelu, "swish": F.silu}
@@ -22,9 +23,9 @@ class FeedForward(nn.Module):
 
     def __init__(self, d_model: int, hidden: int, kind: str = "gelu") -> None:
         super().__init__()
-        self.up = nn.Linear(d_model, hidden, bias=False)
-        self.gate = nn.Linear(d_model, hidden, bias=False) if kind.startswith("glu") else None
-        self.down = nn.Linear(hidden, d_model, bias=False)
+        self.up = Linear(d_model, hidden)
+        self.gate = Linear(d_model, hidden) if kind.startswith("glu") else None
+        self.down = Linear(hidden, d_model)
         self.act = ACTIVATIONS[kind.removeprefix("glu-")]
 
     def forward(self, x: Tensor) -> Tensor:
@@ -47,10 +48,10 @@ class RetNetBlock(nn.Module):
         self.ffn = FeedForward(d_model, ffn_dim, ffn)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, kv: Tensor, positions: Tensor, mask: Tensor,
+    def forward(self, x: Tensor, kv: Tensor, pos: Positions | Tensor, mask: Tensor,
                 form: RetentionForm) -> tuple[Tensor, Tensor]:
-        """x [B, T, D]; kv [B, H, K, V+1]; returns the new x and kv."""
-        h, kv = self.retention(self.norm1(x), kv, positions, mask, form)
+        """x [B, T, D]; kv [B, H, K, V+1]; pos as MultiScaleRetention; returns new x, kv."""
+        h, kv = self.retention(self.norm1(x), kv, pos, mask, form)
         x = x + self.dropout(h)
         x = x + self.dropout(self.ffn(self.norm2(x)))
         return x, kv

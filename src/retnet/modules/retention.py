@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from retnet.modules.linear import Linear
 from retnet.ops import RetentionForm, decay_row_sum, log_decays, rotary_angles, rotate
+from retnet.ops.linear import linear
+
+
+class Positions(NamedTuple):
+    """The per-position inputs of retention, computed once per forward for all layers."""
+
+    cos: Tensor  # [B, T, 1, K] rotation angles, float32
+    sin: Tensor  # [B, T, 1, K]
+    sqrt_c: Tensor  # [B, T, H] √(decay row sum c_n), in the state's dtype
 
 
 class MultiScaleRetention(nn.Module):
@@ -25,11 +37,12 @@ class MultiScaleRetention(nn.Module):
         super().__init__()
         self.n_heads, self.key_dim, self.value_dim = n_heads, key_dim, value_dim
         self.decays = decays
-        self.q_proj = nn.Linear(d_model, n_heads * key_dim, bias=False)
-        self.k_proj = nn.Linear(d_model, n_heads * key_dim, bias=False)
-        self.v_proj = nn.Linear(d_model, n_heads * value_dim, bias=False)
-        self.g_proj = nn.Linear(d_model, n_heads * value_dim, bias=False) if use_gate else None
-        self.out_proj = nn.Linear(n_heads * value_dim, d_model, bias=False)
+        self._log_decay: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+        self.q_proj = Linear(d_model, n_heads * key_dim)
+        self.k_proj = Linear(d_model, n_heads * key_dim)
+        self.v_proj = Linear(d_model, n_heads * value_dim)
+        self.g_proj = Linear(d_model, n_heads * value_dim) if use_gate else None
+        self.out_proj = Linear(n_heads * value_dim, d_model)
         # "group": GroupNorm per head with affine (paper); "rms": RMS per head, no affine
         # (torchscale); "none": the paper's ablation.
         self.head_norm, self.norm_eps = head_norm, norm_eps
@@ -37,33 +50,72 @@ class MultiScaleRetention(nn.Module):
                            if head_norm == "group" else None)
 
     def log_decay(self, device: torch.device, dtype: torch.dtype) -> Tensor:
-        """log γ per head, [H], built in float64 and never stored (a .to(bf16) cannot round it)."""
-        return log_decays(self.n_heads, self.decays, device=device, dtype=dtype)
+        """log γ per head, [H], built in float64; cached per (device, dtype) outside the
+        state dict and the buffers, so that a .to(bf16) cannot round it."""
+        key = (device, dtype)
+        if key not in self._log_decay:
+            self._log_decay[key] = log_decays(self.n_heads, self.decays, device=device,
+                                              dtype=dtype)
+        return self._log_decay[key]
 
-    def forward(self, x: Tensor, kv: Tensor, positions: Tensor, mask: Tensor,
+    def input_projections(self) -> list[Linear]:
+        """The projections of x: q, k, v and (if gated) g, in this order."""
+        gate = [] if self.g_proj is None else [self.g_proj]
+        return [self.q_proj, self.k_proj, self.v_proj, *gate]
+
+    def fused_input(self) -> Tensor | None:
+        """[ΣOUT, D]: the input projections as one weight, when the decode layout has placed
+        them side by side in one buffer ([D, ΣOUT] in memory); else None."""
+        weights = [p.weight for p in self.input_projections()]
+        first, total = weights[0], sum(w.shape[0] for w in weights)
+        offset = 0
+        for w in weights:
+            if (w.stride() != (1, total) or w.untyped_storage().data_ptr()
+                    != first.untyped_storage().data_ptr()
+                    or w.storage_offset() != first.storage_offset() + offset):
+                return None
+            offset += w.shape[0]
+        return first.as_strided((total, first.shape[1]), (1, total))
+
+    def _project(self, x: Tensor) -> list[Tensor]:
+        """q, k, v (and g) of x [..., D]: one product when the weights are fused."""
+        fused = self.fused_input() if x.numel() == x.shape[-1] else None
+        if fused is None:
+            return [p(x) for p in self.input_projections()]
+        return list(linear(x, fused).split([p.weight.shape[0]
+                                            for p in self.input_projections()], dim=-1))
+
+    def encode_positions(self, positions: Tensor, dtype: torch.dtype) -> Positions:
+        """What this layer needs from the absolute positions [B, T]; identical for every layer
+        of a model, so the model computes it once per forward. dtype: the state's dtype."""
+        cos, sin = rotary_angles(positions, self.key_dim)
+        log_decay = self.log_decay(positions.device, dtype)
+        return Positions(cos, sin, decay_row_sum(positions, log_decay).sqrt())
+
+    def forward(self, x: Tensor, kv: Tensor, pos: Positions | Tensor, mask: Tensor,
                 form: RetentionForm) -> tuple[Tensor, Tensor]:
-        """x [B, T, D]; kv [B, H, K, V+1]; positions [B, T] absolute; mask [B, T] (1 = real).
+        """x [B, T, D]; kv [B, H, K, V+1]; pos: `encode_positions` of the absolute positions
+        [B, T] (or those positions); mask [B, T] (1 = real).
 
         Returns y [B, T, D] and the new kv [B, H, K, V+1].
         """
         B, T, _ = x.shape
         H, K, V = self.n_heads, self.key_dim, self.value_dim
-        q = self.q_proj(x).view(B, T, H, K)
-        k = self.k_proj(x).view(B, T, H, K)
-        v = self.v_proj(x).view(B, T, H, V)
-        cos, sin = rotary_angles(positions, K)
-        q = rotate(q, cos, sin)
-        k = rotate(k, cos, sin) * K**-0.5
+        if isinstance(pos, Tensor):
+            pos = self.encode_positions(pos, kv.dtype)
+        q, k, v, *g = self._project(x)
+        q, k, v = q.view(B, T, H, K), k.view(B, T, H, K), v.view(B, T, H, V)
+        q, k = rotate(torch.cat([q, k], dim=2), pos.cos, pos.sin).split(H, dim=2)  # one pass
+        k = k * K**-0.5
         # A constant-1 column on v makes the same recurrence carry z_n = Σ γ^(p_n − p_m) k_m,
         # so column V of the output is q_n · z_n, the row sum of the retention scores.
         ones = mask.to(v.dtype)[:, :, None, None].expand(B, T, H, 1)
         log_decay = self.log_decay(x.device, kv.dtype)
         o, kv = form(q, k, torch.cat([v, ones], dim=-1), log_decay, kv, mask)
-        sqrt_c = decay_row_sum(positions, log_decay).sqrt()  # [B, T, H]
-        o = o[..., :V] / torch.maximum(o[..., V].abs(), sqrt_c).unsqueeze(-1)  # [B, T, H, V]
+        o = o[..., :V] / torch.maximum(o[..., V].abs(), pos.sqrt_c).unsqueeze(-1)  # [B,T,H,V]
         o = self._normalise_heads(o).reshape(B, T, H * V)
-        if self.g_proj is not None:
-            o = F.silu(self.g_proj(x)) * o
+        if g:
+            o = F.silu(g[0]) * o
         return self.out_proj(o.to(x.dtype)), kv
 
     def _normalise_heads(self, o: Tensor) -> Tensor:

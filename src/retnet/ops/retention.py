@@ -132,18 +132,45 @@ def retention_parallel(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor,
     return o, final
 
 
+def retention_step(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, state: Tensor,
+                   mask: Tensor | None = None, *, out: Tensor | None = None
+                   ) -> tuple[Tensor, Tensor]:
+    """One token of the recurrence, the body of the recurrent form:
+
+        S' = γ^m S + m kᵀv,   o = q S'     (m = 1 for a real token, 0 for padding)
+
+    q, k [B, H, K]; v [B, H, V]; state [B, H, K, V]; mask [B]; log_decay [H]; all in the
+    compute dtype. `out` [B, H, K, V] (contiguous, not aliasing `state`) receives S', so a
+    decode loop can alternate two buffers instead of allocating a state per token.
+    Returns o [B, H, V] and S'.
+    """
+    B, H, K = q.shape
+    V = v.shape[-1]
+    if mask is None:
+        decay = log_decay.exp()[:, None, None]  # [H, 1, 1]
+    else:
+        decay = (mask[:, None] * log_decay).exp()[..., None, None]  # [B, H, 1, 1]: γ or 1
+        k = k * mask[:, None, None]
+    new = torch.mul(state.contiguous(), decay, out=out)  # pass 1 over the state
+    # pass 2: add kᵀv in place, one [K, 1] @ [1, V] per (row, head), no [B, H, K, V] temporary
+    new.view(B * H, K, V).baddbmm_(k.reshape(B * H, K, 1), v.reshape(B * H, 1, V))
+    o = torch.bmm(q.reshape(B * H, 1, K), new.view(B * H, K, V))  # pass 3: read only
+    return o.view(B, H, V), new
+
+
 def retention_recurrent(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor,
-                        state: Tensor | None = None, mask: Tensor | None = None
-                        ) -> tuple[Tensor, Tensor]:
-    """Recurrent form: one step per token, O(1) memory in T. Same arguments as the parallel form."""
+                        state: Tensor | None = None, mask: Tensor | None = None, *,
+                        out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Recurrent form: one step per token, O(1) memory in T. Same arguments as the parallel
+    form, plus `out`: an optional buffer for the final state (see `retention_step`)."""
     with torch.autocast(q.device.type, enabled=False):
         q, k, v, log_decay, state, mask = _prepare(q, k, v, log_decay, state, mask)
-        step_decay = _powers(mask, log_decay)[..., None, None]  # [B, T, H, 1, 1]: γ or 1
+        T = q.shape[1]
         outputs = []
-        for t in range(q.shape[1]):
-            kv = k[:, t, :, :, None] * v[:, t, :, None, :]  # [B, H, K, V]
-            state = torch.addcmul(kv, step_decay[:, t], state)
-            outputs.append(torch.einsum("bhk,bhkv->bhv", q[:, t], state))
+        for t in range(T):
+            o, state = retention_step(q[:, t], k[:, t], v[:, t], log_decay, state, mask[:, t],
+                                      out=out if t == T - 1 else None)
+            outputs.append(o)
         o = torch.stack(outputs, dim=1)
     return o, state
 

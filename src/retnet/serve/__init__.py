@@ -32,6 +32,7 @@ def build_app(cfg: ServeConfig):
     import torch
 
     from retnet.checkpoint import load_checkpoint
+    from retnet.model.layout import use_inference_layout
     from retnet.serve.api import Api, Limits, create_app
     from retnet.serve.engine import Engine
     from retnet.tokenizer import load_chat_template
@@ -41,7 +42,7 @@ def build_app(cfg: ServeConfig):
     if cfg.dtype not in dtype:
         raise ValueError(f"dtype must be float32, bfloat16 or float64; got {cfg.dtype!r}")
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = ckpt.build_model(device).to(dtype[cfg.dtype])
+    model = use_inference_layout(ckpt.build_model(device).to(dtype[cfg.dtype]))
     engine = Engine(model, ckpt.tokenizer, max_batch=cfg.max_batch, max_queue=cfg.max_queue,
                     cache_bytes=cfg.cache_mib << 20)
     name = cfg.model_name or ckpt.path.parent.parent.name or "retnet"

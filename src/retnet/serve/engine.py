@@ -89,6 +89,7 @@ class Engine:
         # prompt never stalls the streams already decoding for more than one segment.
         self._prefilling: list[tuple[Request, Iterator[None]]] = []
         self._state: RetNetState | None = None
+        self._spare: RetNetState | None = None  # the decode step's output buffers
         self._wake = threading.Event()
         self._stop = threading.Event()
         self.accepting = True
@@ -232,7 +233,12 @@ class Engine:
     def _step(self) -> None:
         start = time.perf_counter()
         tokens = torch.tensor([r.last for r in self._rows], device=self._state.device)
-        logits, self._state = decode_one(self.model, tokens, self._state)
+        spare = self._spare
+        if spare is None or not spare.fits(self._state):
+            spare = self._state.empty_like()
+        # the engine owns its state (made by cat/select): two buffers take turns
+        (logits, self._state), self._spare = (decode_one(self.model, tokens, self._state,
+                                                         out=spare), self._state)
         self._emit_tokens(self._rows, logits)
         self._remove_finished()
         m, b = self.metrics, len(tokens)
