@@ -210,8 +210,4 @@ def build_backends(config: RetNetConfig, skipped: dict[str, str], bf16: bool = T
     except ImportError as err:
         skipped["yet-another-retnet"] = (f"not installed ({err.name}): pip install "
                                          "yet-another-retnet einops")
-    skipped["torchscale"] = ("not run in this environment: torchscale needs timm, hence "
-                             "torchvision, which does not import beside the CPU torch 2.13.0; its "
-                             "weights convert exactly (retnet convert --from torchscale) and then "
-                             "run as `retnet`")
     return backends

@@ -24,6 +24,12 @@ from tqdm import tqdm
 
 from retnet.bench.backends import Backend, build_backends
 from retnet.bench.machine import describe_machine, measure_limits
+from retnet.bench.peers import (
+    WHY_NOT_HERE,
+    check_torchscale_python,
+    run_torchscale,
+    torchscale_job,
+)
 from retnet.model import RetNetConfig
 
 KV_LIMIT = 8 * 2**30  # decode cells whose KV cache would exceed this are skipped
@@ -43,6 +49,9 @@ class BenchConfig:
     out: str = "benchmarks/results/cost"
     quick: bool = False  # tiny sizes, one repeat: a smoke run
     memory_cap_gib: float = 20.0  # an allocation beyond this is recorded as out of memory
+    # An interpreter whose environment has torchscale (it cannot import beside this torch):
+    # its RetNetDecoder is then measured in a separate process after the others.
+    torchscale_python: str = ""
 
     def __post_init__(self) -> None:
         if self.quick:
@@ -171,8 +180,14 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
     cap = int(cfg.memory_cap_gib * 2**30)
     resource.setrlimit(resource.RLIMIT_AS, (cap, resource.getrlimit(resource.RLIMIT_AS)[1]))
     config = RetNetConfig.from_preset(cfg.preset)
+    if cfg.torchscale_python:
+        check_torchscale_python(cfg.torchscale_python)
     skipped: dict[str, str] = {}
     backends = build_backends(config, skipped)
+    if not cfg.torchscale_python:
+        skipped["torchscale"] = (f"not run: {WHY_NOT_HERE}; pass --torchscale-python PATH "
+                                 "(an interpreter with torchscale) to measure it in a separate "
+                                 "process")
     total = (len(cfg.batches) * len(cfg.contexts) + len(cfg.prefill_lengths)
              + len(cfg.train_lengths) + 1)
     with tqdm(total=total, desc="bench", unit="cell") as bar:
@@ -192,6 +207,9 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
             "prefill": bench_prefill(backends, cfg, config.vocab_size, bar),
             "train": bench_train(backends, cfg, config.vocab_size, bar),
         }
+    if cfg.torchscale_python:
+        job = torchscale_job(config, cfg, torch.get_num_threads(), KV_LIMIT)
+        run_torchscale(cfg.torchscale_python, job, results)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))

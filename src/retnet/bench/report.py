@@ -48,7 +48,8 @@ def derived(results: dict) -> dict[str, Any]:
         entry = {"context": probe, "retnet_ms": ours,
                  "floor_ms": decode_floor_ms(results, batch, probe)}
         entry["over_floor"] = ours / entry["floor_ms"] if ours else None
-        for other in ("retnet-bfloat16", "llama-dynamic", "llama-static", "yet-another-retnet"):
+        for other in ("retnet-bfloat16", "llama-dynamic", "llama-static", "yet-another-retnet",
+                      "torchscale"):
             theirs = _ms(cell, other)
             entry[f"{other}_ms"] = theirs
             entry[f"speedup_vs_{other}"] = theirs / ours if theirs and ours else None
