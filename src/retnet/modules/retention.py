@@ -112,7 +112,10 @@ class MultiScaleRetention(nn.Module):
         ones = mask.to(v.dtype)[:, :, None, None].expand(B, T, H, 1)
         log_decay = self.log_decay(x.device, kv.dtype)
         o, kv = form(q, k, torch.cat([v, ones], dim=-1), log_decay, kv, mask)
-        o = o[..., :V] / torch.maximum(o[..., V].abs(), pos.sqrt_c).unsqueeze(-1)  # [B,T,H,V]
+        # split, not o[..., :V] and o[..., V]: their backward would zero-fill two [B, T, H, V+1]
+        # gradients; split's backward concatenates.
+        o, score_sum = o.split([V, 1], dim=-1)
+        o = o / torch.maximum(score_sum.abs(), pos.sqrt_c.unsqueeze(-1))  # [B, T, H, V]
         o = self._normalise_heads(o).reshape(B, T, H * V)
         if g:
             o = F.silu(g[0]) * o

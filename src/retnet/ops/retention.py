@@ -210,14 +210,18 @@ def retention_chunkwise(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor,
         # 3. pass the state across chunks: S_(j+1) = γ^(total_j) S_j + chunk_kv_j
         chunk_decay = _powers(total[..., 0], log_decay)[..., None, None]  # [B, N, H, 1, 1]
         incoming = []
-        for j in range(N):
+        # unbind, not chunk_kv[:, j]: the backward of N selects would allocate and zero N
+        # full-size [B, N, H, K, V] gradients; unbind's backward stacks them once.
+        for kv_j, decay_j in zip(chunk_kv.unbind(1), chunk_decay.unbind(1)):
             incoming.append(state)
-            state = torch.addcmul(chunk_kv[:, j], chunk_decay[:, j], state)
+            state = torch.addcmul(kv_j, decay_j, state)
         incoming = torch.stack(incoming, dim=1)  # [B, N, H, K, V] state entering each chunk
         # 4. the incoming state's contribution: γ^(p_l) q_l S_j
         q_in = q * _powers(pos, log_decay)[..., None]
         o = o + torch.einsum("bnlhk,bnhkv->bnlhv", q_in, incoming)
-        o = o.reshape(B, N * L, H, V)[:, :T]
+        o = o.reshape(B, N * L, H, V)
+        if N * L != T:  # a slice's backward zero-fills a full-size gradient: only when needed
+            o = o[:, :T]
     return o, state
 
 
