@@ -1,7 +1,9 @@
 """Config validation, preset sizes, and the command line."""
 
+import ctypes
 import subprocess
 import sys
+from typing import ClassVar
 
 import pytest
 import torch
@@ -102,3 +104,32 @@ def test_cli_demo_end_to_end(capsys, corpus, tmp_path):
     assert "validation loss" in out and "bits per byte" in out and "sample" in out
     for name in ("tokenizer.json", "metrics.jsonl", "loss.png", "latest"):
         assert (run / name).is_file()
+
+
+def test_allocator_setting_is_explicit_and_can_be_declined(monkeypatch):
+    from retnet.allocator import keep_freed_memory
+
+    monkeypatch.setenv("RETNET_MALLOC", "default")
+    assert keep_freed_memory() is False
+    monkeypatch.delenv("RETNET_MALLOC")
+    assert keep_freed_memory() is True  # glibc accepted both thresholds
+    # a block far above glibc's default 32 MiB mmap ceiling now comes from the heap, where a
+    # freed block is reused, not from a fresh mapping (mallinfo2's hblkhd: bytes in mmaps)
+    assert _mmapped_bytes_while_holding(64 << 20) < (64 << 20)
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_: ClassVar = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+def _mmapped_bytes_while_holding(size: int) -> int:
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    libc.mallinfo2.restype = _MallInfo2
+    block = libc.malloc(size)
+    mapped = libc.mallinfo2().hblkhd
+    libc.free(block)
+    return mapped

@@ -408,6 +408,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    from retnet.allocator import keep_freed_memory
+
+    keep_freed_memory()  # large temporaries reused, not re-faulted (see retnet/allocator.py)
     try:
         return COMMANDS[args.command][1][1](args)
     except (UserError, ValueError, FileNotFoundError) as err:

@@ -71,6 +71,17 @@ def _summary(times: list[float]) -> dict[str, Any]:
             "raw_s": times}
 
 
+def _allocator() -> str:
+    from retnet.allocator import MMAP_THRESHOLD, TRIM_THRESHOLD, keep_freed_memory
+
+    if keep_freed_memory():  # the CLI already did; idempotent
+        return (f"glibc malloc, mmap threshold {MMAP_THRESHOLD >> 20} MiB, trim threshold "
+                f"{TRIM_THRESHOLD >> 20} MiB (retnet.allocator), trimmed before each "
+                "measurement; the same for every backend in this process and the torchscale "
+                "worker")
+    return "glibc malloc defaults"
+
+
 def _trim() -> None:
     gc.collect()
     try:
@@ -199,6 +210,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
                      "bench_config": asdict(cfg), "retnet_config": config.to_dict(),
                      "dtype": "float32 (retnet-bfloat16: bf16 weights, float32 state)",
                      "threads": torch.get_num_threads(), "skipped": skipped,
+                     "allocator": _allocator(),
                      "backends": {b.name: {"config": b.config, "non_embedding": b.non_embedding}
                                   for b in backends},
                      "weight_bytes": weight_bytes},

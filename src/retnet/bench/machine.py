@@ -18,10 +18,12 @@ def describe_machine() -> dict:
 
     versions = {"python": platform.python_version(), "torch": torch.__version__,
                 "numpy": numpy.__version__, "retnet": retnet.__version__}
-    for name in ("transformers", "yet_another_retnet"):
+    from importlib.metadata import PackageNotFoundError, version
+
+    for name in ("transformers", "yet-another-retnet"):
         try:
-            versions[name] = __import__(name).__version__
-        except (ImportError, AttributeError):
+            versions[name] = version(name)
+        except PackageNotFoundError:
             versions[name] = None
     cpu = platform.processor() or platform.machine()
     try:

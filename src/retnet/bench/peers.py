@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from retnet.allocator import keep_freed_memory
 from retnet.model import RetNetConfig
 
 WORKER = Path(__file__).with_name("torchscale_peer.py")
@@ -38,7 +39,8 @@ def torchscale_job(config: RetNetConfig, cfg: Any, threads: int, kv_limit: int) 
             "vocab_size": config.vocab_size, "contexts": cfg.contexts, "batches": cfg.batches,
             "prefill_lengths": cfg.prefill_lengths, "train_lengths": cfg.train_lengths,
             "train_tokens": cfg.train_tokens, "repeats": cfg.repeats, "threads": threads,
-            "memory_cap_gib": cfg.memory_cap_gib, "kv_limit": kv_limit}
+            "memory_cap_gib": cfg.memory_cap_gib, "kv_limit": kv_limit,
+            "keep_freed_memory": keep_freed_memory()}
 
 
 def run_torchscale(python: str, job: dict, results: dict) -> None:

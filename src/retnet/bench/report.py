@@ -147,10 +147,11 @@ def write_report(results: dict, out: Path) -> Path:
              f"Measured limits: float32 matmul {limits['matmul_flops'] / 1e9:.0f} GFLOP/s, copy "
              f"bandwidth {limits['copy_bytes_per_s'] / 1e9:.1f} GB/s (buffer "
              f"{limits['copy_buffer_bytes'] / MiB:.0f} MiB). Weights: "
-             f"{meta['weight_bytes'] / MiB:.0f} MiB float32.", ""]
+             f"{meta['weight_bytes'] / MiB:.0f} MiB float32. Allocator: "
+             f"{meta.get('allocator', 'glibc malloc defaults')}.", ""]
     for name, info in meta["backends"].items():
         lines.append(f"- `{name}`: {info['non_embedding']:,} non-embedding parameters, "
-                     f"{info['config']}")
+                     f"{info['config']}" + (f"; {info['process']}" if "process" in info else ""))
     for name, why in meta["skipped"].items():
         lines.append(f"- skipped `{name}`: {why}")
     backends = sorted({k for c in results["decode"] for k in c["results"]})
