@@ -79,3 +79,29 @@ def test_bad_torchscale_python_fails_before_the_run(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "not an executable file" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "results.json").exists()
+
+
+def test_a_decode_cell_that_runs_out_of_memory_is_a_recorded_result():
+    from retnet.bench.backends import Backend
+    from retnet.bench.cost import BenchConfig, bench_decode
+
+    def too_big(batch, context):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate")
+
+    def fine(batch, context):
+        return lambda: None
+
+    common = dict(model=None, config={}, non_embedding=0, prefill=None, train_step=None,
+                  memory_bytes=lambda b, c: 0)
+    backends = [Backend("big", decode_setup=too_big, **common),
+                Backend("small", decode_setup=fine, **common)]
+    cfg = BenchConfig(contexts=[16], batches=[1], repeats=1)
+
+    class Bar:
+        def update(self, n):
+            pass
+
+    [cell] = bench_decode(backends, cfg, Bar())
+    assert cell["results"]["big"]["status"] == "out of memory"
+    assert "can't allocate" in cell["results"]["big"]["error"]
+    assert cell["results"]["small"]["status"] == "ok"  # the others still ran

@@ -21,17 +21,21 @@ import os
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 MMAP_THRESHOLD = 1 << 30  # blocks up to 1 GiB come from the heap, and are reused
 TRIM_THRESHOLD = 2 << 30  # free memory at the heap's top is kept up to 2 GiB
+# glibc's own ceiling for its dynamic thresholds (64-bit): what a long-running process gets
+GLIBC_MMAP_CEILING, GLIBC_TRIM_CEILING = 32 << 20, 64 << 20
 
 
-def keep_freed_memory() -> bool:
-    """Raise glibc's mmap and trim thresholds; False where that is not possible (not glibc,
-    or RETNET_MALLOC=default)."""
+def keep_freed_memory(enable: bool = True) -> bool:
+    """Raise glibc's mmap and trim thresholds (enable=False: back to glibc's own ceiling
+    values); False where that is not possible (not glibc, or RETNET_MALLOC=default)."""
     if os.environ.get("RETNET_MALLOC", "").lower() == "default":
         return False
+    mmap, trim_at = ((MMAP_THRESHOLD, TRIM_THRESHOLD) if enable
+                     else (GLIBC_MMAP_CEILING, GLIBC_TRIM_CEILING))
     try:
         libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-                    and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, mmap)
+                    and libc.mallopt(M_TRIM_THRESHOLD, trim_at))
     except (OSError, AttributeError):
         return False
 

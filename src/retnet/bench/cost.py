@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from retnet.allocator import keep_freed_memory
 from retnet.bench.backends import Backend, build_backends
 from retnet.bench.machine import describe_machine, measure_limits
 from retnet.bench.peers import (
@@ -72,13 +73,14 @@ def _summary(times: list[float]) -> dict[str, Any]:
 
 
 def _allocator() -> str:
-    from retnet.allocator import MMAP_THRESHOLD, TRIM_THRESHOLD, keep_freed_memory
+    from retnet.allocator import MMAP_THRESHOLD, keep_freed_memory
 
-    if keep_freed_memory():  # the CLI already did; idempotent
-        return (f"glibc malloc, mmap threshold {MMAP_THRESHOLD >> 20} MiB, trim threshold "
-                f"{TRIM_THRESHOLD >> 20} MiB (retnet.allocator), trimmed before each "
-                "measurement; the same for every backend in this process and the torchscale "
-                "worker")
+    if keep_freed_memory():
+        return ("glibc malloc; decode: mmap threshold 32 MiB (glibc's own ceiling: the KV "
+                "caches and states of successive cells are handed back); prefill and training: "
+                f"{MMAP_THRESHOLD >> 20} MiB (retnet.allocator, as the retnet command runs), "
+                "trimmed before each measurement; the same for every backend, the torchscale "
+                "worker included")
     return "glibc malloc defaults"
 
 
@@ -114,10 +116,17 @@ def bench_decode(backends: list[Backend], cfg: BenchConfig, bar) -> list[dict]:
                     continue
                 _trim()
                 before = _rss_mib()
-                with torch.no_grad():
-                    steps[b.name] = b.decode_setup(batch, context)
-                    for _ in range(2):  # warm-up
-                        steps[b.name]()
+                try:
+                    with torch.no_grad():
+                        steps[b.name] = b.decode_setup(batch, context)
+                        for _ in range(2):  # warm-up
+                            steps[b.name]()
+                except (RuntimeError, MemoryError) as err:
+                    steps.pop(b.name, None)
+                    cell["results"][b.name] = {"status": "out of memory",
+                                               "error": str(err).splitlines()[0][:200]}
+                    _trim()
+                    continue
                 cell["results"][b.name] = {"status": "ok", "rss_delta_mib": _rss_mib() - before,
                                            "memory_bytes": b.memory_bytes(batch, context)}
             times: dict[str, list[float]] = {name: [] for name in steps}
@@ -215,10 +224,12 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
                                   for b in backends},
                      "weight_bytes": weight_bytes},
             "limits": limits,
-            "decode": bench_decode(backends, cfg, bar),
-            "prefill": bench_prefill(backends, cfg, config.vocab_size, bar),
-            "train": bench_train(backends, cfg, config.vocab_size, bar),
         }
+        keep_freed_memory(False)  # decode: caches of up to 8 GiB come and go between cells
+        results["decode"] = bench_decode(backends, cfg, bar)
+        keep_freed_memory(True)
+        results["prefill"] = bench_prefill(backends, cfg, config.vocab_size, bar)
+        results["train"] = bench_train(backends, cfg, config.vocab_size, bar)
     if cfg.torchscale_python:
         job = torchscale_job(config, cfg, torch.get_num_threads(), KV_LIMIT)
         run_torchscale(cfg.torchscale_python, job, results)

@@ -172,6 +172,14 @@ def train(model, job: dict) -> list[dict]:
     return rows
 
 
+def _thresholds(job: dict, mmap: int, trim: int) -> None:
+    """The allocator as in the benchmark's own process (retnet.allocator), phase by phase."""
+    if job.get("keep_freed_memory"):
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, mmap)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, trim)  # M_TRIM_THRESHOLD
+
+
 def main() -> None:
     import resource
 
@@ -180,9 +188,6 @@ def main() -> None:
 
     job = json.loads(sys.argv[1])
     torch.set_num_threads(job["threads"])
-    if job.get("keep_freed_memory"):  # as retnet.allocator does in the benchmark's process
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 30)
-        ctypes.CDLL("libc.so.6").mallopt(-1, 2 << 30)
     cap = int(job["memory_cap_gib"] * 2**30)
     resource.setrlimit(resource.RLIMIT_AS, (cap, resource.getrlimit(resource.RLIMIT_AS)[1]))
     model, arch, non_embedding = build(job)
@@ -190,7 +195,9 @@ def main() -> None:
                         "torchscale": getattr(torchscale, "__version__", "0.3.0"),
                         "python": sys.version.split()[0]},
            "config": arch, "non_embedding": non_embedding, "threads": torch.get_num_threads()}
+    _thresholds(job, 32 << 20, 64 << 20)
     out["decode"] = decode(model, job)
+    _thresholds(job, 1 << 30, 2 << 30)
     out["prefill"] = prefill(model, job)
     out["train"] = train(model, job)
     print(json.dumps(out))
