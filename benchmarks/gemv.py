@@ -2,8 +2,10 @@
 
 Measures (median of 30 after 5 warm-ups): the tied LM head as F.linear over [V, D] and as
 x @ W from a contiguous [D, V] copy; 80 GEMVs over 1024 × 512 float32 matrices (about the
-`small` model's weight bytes) at 1 and 2 threads; the same in bf16; and torch.profiler's share
-of aten::mm in a `small` decode step.
+`small` model's weight bytes) at 1 and 2 threads; the same in bf16; the same through
+retnet.ops.linear (split across cores) in the default and the decode layout; and
+torch.profiler's share of the weight products in a `small` decode step as the project runs it
+(decode layout, state buffer reused).
 
     python benchmarks/gemv.py
 """
@@ -31,21 +33,23 @@ def median_ms(fn, n: int = 30) -> float:
 def decode_profile() -> float:
     from torch.profiler import ProfilerActivity, profile
 
-    from retnet import RetNetConfig, RetNetLM
+    from retnet import RetNetConfig, RetNetLM, use_inference_layout
     from retnet.generate import decode_one, prefill
 
     torch.manual_seed(0)
-    model = RetNetLM(RetNetConfig.from_preset("small")).eval()
+    model = use_inference_layout(RetNetLM(RetNetConfig.from_preset("small")).eval())
     logits, state = prefill(model, torch.randint(0, 32000, (1, 64)))
-    token = logits.argmax(-1)
+    token, out = logits.argmax(-1), state.empty_like()
     for _ in range(5):
-        decode_one(model, token, state)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        decode_one(model, token, state, out=out)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         for _ in range(10):
-            decode_one(model, token, state)
-    events = prof.key_averages()
+            decode_one(model, token, state, out=out)
+    events = prof.key_averages(group_by_input_shape=True)
     total = sum(e.self_cpu_time_total for e in events)
-    mm = sum(e.self_cpu_time_total for e in events if e.key == "aten::mm")
+    # weight products: mm, or bmm whose second operand is a weight (not the [H, K, V+1] state)
+    mm = sum(e.self_cpu_time_total for e in events if e.key == "aten::mm" or (
+        e.key == "aten::bmm" and e.input_shapes and e.input_shapes[1][-2:] != [256, 513]))
     return mm / total
 
 
@@ -67,11 +71,24 @@ def main() -> None:
     torch.set_num_threads(threads)
     ms = median_ms(lambda: [F.linear(x_bf16, m) for m in mats_bf16])
     print(f"80 bf16 GEMVs (84 MB), {threads} thread(s): {ms:.2f} ms")
+    from retnet.ops.linear import linear
+
+    ms = median_ms(lambda: [linear(x, m) for m in mats])
+    print(f"80 float32 GEMVs through retnet.ops.linear, default layout: {ms:.2f} ms "
+          f"= {168 / ms:.1f} GB/s")
+    mats_t = [m.t().contiguous().t() for m in mats]  # the decode layout
+    ms = median_ms(lambda: [linear(x, m) for m in mats_t])
+    print(f"80 float32 GEMVs through retnet.ops.linear, decode layout:  {ms:.2f} ms "
+          f"= {168 / ms:.1f} GB/s")
+    head_decode = head.t().contiguous().t()
+    print(f"LM head through retnet.ops.linear, decode layout: "
+          f"{median_ms(lambda: linear(x, head_decode)):.2f} ms")
     big = torch.randn(168 * 2**20 // 4)
     out = torch.empty_like(big)
     ms = median_ms(lambda: out.copy_(big), n=10)
     print(f"copy of 168 MB: {2 * 168 * 1.048576 / ms:.1f} GB/s (read + write)")
-    print(f"share of aten::mm in a small decode step (batch 1): {100 * decode_profile():.0f}%")
+    print(f"share of the weight products in a small decode step (batch 1): "
+          f"{100 * decode_profile():.0f}%")
 
 
 if __name__ == "__main__":
