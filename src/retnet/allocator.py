@@ -3,8 +3,7 @@
 PyTorch's CPU tensors come straight from malloc. glibc serves blocks above its mmap threshold
 (at most 32 MiB) with fresh mmaps and unmaps them on free, so every large temporary of a
 forward or backward pass (a [T, H, V] retention output, a [B, N, H, K, V] chunk state, the
-[N, vocab] logits gradient) is zero-filled page by page by the kernel, every time. On the
-2-core benchmark machine that was a fifth of a training step and of an 8k-token prefill.
+[N, vocab] logits gradient) is zero-filled page by page by the kernel, every time.
 Raising the mmap and trim thresholds lets malloc reuse those blocks; `malloc_trim(0)` still
 returns free memory when asked (the benchmark does so before each measurement, so peak-memory
 figures stay honest). The price: the process keeps its peak heap until trimmed.

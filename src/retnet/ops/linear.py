@@ -2,13 +2,14 @@
 
 A one-token decode step multiplies one vector by every weight: it is bound by how fast the
 weights stream from memory. MKL runs a float32 matrix-vector product on one core, which on
-the 2-core benchmark machine streams ~11 GB/s from the default [out, in] layout against ~36
-GB/s for a copy (`python benchmarks/gemv.py`). Splitting the product into independent halves
-and handing them to one batched matmul puts each half on its own core:
+the 2-core benchmark machine streams ~11 GB/s from the default [out, in] layout, against
+29-36 GB/s for a two-core copy (`python benchmarks/gemv.py`, output in
+benchmarks/results/gemv.txt). Splitting the product into independent parts and handing them
+to one batched matmul puts each part on its own core:
 
-    default layout, W [out, in] contiguous: split the output rows, ~20 GB/s
+    default layout, W [out, in] contiguous: split the output rows (~18 GB/s)
     decode layout,  W stored as Wᵀ [in, out] (see `retnet.model.layout`): split the reduction
-                    dimension and add the two partial sums, ~27-38 GB/s
+                    dimension and add the partial sums (~25 GB/s; the LM head ~40 GB/s)
 
 The split path runs only for one row in float32 on a CPU; everything else (batches, training,
 bf16, CUDA) is plain F.linear, whose kernels already do well there. The result equals F.linear
