@@ -8,7 +8,6 @@ every raw timing, in a JSON file; a Markdown report and PNG plots are written be
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import json
 import resource
@@ -22,7 +21,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from retnet.allocator import keep_freed_memory
+from retnet.allocator import keep_freed_memory, trim
 from retnet.bench.backends import Backend, build_backends
 from retnet.bench.machine import describe_machine, measure_limits
 from retnet.bench.peers import (
@@ -86,10 +85,7 @@ def _allocator() -> str:
 
 def _trim() -> None:
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
+    trim()
 
 
 def _rss_mib(field_name: str = "VmRSS") -> float:
