@@ -87,7 +87,8 @@ def test_loss_at_initialisation_is_ln_vocab():
     x = tokens(4, 128)
     with torch.no_grad():
         loss = lm_loss(model(x[:, :-1]).logits, x[:, 1:])
-    assert abs(loss.item() - math.log(256)) <= 0.1
+    # docs/implementation-notes.md states ln V to within 0.02 for `tiny` (measured 0.016)
+    assert abs(loss.item() - math.log(256)) <= 0.02
 
 
 def test_residual_rms_stays_in_band_through_24_layers():

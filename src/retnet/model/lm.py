@@ -170,6 +170,8 @@ class RetNetLM(nn.Module):
 
 
 def lm_loss(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
-    """Mean next-token cross-entropy in float32. logits [B, T, V]; targets [B, T]."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
+    """Mean next-token cross-entropy in float32 (float64 for float64 logits).
+    logits [B, T, V]; targets [B, T]."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(),
                            ignore_index=ignore_index)

@@ -16,7 +16,7 @@ from retnet.ops.linear import linear
 class Positions(NamedTuple):
     """The per-position inputs of retention, computed once per forward for all layers."""
 
-    cos: Tensor  # [B, T, 1, K] rotation angles, float32
+    cos: Tensor  # [B, T, 1, K] of the rotation angles, in the state's dtype (float32 or float64)
     sin: Tensor  # [B, T, 1, K]
     sqrt_c: Tensor  # [B, T, H] √(decay row sum c_n), in the state's dtype
 
@@ -88,7 +88,7 @@ class MultiScaleRetention(nn.Module):
     def encode_positions(self, positions: Tensor, dtype: torch.dtype) -> Positions:
         """What this layer needs from the absolute positions [B, T]; identical for every layer
         of a model, so the model computes it once per forward. dtype: the state's dtype."""
-        cos, sin = rotary_angles(positions, self.key_dim)
+        cos, sin = rotary_angles(positions, self.key_dim, dtype)
         log_decay = self.log_decay(positions.device, dtype)
         return Positions(cos, sin, decay_row_sum(positions, log_decay).sqrt())
 

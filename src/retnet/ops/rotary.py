@@ -6,15 +6,19 @@ import torch
 from torch import Tensor
 
 
-def rotary_angles(positions: Tensor, head_dim: int) -> tuple[Tensor, Tensor]:
+def rotary_angles(positions: Tensor, head_dim: int, dtype: torch.dtype = torch.float32
+                  ) -> tuple[Tensor, Tensor]:
     """cos and sin of position · θ_i with θ = 10000^(−linspace(0, 1, K/2)), each pair interleaved.
 
-    positions [B, T] (int); returns cos, sin [B, T, 1, K] in float32 (angles grow with the
-    position, so they are never formed in low precision).
+    positions [B, T] (int); dtype: float64 forms the angles in float64, anything else in
+    float32 (an angle grows with the position, so it is never formed in low precision: at
+    position 10^5 a float32 angle is already off by up to 4e-3 rad). θ is computed in float64
+    and rounded once. Returns cos, sin [B, T, 1, K] in that dtype.
     """
+    dtype = torch.float64 if dtype == torch.float64 else torch.float32
     inv_freq = 10000.0 ** -torch.linspace(0, 1, head_dim // 2, device=positions.device,
-                                          dtype=torch.float32)
-    angles = positions.to(torch.float32)[..., None] * inv_freq  # [B, T, K/2]
+                                          dtype=torch.float64)
+    angles = positions.to(dtype)[..., None] * inv_freq.to(dtype)  # [B, T, K/2]
     angles = angles.repeat_interleave(2, dim=-1).unsqueeze(2)  # [B, T, 1, K]
     return angles.cos(), angles.sin()
 
