@@ -10,6 +10,7 @@ from lm_eval.api.instance import Instance
 from lm_eval.tasks import TaskManager
 
 from helpers import tiny_model
+from recall import random_word, recall_model
 from retnet.cli import main
 from retnet.evaluate import document_logprob
 from retnet.harness import RetNetHarnessLM
@@ -43,6 +44,28 @@ def test_loglikelihoods_do_not_depend_on_batch_size_or_order():
                                       disable_tqdm=True)
         for j, i in enumerate(order):
             assert got[j][0] == pytest.approx(reference[i], abs=1e-4, rel=1e-5)
+
+
+def test_loglikelihood_is_the_sum_of_log_softmax_of_a_plain_forward():
+    """The reference: each (context, continuation) alone, unpadded, through the plain
+    parallel forward; log-softmax summed over the positions that predict the continuation."""
+    tok = ByteTokenizer()
+    words = [random_word(random.Random(i)) for i in range(7)]
+    pairs = [(f"{w}|", w) for w in words[:4]]  # copies: greedy at every position
+    pairs += [(f"{w}|{w[:2]}", w[2:][::-1]) for w in words[4:]]  # wrong copies
+    pairs += [("q", "r")]
+    model = recall_model()
+    got = RetNetHarnessLM(model=model, tokenizer=tok, batch_size=3).loglikelihood(
+        [request("loglikelihood", p) for p in pairs], disable_tqdm=True)
+    for (context, continuation), (logprob, greedy) in zip(pairs, got):
+        ctx, cont = tok.encode(context), tok.encode(continuation)
+        full = torch.tensor(ctx + cont)
+        lp = model(full[None, :-1]).logits[0].log_softmax(-1)[len(ctx) - 1:]
+        assert logprob == pytest.approx(lp.gather(-1, full[len(ctx):, None]).sum().item(),
+                                        rel=1e-10)
+        assert greedy == bool((lp.argmax(-1) == full[len(ctx):]).all())
+    # both flags occur: the copies are the greedy choice, the reversed copies are not
+    assert sum(g for _, g in got[:4]) >= 3 and not any(g for _, g in got[4:])
 
 
 def test_rolling_equals_one_pass_over_the_document():

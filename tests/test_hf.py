@@ -1,11 +1,13 @@
 """transformers integration: Auto classes, save/load, generate() on the O(1) state, beam search."""
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 import retnet.hf  # noqa: F401  (registers the Auto classes)
+from recall import recall_model
 from retnet import RetNetConfig, generate
-from retnet.hf import RetNetForCausalLM, RetNetHFConfig, save_hf_tokenizer
+from retnet.hf import RetNetForCausalLM, RetNetHFConfig, modeling, save_hf_tokenizer
 from retnet.tokenizer import ByteTokenizer
 
 
@@ -62,30 +64,49 @@ def test_left_padded_batch_equals_each_prompt():
         assert torch.equal(out[row, -8:], alone[0, -8:])
 
 
-def brute_force_beam(model, prompt, beams, steps):
-    """Beam search by re-scoring every candidate with a full forward pass (no state)."""
+def brute_force_beams(model, prompt, beams, steps):
+    """Beam search by re-scoring every candidate with a full forward pass (no state):
+    the live beams as (sum of log-probabilities, tokens), best first."""
     live = [(0.0, prompt[0].tolist())]
     for _ in range(steps):
         candidates = []
         for score, seq in live:
-            lp = model(torch.tensor([seq])).logits[0, -1].log_softmax(-1)
+            lp = model.model(torch.tensor([seq])).logits[0, -1].log_softmax(-1)
             top = lp.topk(2 * beams)
             candidates += [(score + v.item(), seq + [int(i)]) for v, i in zip(*top)]
         live = sorted(candidates, key=lambda c: -c[0])[:beams]
-    return live[0][1]
+    return live
 
 
-def test_beam_search_reorders_the_state():
+def recall_hf():
+    """The state-sensitive copy model (tests/recall.py) inside the transformers wrapper."""
     model = hf_model()
-    prompt = ids(1, 7)
+    model.model.load_state_dict(recall_model().state_dict())
+    return model
+
+
+def test_beam_search_reorders_the_state(monkeypatch):
+    model = recall_hf()
+    prompt = torch.tensor([[256, *b"hgfedcba|hgf"]])
     greedy = model.generate(prompt, max_new_tokens=6, do_sample=False)
     one = model.generate(prompt, max_new_tokens=6, do_sample=False, num_beams=1)
     assert torch.equal(one, greedy)
-    kw = dict(max_new_tokens=6, do_sample=False, num_beams=3, eos_token_id=None,
-              length_penalty=0.0, early_stopping=False)
-    three = model.generate(prompt, **kw)
-    assert three[0].tolist() == brute_force_beam(model, prompt, 3, 6)
-    assert three[0].tolist() == model.generate(prompt, use_cache=False, **kw)[0].tolist()
+    kw = dict(max_new_tokens=6, do_sample=False, num_beams=3, num_return_sequences=3,
+              eos_token_id=None, length_penalty=0.0, early_stopping=False,
+              output_scores=True, return_dict_in_generate=True)
+    ref = brute_force_beams(model, prompt, 3, 6)
+    ref_scores = [s for s, _ in ref]
+
+    def same_as_ref(out) -> bool:
+        # transformers sums the beams' log-probabilities in float32: 1e-5 absolute
+        return ([s.tolist() for s in out.sequences] == [seq for _, seq in ref]
+                and out.sequences_scores.tolist() == pytest.approx(ref_scores, abs=1e-5))
+
+    assert same_as_ref(model.generate(prompt, **kw))
+    # The test can see a state that does not follow its beam: without the reordering, the
+    # beams or their scores come out different.
+    monkeypatch.setattr(modeling, "_match_rows", lambda cache, input_ids: cache)
+    assert not same_as_ref(model.generate(prompt, **kw))
 
 
 def test_tokenizer_and_pipeline(tmp_path):
