@@ -1,9 +1,12 @@
 """Generation: decode equals the forward, prefill forms agree, padding, state files, sampling."""
 
+import random
+
 import pytest
 import torch
 
 from helpers import tiny_model, tokens
+from recall import random_word, recall_model
 from reference import rel_err
 from retnet import generate, generate_stream, load_state, save_state
 from retnet.cli import main
@@ -60,16 +63,25 @@ def left_pad(seqs, pad=0):
     return ids, mask
 
 
+def copy_prompt(n: int, seed: int) -> torch.Tensor:
+    """A prompt of the copy model (tests/recall.py) whose continuation needs its history."""
+    word = random_word(random.Random(seed), n, n)
+    return torch.tensor([[256, *f"{word}|{word[:2]}".encode()]])
+
+
 @pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm-state"])
 def test_left_padded_batch_equals_each_prompt_alone(warm):
-    model = tiny_model(torch.float64)
-    prompts = [tokens(1, n, seed=n) for n in (3, 17, 9, 30)]
+    model = recall_model()
+    prompts = [copy_prompt(n, seed=n) for n in (3, 15, 8, 6)]
     ids, mask = left_pad(prompts)
     state = model(tokens(4, 6, seed=99)).state if warm else None
-    batch = generate(model, ids, 25, attention_mask=mask, state=state)
+    batch, final = generate(model, ids, 12, attention_mask=mask, state=state, return_state=True)
     for i, p in enumerate(prompts):
-        alone = generate(model, p, 25, state=None if state is None else state.select([i]))
-        assert torch.equal(batch[i, -25:], alone[0, -25:]), i
+        alone, alone_final = generate(model, p, 12, return_state=True,
+                                      state=None if state is None else state.select([i]))
+        assert torch.equal(batch[i, -12:], alone[0, -12:]), i
+        assert max(rel_err(a[i], b[0]) for a, b in zip(final.kv, alone_final.kv)) < 1e-10
+        assert final.offset[i] == alone_final.offset[0]
 
 
 def test_batch_of_one_with_padding():
@@ -182,11 +194,14 @@ def test_stop_strings_need_a_tokenizer_and_stop():
         assert (out[0, 5 + 6:] == 0).all()
 
 
-def test_streaming_yields_the_same_tokens():
-    model = tiny_model(torch.float64)
-    p = tokens(2, 7)
-    streamed = [t for t, s in generate_stream(model, p, 9) if s is None]
-    assert torch.equal(torch.stack(streamed, 1), generate(model, p, 9)[:, 7:])
+def test_streaming_yields_the_greedy_tokens_of_the_growing_forward():
+    model = recall_model()
+    p = torch.cat([copy_prompt(9, seed=1), copy_prompt(9, seed=2)])
+    streamed = torch.stack([t for t, s in generate_stream(model, p, 9) if s is None], 1)
+    seq = p
+    for _ in range(9):  # the reference: argmax of a full forward, no state carried
+        seq = torch.cat([seq, model(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(streamed, seq[:, p.shape[1]:])
 
 
 def test_right_padding_is_refused():
