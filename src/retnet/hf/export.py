@@ -1,12 +1,27 @@
-"""Our checkpoints as transformers folders: weights (safetensors), config, and a tokenizer that
-`AutoTokenizer` loads in transformers 4.x and 5.x."""
+"""Our checkpoints as transformers folders: weights (safetensors), config.json with auto_map,
+the self-contained remote code (`retnet.hf.bundle`), a tokenizer with the chat template that
+`AutoTokenizer` loads in transformers 4.x and 5.x, and a model card. The folder loads after
+`import retnet.hf`, or without retnet with `trust_remote_code=True`."""
 
 from __future__ import annotations
 
 import json
+import string
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from retnet.tokenizer import EOS, PAD, BPETokenizer, ByteTokenizer, Tokenizer
+from retnet.tokenizer import (
+    DEFAULT_CHAT_TEMPLATE,
+    EOS,
+    PAD,
+    BPETokenizer,
+    ByteTokenizer,
+    Tokenizer,
+    load_chat_template,
+)
+
+if TYPE_CHECKING:
+    from retnet.hf.modeling import RetNetForCausalLM
 
 
 def _byte_tokenizer_json() -> str:
@@ -53,21 +68,72 @@ def hf_tokenizer(tokenizer: Tokenizer):
                                    bos_token=EOS, padding_side="left")
 
 
-def save_hf_tokenizer(tokenizer: Tokenizer, folder: str | Path) -> None:
+def chat_template_jinja(template: dict[str, str]) -> str:
+    """retnet's chat template (`message` formats each message with str.format fields {role}
+    and {content}; `generation_prompt` is literal text) as the Jinja string that transformers'
+    apply_chat_template renders to the same text. Literals become quoted Jinja strings, so no
+    character in them is read as Jinja and no newline is trimmed."""
+    pieces = []
+    for literal, field, spec, conversion in string.Formatter().parse(template["message"]):
+        if literal:
+            pieces.append(json.dumps(literal))
+        if field is None:
+            continue
+        if field not in ("role", "content") or spec or conversion:
+            raise ValueError(f"chat template field {{{field}}} cannot be exported: the message "
+                             "template may use only {role} and {content}")
+        pieces.append(f"message['{field}']")
+    message = "{{ " + " + ".join(pieces) + " }}" if pieces else ""
+    prompt = template["generation_prompt"]
+    prompt = "{{ " + json.dumps(prompt) + " }}" if prompt else ""
+    return ("{% for message in messages %}" + message + "{% endfor %}"
+            "{% if add_generation_prompt %}" + prompt + "{% endif %}")
+
+
+def save_hf_tokenizer(tokenizer: Tokenizer, folder: str | Path,
+                      chat_template: dict[str, str] | None = None) -> None:
+    """The tokenizer files, with `chat_template` (retnet's default when None) in
+    tokenizer_config.json."""
     tok = hf_tokenizer(tokenizer)
     tok.save_pretrained(str(folder))
-    # An explicit class name lets every transformers version pick the fast tokenizer.
     config_path = Path(folder) / "tokenizer_config.json"
     config = json.loads(config_path.read_text())
+    # An explicit class name lets every transformers version pick the fast tokenizer.
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    # Written into the JSON by hand: transformers versions differ in where they save a template.
+    config["chat_template"] = chat_template_jinja(chat_template or DEFAULT_CHAT_TEMPLATE)
     config_path.write_text(json.dumps(config, indent=1))
 
 
+def export_model(model: RetNetForCausalLM, tokenizer: Tokenizer, out: str | Path, *,
+                 meta: dict[str, Any] | None = None,
+                 chat_template: dict[str, str] | None = None) -> Path:
+    """Write a RetNetForCausalLM, its tokenizer and a model card to the folder `out`.
+    `meta`: the checkpoint's meta.json (training data and metrics for the card)."""
+    from retnet.hf.bundle import AUTO_MAP, remote_code, write_remote_code
+    from retnet.hf.card import model_card
+
+    code = remote_code()  # first: a source that cannot be bundled fails before any writing
+    out = Path(out)
+    model.save_pretrained(str(out))  # safetensors, config.json, generation_config.json
+    config_path = out / "config.json"
+    config = json.loads(config_path.read_text())
+    config["auto_map"] = AUTO_MAP
+    # transformers 4.x leaves out values equal to its defaults (tie_word_embeddings=True)
+    config["tie_word_embeddings"] = model.config.tie_word_embeddings
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_remote_code(out, code)
+    save_hf_tokenizer(tokenizer, out, chat_template)
+    (out / "README.md").write_text(model_card(model.model, meta or {}), encoding="utf-8")
+    return out
+
+
 def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
-    """`retnet export --hf CKPT DIR`: a folder that AutoModelForCausalLM and AutoTokenizer load
-    (after `import retnet.hf`)."""
+    """`retnet export --hf CKPT DIR`: a folder that AutoModelForCausalLM and AutoTokenizer load,
+    after `import retnet.hf` or with trust_remote_code=True (no retnet needed)."""
     from retnet.checkpoint import load_checkpoint
-    from retnet.hf.modeling import RetNetForCausalLM, RetNetHFConfig
+    from retnet.hf.configuration import RetNetHFConfig
+    from retnet.hf.modeling import RetNetForCausalLM
 
     ckpt = load_checkpoint(checkpoint)
     tok = ckpt.tokenizer
@@ -75,7 +141,5 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
                                         pad_token_id=tok.pad_id, bos_token_id=tok.eos_id)
     model = RetNetForCausalLM(config)
     model.model.load_state_dict(ckpt.weights)
-    out = Path(out)
-    model.save_pretrained(str(out), safe_serialization=True)
-    save_hf_tokenizer(tok, out)
-    return out
+    return export_model(model, tok, out, meta=ckpt.meta,
+                        chat_template=load_chat_template(ckpt.path))

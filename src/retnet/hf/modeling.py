@@ -4,7 +4,8 @@
 which transformers' cache machinery (renamed in 5.0, 5.4, 5.6 …) never touches. The state
 remembers the token ids it has read; when beam search reorders or duplicates rows, each new
 row finds the state row whose history is its own prefix, so reordering is correct without
-relying on transformers recognising the cache.
+relying on transformers recognising the cache. That state cannot be rolled back to drop
+tokens, so assisted and prompt-lookup decoding are refused with the reason.
 """
 
 from __future__ import annotations
@@ -14,36 +15,11 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
-from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from retnet.model import RetNetConfig, RetNetLM, RetNetState, lm_loss
-
-MODEL_TYPE = "retnet_exact"  # not "retnet": flash-linear-attention registers that name
-
-
-class RetNetHFConfig(PretrainedConfig):
-    model_type = MODEL_TYPE
-
-    def __init__(self, **kwargs: Any) -> None:
-        # Every RetNetConfig field, with RetNetConfig's defaults.
-        import dataclasses
-
-        for f in dataclasses.fields(RetNetConfig):
-            setattr(self, f.name, kwargs.pop(f.name, f.default))
-        # The core model ties internally (one tensor); transformers has nothing to tie.
-        kwargs["tie_word_embeddings"] = False
-        super().__init__(**kwargs)
-
-    def to_retnet(self) -> RetNetConfig:
-        import dataclasses
-
-        return RetNetConfig(**{f.name: getattr(self, f.name)
-                               for f in dataclasses.fields(RetNetConfig)})
-
-    @classmethod
-    def from_retnet(cls, config: RetNetConfig, **kwargs: Any) -> RetNetHFConfig:
-        return cls(**config.to_dict(), **kwargs)
+from retnet.hf.configuration import RetNetHFConfig
+from retnet.model import RetNetLM, RetNetState, lm_loss
 
 
 @dataclass(frozen=True)
@@ -59,15 +35,31 @@ class StateCache:
 
 @dataclass
 class RetNetCausalLMOutput(ModelOutput):
+    """What `forward` returns. A hand-written decode loop passes `retnet_cache` back in
+    (`model(next_ids, retnet_cache=out.retnet_cache)`): there is no `past_key_values` and no
+    transformers Cache object, since the state is O(1) and not a list of keys and values."""
+
     loss: Tensor | None = None
-    logits: Tensor | None = None
+    logits: Tensor | None = None  # [B, T, vocab_size]
     retnet_cache: StateCache | None = None
+    # n_layers + 1 tensors [B, T, D]: the input of each block, then the final norm's output
+    hidden_states: tuple[Tensor, ...] | None = None
+
+
+# generate()'s output controls that prepare_inputs_for_generation hands on to forward.
+OUTPUT_OPTIONS = ("output_hidden_states",)
+# Assisted (draft-model), prompt-lookup, early-exit and multi-token-prediction decoding all
+# verify draft tokens and then crop the cache back to the accepted ones.
+ASSISTED_OPTIONS = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit",
+                    "use_mtp")
 
 
 class RetNetForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = RetNetHFConfig
     base_model_prefix = "model"
     main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _is_stateful = True  # transformers' flag for models whose cache cannot be rolled back
     _no_split_modules: ClassVar[list[str]] = ["RetNetBlock"]
 
     def __init__(self, config: RetNetHFConfig) -> None:
@@ -82,6 +74,18 @@ class RetNetForCausalLM(PreTrainedModel, GenerationMixin):
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # never hand us a transformers Cache: the state lives in retnet_cache
 
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """The flag `gradient_checkpointing_enable()` / `_disable()` set and
+        `is_gradient_checkpointing` reads: the core model's `activation_checkpointing`, which
+        checkpoints each block itself (non-reentrant), so the checkpoint function and kwargs
+        transformers passes are not used."""
+        return self.model.activation_checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, enable: bool) -> None:
+        self.model.activation_checkpointing = bool(enable)
+
     def get_input_embeddings(self) -> torch.nn.Module:
         return self.model.embed
 
@@ -93,21 +97,36 @@ class RetNetForCausalLM(PreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 retnet_cache: StateCache | None = None, labels: Tensor | None = None,
-                use_cache: bool | None = None, return_dict: bool | None = None,
+                use_cache: bool | None = None, output_hidden_states: bool | None = None,
+                return_dict: bool | None = None, past_key_values: Any = None,
                 **kwargs: Any) -> RetNetCausalLMOutput:
-        """input_ids [B, T] (only the new tokens when retnet_cache is given)."""
+        """input_ids [B, T] (only the new tokens when retnet_cache is given); attention_mask
+        [B, T] (left padding); labels [B, T] (shifted here). Returns RetNetCausalLMOutput."""
+        if past_key_values is not None:
+            raise ValueError("RetNetForCausalLM keeps its state in retnet_cache, not "
+                             "past_key_values: pass retnet_cache=out.retnet_cache")
+        if output_hidden_states is None:
+            output_hidden_states = getattr(self.config, "output_hidden_states", False)
+        hidden: list[Tensor] | None = [] if output_hidden_states else None
         state = None if retnet_cache is None else retnet_cache.state
         mode = "recurrent" if input_ids.shape[1] == 1 else "chunkwise"
-        out = self.model(input_ids, state=state, mode=mode, attention_mask=attention_mask)
-        loss = None
-        if labels is not None:
-            loss = lm_loss(out.logits[:, :-1], labels[:, 1:])
+        out = self.model(input_ids, state=state, mode=mode, attention_mask=attention_mask,
+                         hidden_out=hidden)
+        loss = None if labels is None else lm_loss(out.logits[:, :-1], labels[:, 1:])
         cache = None
         if use_cache is not False:
             seen = input_ids if retnet_cache is None else torch.cat(
                 [retnet_cache.consumed, input_ids], 1)
             cache = StateCache(out.state, seen)
-        return RetNetCausalLMOutput(loss=loss, logits=out.logits, retnet_cache=cache)
+        return RetNetCausalLMOutput(loss=loss, logits=out.logits, retnet_cache=cache,
+                                    hidden_states=None if hidden is None else tuple(hidden))
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """GenerationMixin.generate (greedy, sampling, beam search), refusing assisted decoding
+        in one line that says why, before transformers' own checks."""
+        config = kwargs.get("generation_config") or (args[1] if len(args) > 1 else None)
+        _refuse_assisted(config or self.generation_config, kwargs)
+        return super().generate(*args, **kwargs)
 
     def prepare_inputs_for_generation(self, input_ids: Tensor,
                                       retnet_cache: StateCache | None = None,
@@ -115,17 +134,18 @@ class RetNetForCausalLM(PreTrainedModel, GenerationMixin):
                                       use_cache: bool | None = True, **kwargs: Any
                                       ) -> dict[str, Any]:
         """After the prefill, only the tokens the state has not read (one per step)."""
-        if retnet_cache is None or use_cache is False:
-            return {"input_ids": input_ids, "attention_mask": attention_mask,
-                    "use_cache": use_cache}
-        cache = _match_rows(retnet_cache, input_ids)
-        if cache is None:  # no state row fits (rows edited by hand): read everything again
-            return {"input_ids": input_ids, "attention_mask": attention_mask,
-                    "use_cache": use_cache}
+        # transformers 5 passes output_hidden_states through here, 4.x adds it afterwards
+        extra = {"use_cache": use_cache, **{k: kwargs[k] for k in OUTPUT_OPTIONS if k in kwargs}}
+        cache = None
+        if retnet_cache is not None and use_cache is not False:
+            # None when no state row fits (rows edited by hand): read everything again
+            cache = _match_rows(retnet_cache, input_ids)
+        if cache is None:
+            return {"input_ids": input_ids, "attention_mask": attention_mask, **extra}
         t = cache.consumed.shape[1]
         mask = None if attention_mask is None else attention_mask[:, t:]
         return {"input_ids": input_ids[:, t:], "attention_mask": mask, "retnet_cache": cache,
-                "use_cache": True}
+                **extra}
 
     def _update_model_kwargs_for_generation(self, outputs: ModelOutput,
                                             model_kwargs: dict[str, Any], *args: Any,
@@ -149,3 +169,13 @@ def _match_rows(cache: StateCache, input_ids: Tensor) -> StateCache | None:
     if not bool(match.any(-1).all()):
         return None
     return cache.select(match.to(torch.int8).argmax(-1))
+
+
+def _refuse_assisted(config: GenerationConfig, kwargs: dict[str, Any]) -> None:
+    for name in ASSISTED_OPTIONS:
+        if kwargs.get(name, getattr(config, name, None)) not in (None, False):
+            raise ValueError(
+                f"{name}: assisted and prompt-lookup decoding are not supported by RetNet: "
+                "they roll the cache back past rejected draft tokens, and a RetNet state "
+                "cannot be rolled back (it holds a sum over the whole history, not per-token "
+                "keys and values); use greedy, sampling or beam search")

@@ -104,13 +104,16 @@ class RetNetLM(nn.Module):
     def forward(self, input_ids: Tensor, state: RetNetState | None = None, *,
                 mode: str = "parallel", chunk_size: int = 64,
                 attention_mask: Tensor | None = None, last_only: bool = False,
-                state_out: RetNetState | None = None) -> RetNetOutput:
+                state_out: RetNetState | None = None,
+                hidden_out: list[Tensor] | None = None) -> RetNetOutput:
         """input_ids [B, T]; attention_mask [B, T] (1 = real token; left padding for batches
         of different lengths). Returns logits and the state after the last position; the
         caller's state is never modified. last_only=True computes logits for the last
         position only (prefill). state_out (recurrent mode, no autograd): a state of the
         same shape whose buffers receive the new state, so that a decode loop alternates two
-        states instead of allocating one per token; it must not be `state` itself."""
+        states instead of allocating one per token; it must not be `state` itself. hidden_out:
+        a list that receives the residual stream as transformers' hidden_states: the input of
+        each block [B, T, D], then the final norm's output ([B, 1, D] with last_only)."""
         B, _ = self._check_inputs(input_ids, state, attention_mask)
         state = self.init_state(B, input_ids.device) if state is None else state
         forms = self._forms(mode, chunk_size, state, state_out)
@@ -126,6 +129,8 @@ class RetNetLM(nn.Module):
         pos = self.blocks[0].retention.encode_positions(positions, state.kv[0].dtype)
         kvs = []
         for block, kv, form in zip(self.blocks, state.kv, forms):
+            if hidden_out is not None:
+                hidden_out.append(x)
             if self.activation_checkpointing and torch.is_grad_enabled():
                 x, kv = checkpoint(block, x, kv, pos, mask, form, use_reentrant=False)
             else:
@@ -133,7 +138,10 @@ class RetNetLM(nn.Module):
             kvs.append(kv)
         if last_only:
             x = x[:, -1:]
-        logits = linear(self.norm(x), self.output_weight)
+        x = self.norm(x)
+        if hidden_out is not None:
+            hidden_out.append(x)
+        logits = linear(x, self.output_weight)
         offset = state.offset + seen[:, -1]
         if state_out is not None:
             offset = state_out.offset.copy_(offset)
