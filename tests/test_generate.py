@@ -150,6 +150,15 @@ def test_seeded_rows_do_not_depend_on_their_batch():
     assert not torch.equal(generate(model, p, 20, temperature=1.0, seed=99), alone)
 
 
+def test_each_row_draws_from_its_own_seed():
+    model = tiny_model()
+    p = tokens(3, 8)
+    kw = dict(temperature=1.0, top_k=50)
+    batch = generate(model, p, 20, seed=[11, 22, 33], **kw)
+    for row, seed in enumerate((11, 22, 33)):
+        assert torch.equal(batch[row], generate(model, p[row:row + 1], 20, seed=seed, **kw)[0])
+
+
 def test_top_k_and_top_p_keep_exactly_the_right_tokens():
     logits = torch.log(torch.tensor([[0.05, 0.4, 0.1, 0.3, 0.15]]))
     kept = torch.isfinite(filter_logits(logits, top_k=2, top_p=None))

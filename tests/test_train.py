@@ -62,6 +62,15 @@ def test_dropout_rng_is_restored_on_resume(corpus, tmp_path):
     assert max_diff(weights(tmp_path / "a"), weights(tmp_path / "b")) <= 1e-6
 
 
+def test_the_two_newest_checkpoints_are_kept(corpus, tmp_path):
+    run = tmp_path / "run"
+    train(cfg(corpus, run, steps=4, save_every=1, eval_every=4))
+    kept = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert kept == ["step-000003", "step-000004"]
+    assert (run / "latest").read_text().strip() == "step-000004"
+    assert load_checkpoint(run).meta["step"] == 4
+
+
 def test_crash_during_save_keeps_previous_checkpoint(corpus, tmp_path, monkeypatch):
     run = tmp_path / "run"
     train(cfg(corpus, run, steps=6, stop_at=3))
