@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 LOWEST := .venv-hf-lowest
 LOWEST_STAMP := $(LOWEST)/.installed
 
-.PHONY: demo test test-hf-lowest lint bench clean
+.PHONY: demo test test-hf-lowest lint bench mutations clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,7 @@ demo: $(STAMP)
 test: $(STAMP) $(LOWEST_STAMP)
 	$(BIN)/ruff check src tests benchmarks scripts
 	$(BIN)/python -m pytest -q
-	$(LOWEST)/bin/python -m pytest -q tests/test_hf.py
+	$(LOWEST)/bin/python -m pytest -q tests/test_hf.py tests/test_hf_export.py
 
 $(LOWEST_STAMP): pyproject.toml constraints-hf-lowest.txt
 	$(PYTHON) -m venv $(LOWEST)
@@ -31,10 +31,14 @@ $(LOWEST_STAMP): pyproject.toml constraints-hf-lowest.txt
 	touch $(LOWEST_STAMP)
 
 test-hf-lowest: $(LOWEST_STAMP)
-	$(LOWEST)/bin/python -m pytest -q tests/test_hf.py
+	$(LOWEST)/bin/python -m pytest -q tests/test_hf.py tests/test_hf_export.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks scripts
+
+# Planted bugs (tests/mutations/*.patch), each applied to a temporary copy: all must be killed.
+mutations: $(STAMP)
+	$(BIN)/python scripts/mutations.py
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/forms.py
