@@ -13,9 +13,9 @@ import httpx
 import pytest
 import torch
 
+from recall import episode, random_word, save_recall_run
 from retnet import generate
 from retnet.serve import ServeConfig, build_app
-from retnet.train import TrainConfig, train
 
 
 def start_server(run, **limits):
@@ -44,14 +44,9 @@ def stop_server(s):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("serve")
-    rng = random.Random(0)
-    words = "retention decays the state while the gate keeps what matters most".split()
-    (folder / "c.txt").write_text("\n".join(" ".join(rng.choice(words) for _ in range(9))
-                                            for _ in range(400)))
-    train(TrainConfig(preset="tiny", data=str(folder / "c.txt"), out=str(folder / "run"),
-                      steps=30, batch_size=4, seq_len=64, lr=1e-2, warmup=3, eval_every=30))
-    return folder / "run"
+    """The copy model (tests/recall.py): its continuations depend on the whole prompt, so a
+    state mixed up between requests or rows changes the text."""
+    return save_recall_run(tmp_path_factory.mktemp("serve") / "run")
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +74,10 @@ def test_concurrent_streams_equal_generate(srv):
     """16 streaming clients, prompt lengths 1..300, staggered arrivals, a batch of at most 6:
     continuous batching changes nothing."""
     rng = random.Random(1)
-    prompts = ["".join(rng.choice("abcdefgh ijk\n") for _ in range(rng.randint(1, 300)))
-               for _ in range(16)]
-
+    prompts = []
+    for _ in range(16):  # whole copy episodes, then a word to copy: 1 to about 300 bytes
+        history = "".join(episode(random_word(rng)) for _ in range(rng.randint(0, 10)))
+        prompts.append((history + random_word(rng) + "|")[-rng.randint(1, 300):])
     async def client(i, prompt):
         await asyncio.sleep(0.02 * rng.random() * i)
         text = ""
