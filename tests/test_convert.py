@@ -36,11 +36,13 @@ def test_converted_model_matches_torchscale(name, fmt, tmp_path):
             assert rel_err(model(ref["tokens"], mode=mode, chunk_size=8).logits, logits) < 1e-5
 
 
-def test_shapes_alone_suffice_without_arch_json(tmp_path):
-    """Heads from the stored decays; gelu and no embedding scale are torchscale's defaults."""
+def test_shapes_give_everything_the_weights_record(tmp_path):
+    """Heads, widths, layers and tying come from the tensors; only what the weights do not
+    record (activation, eps, embedding scale) is passed, as inline JSON."""
     out = tmp_path / "run"
+    arch = '{"activation_fn": "gelu", "layernorm_eps": 1e-6, "no_scale_embedding": true}'
     assert main(["convert", "--from", "torchscale", str(DATA / "ts_a.safetensors"),
-                 str(out)]) == 0
+                 str(out), "--arch", arch]) == 0
     ref = load_file(DATA / "ts_a.reference.safetensors")
     logits = load_checkpoint(out).build_model()(ref["tokens"]).logits
     assert rel_err(logits, ref["logits"]) <= 1e-4

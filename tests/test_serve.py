@@ -18,23 +18,26 @@ from retnet import generate
 from retnet.serve import ServeConfig, build_app
 
 
-def start_server(run, **limits):
+def start_server(run, **options):
+    """The app under the server class `retnet serve` runs, on a free loopback port."""
     import uvicorn
 
-    cfg = ServeConfig(checkpoint=str(run), dtype="float64", **limits)
+    from retnet.serve.drain import DrainingServer
+
+    cfg = ServeConfig(checkpoint=str(run), dtype="float64", **options)
     app, engine, name = build_app(cfg)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server = DrainingServer(uvicorn.Config(app, log_level="critical"), engine, cfg.drain_s)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
     while not server.started:
         assert time.monotonic() < deadline, "server did not start"
         time.sleep(0.02)
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    return SimpleNamespace(url=url, engine=engine, name=name, server=server, thread=thread,
-                           model=engine.model, tok=engine.tok)
+    port = sock.getsockname()[1]
+    return SimpleNamespace(url=f"http://127.0.0.1:{port}", port=port, engine=engine, name=name,
+                           server=server, thread=thread, model=engine.model, tok=engine.tok)
 
 
 def stop_server(s):

@@ -4,7 +4,8 @@ torchscale's architecture is a set of config variants of ours (RMSNorm blocks, a
 norm without affine, a GLU FFN, eq. 8 decays, no embedding scale by default, untied output,
 any value and FFN width); its retention maths (rotation, decay-normalised mask, score
 normalisation) equals ours in the parallel form. Only tensors are read: a state_dict saved
-with torch.save (loaded with weights_only=True) or a safetensors file.
+with torch.save (loaded with weights_only=True) or a safetensors file. What the weights do not
+record (activation, norm eps, embedding scale) must be given with --arch: it is never guessed.
 """
 
 from __future__ import annotations
@@ -25,7 +26,12 @@ EXTRACT_HINT = (
     "extract the weights once, in Python, from a file you trust: "
     "torch.save(torch.load(CKPT, weights_only=False)['model'], 'weights.pt')")
 UNSUPPORTED = {"deepnorm": True, "multiway": True, "layernorm_embedding": True,
-               "xpos_rel_pos": True, "moe_freq": lambda v: v != 0}
+               "xpos_rel_pos": True, "moe_freq": lambda v: v != 0,
+               "decoder_normalize_before": False}
+# What changes the outputs but is not recorded in the weights: asked for, never guessed.
+REQUIRED = ("activation_fn", "layernorm_eps", "no_scale_embedding")
+ARCH_EXAMPLE = '{"activation_fn": "gelu", "layernorm_eps": 1e-6, "no_scale_embedding": true}'
+ACTIVATIONS = ("gelu", "swish")  # torchscale's relu GLU has no FFN kind here
 
 
 def load_tensors(path: str | Path) -> dict[str, Tensor]:
@@ -36,7 +42,17 @@ def load_tensors(path: str | Path) -> dict[str, Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(path)
+        try:
+            return load_file(path)
+        except Exception as err:  # safetensors raises its own error type
+            raise ValueError(f"cannot read {path}: it is not a valid safetensors file "
+                             f"({str(err).splitlines()[0]})") from None
+    with path.open("rb") as f:
+        magic = f.read(4)
+    # torch.save writes a zip archive (or, before torch 1.6, a pickle stream)
+    if not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):
+        raise ValueError(f"cannot read {path}: it is neither a torch.save file nor safetensors; "
+                         "pass the model's state_dict (.pt) or .safetensors")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
@@ -48,6 +64,24 @@ def load_tensors(path: str | Path) -> dict[str, Tensor]:
     return data
 
 
+def read_arch(source: str | None) -> dict[str, Any]:
+    """--arch: a JSON file or inline JSON (a string starting with '{')."""
+    if source is None:
+        return {}
+    inline = source.lstrip().startswith("{")
+    where = "--arch" if inline else f"--arch {source}"
+    try:
+        arch = json.loads(source if inline else Path(source).read_text())
+    except OSError as err:
+        raise ValueError(f"{where}: {err.strerror}; pass a JSON file or inline JSON such as "
+                         f"'{ARCH_EXAMPLE}'") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where} is not valid JSON ({err})") from None
+    if not isinstance(arch, dict):
+        raise ValueError(f"{where} must be a JSON object of torchscale RetNetConfig arguments")
+    return arch
+
+
 def _strip_prefix(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     """fairseq models keep the decoder under 'decoder.'."""
     if any(k.startswith("decoder.") for k in tensors):
@@ -56,13 +90,38 @@ def _strip_prefix(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     return tensors
 
 
-def torchscale_config(tensors: dict[str, Tensor], arch: dict[str, Any]) -> RetNetConfig:
-    """Our config for a torchscale state_dict; arch holds torchscale's argument names
-    (e.g. from its RetNetConfig) and wins over what the tensor shapes say."""
+def _check_arch(tensors: dict[str, Tensor], arch: dict[str, Any]) -> None:
+    """Refuse variants with no equivalent here and ask for what the weights cannot tell."""
     for key, bad in UNSUPPORTED.items():
         value = arch.get(key)
         if value is not None and (bad(value) if callable(bad) else value == bad):
             raise ValueError(f"torchscale option {key}={value!r} has no equivalent here")
+    if "layer_norm.weight" not in tensors:  # torchscale keeps no final norm after post-LN
+        raise ValueError("this torchscale model has post-LayerNorm blocks (it was built with "
+                         "decoder_normalize_before=False, no final layer_norm); only pre-norm "
+                         "RetNets convert")
+    if "layernorm_embedding.weight" in tensors or any("moe_layer" in k for k in tensors):
+        raise ValueError("torchscale's layernorm_embedding and mixture-of-experts variants have "
+                         "no equivalent here")
+    missing = [k for k in REQUIRED if k not in arch]
+    if missing:
+        raise ValueError(f"the weights do not record {', '.join(missing)}: pass them with "
+                         f"--arch (a JSON file or inline JSON such as '{ARCH_EXAMPLE}'), "
+                         "as the model was built")
+    if arch["activation_fn"] not in ACTIVATIONS:
+        raise ValueError(f"activation_fn {arch['activation_fn']!r} has no equivalent here: "
+                         "this converter maps torchscale's GLU with gelu or swish only")
+    eps, scale = arch["layernorm_eps"], arch["no_scale_embedding"]
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"--arch layernorm_eps must be a positive number; got {eps!r}")
+    if not isinstance(scale, bool):
+        raise ValueError(f"--arch no_scale_embedding must be true or false; got {scale!r}")
+
+
+def torchscale_config(tensors: dict[str, Tensor], arch: dict[str, Any]) -> RetNetConfig:
+    """Our config for a torchscale state_dict; arch holds torchscale's argument names
+    (e.g. from its RetNetConfig) and wins over what the tensor shapes say."""
+    _check_arch(tensors, arch)
     embed = tensors["embed_tokens.weight"]
     d = arch.get("decoder_embed_dim", embed.shape[1])
     layers = arch.get("decoder_layers",
@@ -77,16 +136,13 @@ def torchscale_config(tensors: dict[str, Tensor], arch: dict[str, Any]) -> RetNe
     tied = bool(arch.get("share_decoder_input_output_embed", False)) or (
         "output_projection.weight" in tensors
         and torch.equal(tensors["output_projection.weight"], embed))
-    activation = arch.get("activation_fn", "gelu")
-    if activation not in ("gelu", "swish"):
-        raise ValueError(f"activation_fn {activation!r} is not supported (gelu or swish)")
     return RetNetConfig(
         vocab_size=arch.get("vocab_size", embed.shape[0]), d_model=d, n_layers=layers,
         n_heads=heads, value_dim=tensors["layers.0.retention.v_proj.weight"].shape[0],
         ffn_dim=tensors["layers.0.ffn.fc1.weight"].shape[0], decays="eq8",
-        norm_eps=arch.get("layernorm_eps", 1e-6), tie_embeddings=tied, norm="rms",
-        head_norm="rms", ffn=f"glu-{activation}",
-        scale_embeddings=not arch.get("no_scale_embedding", True))
+        norm_eps=arch["layernorm_eps"], tie_embeddings=tied, norm="rms",
+        head_norm="rms", ffn=f"glu-{arch['activation_fn']}",
+        scale_embeddings=not arch["no_scale_embedding"])
 
 
 def convert_torchscale(tensors: dict[str, Tensor], arch: dict[str, Any] | None = None
@@ -104,12 +160,16 @@ def convert_torchscale(tensors: dict[str, Tensor], arch: dict[str, Any] | None =
            "norm.weight": tensors["layer_norm.weight"]}
     if not config.tie_embeddings:
         out["lm_head.weight"] = tensors["output_projection.weight"]
-    for i in range(config.n_layers):
-        for part in ("q_proj", "k_proj", "v_proj", "g_proj", "out_proj"):
-            out[f"blocks.{i}.retention.{part}.weight"] = tensors[
-                f"layers.{i}.retention.{part}.weight"]
-        for theirs, ours in names.items():
-            out[f"blocks.{i}.{ours}.weight"] = tensors[f"layers.{i}.{theirs}.weight"]
+    try:
+        for i in range(config.n_layers):
+            for part in ("q_proj", "k_proj", "v_proj", "g_proj", "out_proj"):
+                out[f"blocks.{i}.retention.{part}.weight"] = tensors[
+                    f"layers.{i}.retention.{part}.weight"]
+            for theirs, ours in names.items():
+                out[f"blocks.{i}.{ours}.weight"] = tensors[f"layers.{i}.{theirs}.weight"]
+    except KeyError as err:
+        raise ValueError(f"this torchscale state_dict has no {err.args[0]}: it is a variant "
+                         "this converter does not know, or --arch does not match it") from None
     return config, {k: v.float().contiguous() for k, v in out.items()}
 
 
@@ -129,7 +189,7 @@ def _check_buffers(tensors: dict[str, Tensor], config: RetNetConfig) -> None:
                              f"{k}; check decoder_retention_heads")
 
 
-def convert_command(source: str, checkpoint: str, out: str, arch_path: str | None,
+def convert_command(source: str, checkpoint: str, out: str, arch_source: str | None,
                     tokenizer: str = "byte") -> Path:
     """`retnet convert --from torchscale CKPT OUT`: write one of our checkpoints."""
     from retnet.checkpoint import save_checkpoint
@@ -138,8 +198,7 @@ def convert_command(source: str, checkpoint: str, out: str, arch_path: str | Non
 
     if source != "torchscale":
         raise ValueError(f"unknown source {source!r}; supported: torchscale")
-    arch = json.loads(Path(arch_path).read_text()) if arch_path else {}
-    config, weights = convert_torchscale(load_tensors(checkpoint), arch)
+    config, weights = convert_torchscale(load_tensors(checkpoint), read_arch(arch_source))
     tok = load_tokenizer(tokenizer)
     if tok.vocab_size > config.vocab_size:
         raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model only "

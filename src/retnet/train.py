@@ -13,12 +13,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as tdist
 from tqdm import tqdm
 
 from retnet import distributed as dist
-from retnet.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from retnet.checkpoint import (
+    CheckpointWriteError,
+    load_checkpoint,
+    read_latest,
+    remove_orphans,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from retnet.data import PackedWindows, load_documents, split_documents, tokenize
 from retnet.model import RetNetConfig, RetNetLM, lm_loss
+from retnet.options import check_types, short
 from retnet.tokenizer import Tokenizer, load_tokenizer
 
 
@@ -57,6 +66,15 @@ class TrainConfig:
     resume: bool = False  # continue from OUT/latest
 
     def __post_init__(self) -> None:
+        # Values from a TOML/YAML file or --model KEY=VALUE arrive untyped: name a bad one.
+        check_types(TrainConfig, {f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+        check_types(RetNetConfig, self.model, prefix="model.")
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except RuntimeError:
+                raise ValueError(f"invalid device={short(self.device)}; use cpu, cuda, cuda:N "
+                                 "or mps") from None
         checks = {"steps": self.steps >= 1, "batch_size": self.batch_size >= 1,
                   "seq_len": self.seq_len >= 1, "grad_accum": self.grad_accum >= 1,
                   "lr": self.lr > 0, "warmup": self.warmup >= 0,
@@ -81,9 +99,15 @@ class TrainConfig:
         elif path.suffix in (".yaml", ".yml"):
             import yaml
 
-            values = yaml.safe_load(path.read_text()) or {}
+            try:
+                values = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError as err:
+                raise ValueError(f"{path} is not valid YAML ({str(err).splitlines()[0]})"
+                                 ) from None
         else:
             raise ValueError(f"config file {path} must end in .toml, .yaml or .yml")
+        if not isinstance(values, dict):
+            raise ValueError(f"{path} must hold KEY: VALUE pairs; got {type(values).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -215,11 +239,31 @@ def _corpus_record(cfg: TrainConfig, docs) -> dict[str, Any]:
 
 def _save(run: _Run, cfg: TrainConfig, ctx: dist.Context, step: int) -> None:
     state = dist.full_state(run.wrapped, run.optimizer)  # a collective under FSDP
+    error = None
     if ctx.is_main:
-        save_checkpoint(cfg.out, step, state["model"], run.model.config, run.tokenizer,
-                        {"optimizer": state["optimizer"], "step": step, "rng": _rng_state()},
-                        run.meta)
-    ctx.barrier()
+        try:
+            save_checkpoint(cfg.out, step, state["model"], run.model.config, run.tokenizer,
+                            {"optimizer": state["optimizer"], "step": step,
+                             "rng": _rng_state()}, run.meta)
+        except Exception as err:
+            if ctx.world == 1:
+                raise
+            error = str(err) if isinstance(err, CheckpointWriteError) else (
+                f"rank 0 could not save step {step}: {type(err).__name__}: {err}")
+    # Every rank learns how rank 0's save went (in place of a barrier), so that a failed save
+    # (a full disk) stops them all with its message instead of leaving them waiting.
+    error = _rank0_outcome(ctx, error)
+    if error is not None:
+        raise CheckpointWriteError(error)
+
+
+def _rank0_outcome(ctx: dist.Context, error: str | None) -> str | None:
+    """Rank 0's error message (None: success) on every rank: one broadcast when world > 1."""
+    if ctx.world == 1:
+        return error
+    box = [error]
+    tdist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _log(path: Path, record: dict[str, Any]) -> None:
@@ -236,14 +280,33 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         dist.teardown(ctx)
 
 
+def _make_run_dir(out: Path) -> None:
+    """Create OUT (before any slow work) and remove the temp folders of killed saves."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"cannot create the run directory {out} ({err.strerror}); "
+                         "pass another --out") from None
+    for line in remove_orphans(out):
+        print(line, flush=True)
+
+
+def _diverged(out: Path, step: int, what: str, value: float) -> str:
+    latest = read_latest(out)
+    good = (f"{out / 'checkpoints' / latest} (resume from it with a lower --lr or --clip, or "
+            "check the data)") if latest else "none: none was saved"
+    return (f"the training {what} became {value} at step {step}; stopped before the optimiser "
+            f"step, saving or pruning anything; the last good checkpoint is {good}")
+
+
 def _train(cfg: TrainConfig, ctx: dist.Context) -> dict[str, float]:
+    out = Path(cfg.out)
+    if ctx.is_main:  # only rank 0 saves, so only it may judge a temp folder orphaned
+        _make_run_dir(out)
     run = _prepare(cfg, ctx)
     amp = {"float32": None, "bfloat16": torch.bfloat16}[
         cfg.dtype or ("bfloat16" if ctx.device.type == "cuda" else "float32")]
-    out = Path(cfg.out)
     metrics_path = out / "metrics.jsonl"
-    if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * ctx.world
     bar = tqdm(total=cfg.steps, initial=run.start_step, disable=not ctx.is_main, unit="step",
                dynamic_ncols=True)
@@ -299,8 +362,17 @@ def _train_step(run: _Run, cfg: TrainConfig, ctx: dist.Context, step: int,
             loss = lm_loss(out.logits, batch[:, 1:]) / cfg.grad_accum
         loss.backward()
         total += loss.item()
-    if cfg.clip > 0:
-        torch.nn.utils.clip_grad_norm_(run.wrapped.parameters(), cfg.clip)
+    # The norm is measured whether or not it clips (max_norm inf scales by exactly 1).
+    norm = torch.nn.utils.clip_grad_norm_(run.wrapped.parameters(),
+                                          cfg.clip if cfg.clip > 0 else math.inf)
+    if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
+        norm = norm.full_tensor()
+    loss = ctx.mean(total)
+    # A finite loss can still come with inf/NaN gradients, which would make every weight NaN:
+    # stop before the optimiser step. Gradients are all-reduced, so every rank agrees.
+    for what, value in (("loss", loss), ("gradient norm", float(norm))):
+        if not math.isfinite(value):
+            raise ValueError(_diverged(Path(cfg.out), step + 1, what, value))
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return ctx.mean(total)
+    return loss

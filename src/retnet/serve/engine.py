@@ -27,6 +27,13 @@ class Busy(Exception):
     """The queue is full: the client should retry later (HTTP 429)."""
 
 
+class Draining(Busy):
+    """The server is shutting down: the client should go elsewhere (HTTP 503)."""
+
+
+ABORT = "abort"  # the finish_reason of sequences still running when the drain window ends
+
+
 @dataclass
 class Event:
     """One thing a request's client hears: a text delta, a finish, or the final usage."""
@@ -58,9 +65,11 @@ class Request:
     cancelled: threading.Event = field(default_factory=threading.Event)
     arrived: float = field(default_factory=time.perf_counter)
     # filled by the engine
+    initial_state: RetNetState | None = None  # the saved state of state_id, taken at submit
     cached_tokens: int = 0
     completion_tokens: int = 0
     open_rows: int = 0
+    closed: bool = False  # its last event was emitted (or it was dropped): no longer in flight
 
 
 @dataclass
@@ -92,6 +101,13 @@ class Engine:
         self._spare: RetNetState | None = None  # the decode step's output buffers
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._abort = threading.Event()  # end every request now, each with a final event
+        self._drained = threading.Event()
+        # Requests submitted and not yet closed: counted under a lock, since in the engine
+        # thread a request passes between the queue, the prefill list and the rows, and a
+        # reader of those lists from another thread can catch it in none of them.
+        self._lock = threading.Lock()
+        self._in_flight = 0
         self.accepting = True
         self.metrics = {"requests": 0, "rejected": 0, "prompt_tokens": 0, "cached_tokens": 0,
                         "prefilled_tokens": 0, "generated_tokens": 0, "decode_steps": 0,
@@ -102,15 +118,21 @@ class Engine:
 
     # ---- called from the HTTP side -------------------------------------------------------
     def submit(self, request: Request) -> None:
-        if not self.accepting:
-            raise Busy("the server is shutting down")
-        if request.state_id is not None and request.state_id not in self.saved:
-            raise KeyError(request.state_id)
-        try:
-            self._queue.put_nowait(request)
-        except queue.Full:
-            self.metrics["rejected"] += 1
-            raise Busy("too many requests in flight") from None
+        """Queue a request; KeyError if its state_id is unknown (or was just evicted)."""
+        if request.state_id is not None:
+            # Taken now: an eviction between this and the prefill cannot lose it.
+            request.initial_state = self.saved.get(request.state_id)
+            if request.initial_state is None:
+                raise KeyError(request.state_id)
+        with self._lock:  # atomic with drain's refusal: no request slips in after it
+            if not self.accepting:
+                raise Draining("the server is draining (shutting down)")
+            try:
+                self._queue.put_nowait(request)
+            except queue.Full:
+                self.metrics["rejected"] += 1
+                raise Busy("too many requests in flight") from None
+            self._in_flight += 1
         self.metrics["requests"] += 1
         self._wake.set()
 
@@ -126,13 +148,33 @@ class Engine:
               "saved_states": len(self.saved)}
         return m
 
-    def shutdown(self, drain_s: float = 10.0) -> None:
-        """Stop accepting, let in-flight sequences finish for up to drain_s, cancel the rest."""
-        self.accepting = False
+    def busy(self) -> bool:
+        """Whether any submitted request has not yet had its last event."""
+        with self._lock:
+            return self._in_flight > 0
+
+    def drain(self, drain_s: float = 10.0) -> None:
+        """Stop accepting; give in-flight requests drain_s to finish, then end the rest, each
+        choice with finish_reason "abort" and each request with its usage event. Returns at
+        once if a drain already finished; at most drain_s + 5 s otherwise."""
+        if self._drained.is_set():
+            return
+        with self._lock:
+            self.accepting = False
         deadline = time.monotonic() + drain_s
-        while ((self._rows or self._prefilling or not self._queue.empty())
-               and time.monotonic() < deadline):
+        while self.busy() and time.monotonic() < deadline:
             time.sleep(0.02)
+        if self.busy() and self._thread.is_alive():
+            self._abort.set()
+            self._wake.set()
+            deadline = time.monotonic() + 5  # one engine step, at most one prefill segment
+            while self.busy() and time.monotonic() < deadline:
+                time.sleep(0.01)
+        self._drained.set()
+
+    def shutdown(self, drain_s: float = 10.0) -> None:
+        """Drain (see `drain`), then stop the engine thread."""
+        self.drain(drain_s)
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout=5)
@@ -141,6 +183,8 @@ class Engine:
     def _loop(self) -> None:
         with torch.inference_mode():
             while not self._stop.is_set():
+                if self._abort.is_set():
+                    self._abort_all()
                 self._drop_cancelled()
                 self._admit()
                 if self._rows:
@@ -152,6 +196,37 @@ class Engine:
                 self._finish(row, "cancelled")
             self._rows, self._state = [], None
 
+    def _abort_all(self) -> None:
+        """End every request now (the drain window is over): a last event per choice, then
+        the usage event, so that each client sees a proper end."""
+        for row in self._rows:
+            if row.index >= 0:
+                self._finish(row, ABORT)
+        self._remove_finished()
+        waiting = [r for r, _ in self._prefilling]
+        self._prefilling = []
+        while not self._queue.empty():
+            waiting.append(self._queue.get_nowait())
+        for request in waiting:
+            for i in range(request.n):
+                request.emit(Event(i, finish_reason=ABORT))
+            self._close(request, Event(-1, usage={"prompt_tokens": len(request.prompt_ids),
+                                                  "completion_tokens": 0, "cached_tokens": 0}))
+
+    def _close(self, request: Request, last: Event | None = None) -> None:
+        """Emit a request's last event (none when its client is gone); it leaves the count
+        that `busy` reads. Only the first call counts."""
+        if request.closed:
+            return
+        request.closed = True
+        if last is not None:
+            request.emit(last)
+        with self._lock:
+            self._in_flight -= 1
+
+    def _fail(self, request: Request, err: Exception) -> None:
+        self._close(request, Event(index=-1, finish_reason="error", usage={"error": str(err)}))
+
     def _admit(self) -> None:
         """Take queued requests while slots are free; advance the oldest prefill one segment."""
         while len(self._rows) + sum(r.n for r, _ in self._prefilling) < self.max_batch:
@@ -159,7 +234,9 @@ class Engine:
                 request = self._queue.get_nowait()
             except queue.Empty:
                 break
-            if not request.cancelled.is_set():
+            if request.cancelled.is_set():
+                self._close(request)
+            else:
                 self._prefilling.append((request, self._prefill(request)))
         if not self._prefilling:
             return
@@ -167,6 +244,7 @@ class Engine:
         try:
             if request.cancelled.is_set():
                 self._prefilling.pop(0)
+                self._close(request)
             else:
                 next(segments)
         except StopIteration as done:
@@ -174,13 +252,13 @@ class Engine:
             self._guarded(request, self._start, request, *done.value)
         except Exception as err:  # a failure in one request must not stop the server
             self._prefilling.pop(0)
-            request.emit(Event(index=-1, finish_reason="error", usage={"error": str(err)}))
+            self._fail(request, err)
 
     def _guarded(self, request: Request, fn, *args) -> None:
         try:
             fn(*args)
         except Exception as err:
-            request.emit(Event(index=-1, finish_reason="error", usage={"error": str(err)}))
+            self._fail(request, err)
 
     def _start(self, request: Request, logits: torch.Tensor, state: RetNetState) -> None:
         self.metrics["ttft_s_sum"] += time.perf_counter() - request.arrived
@@ -208,7 +286,7 @@ class Engine:
         self.metrics["prompt_tokens"] += len(ids)
         points = boundaries(len(ids), request.message_ends)
         if request.state_id is not None:  # a saved conversation: the prompt continues it
-            done, state, logits, cache = 0, self.saved[request.state_id], None, False
+            done, state, logits, cache = 0, request.initial_state, None, False
         else:
             done, entry = self.cache.longest(ids, points)
             state = entry.state if entry else None
@@ -299,13 +377,14 @@ class Engine:
         req = row.request
         if reason != "cancelled":
             rest = self.tok.decode(row.ids)[row.sent:] if flush else ""
-            state_id = self._save(row) if req.save_state and row.index == 0 else None
+            save = req.save_state and row.index == 0 and reason != ABORT
+            state_id = self._save(row) if save else None
             req.emit(Event(row.index, rest, finish_reason=reason, state_id=state_id))
         row.index = -1 - row.index  # marks the row finished (removed after this step)
         if req.open_rows == 0:
-            req.emit(Event(-1, usage={"prompt_tokens": len(req.prompt_ids),
-                                      "completion_tokens": req.completion_tokens,
-                                      "cached_tokens": req.cached_tokens}))
+            self._close(req, Event(-1, usage={"prompt_tokens": len(req.prompt_ids),
+                                              "completion_tokens": req.completion_tokens,
+                                              "cached_tokens": req.cached_tokens}))
 
     def _save(self, row: Row) -> str:
         """The state after every token of this row, kept under a new id (LRU-bounded)."""
