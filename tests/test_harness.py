@@ -1,7 +1,6 @@
-"""lm-evaluation-harness integration, offline, on the task files shipped in tests/data/tasks."""
+"""lm-evaluation-harness integration, offline, on the task files shipped in the package."""
 
 import random
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,12 +11,9 @@ from lm_eval.tasks import TaskManager
 from helpers import tiny_model
 from recall import random_word, recall_model
 from retnet.cli import main
-from retnet.evaluate import document_logprob
-from retnet.harness import RetNetHarnessLM
+from retnet.eval import document_logprob, shipped_tasks
+from retnet.eval.harness import RetNetHarnessLM
 from retnet.tokenizer import ByteTokenizer
-
-ROOT = Path(__file__).resolve().parents[1]
-TASKS = ROOT / "tests" / "data" / "tasks"
 
 
 def lm(batch_size=8, dtype=torch.float32):
@@ -93,10 +89,10 @@ def test_generate_until_stops_at_the_stop_string():
     assert cut == free[:free.find(stop)]
 
 
-def test_simple_evaluate_on_local_tasks(monkeypatch):
-    monkeypatch.chdir(ROOT)  # the task files name their data relative to the repo root
+def test_simple_evaluate_on_the_shipped_tasks(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # data paths do not depend on the working directory
     out = simple_evaluate(model=lm(), tasks=["retnet_mc", "retnet_rolling", "retnet_gen"],
-                          task_manager=TaskManager(include_path=str(TASKS)))
+                          task_manager=TaskManager(include_path=str(shipped_tasks())))
     results = out["results"]
     assert 0.0 <= results["retnet_mc"]["acc,none"] <= 1.0
     assert results["retnet_rolling"]["word_perplexity,none"] > 1.0
@@ -106,13 +102,13 @@ def test_simple_evaluate_on_local_tasks(monkeypatch):
 def test_eval_cli_runs_tasks_and_perplexity(corpus, tmp_path, monkeypatch, capsys):
     from retnet.train import TrainConfig, train
 
-    monkeypatch.chdir(ROOT)
+    monkeypatch.chdir(tmp_path)
     run = tmp_path / "run"
     train(TrainConfig(preset="tiny", data=str(corpus), out=str(run), steps=2, batch_size=2,
                       seq_len=16, eval_every=2))
     capsys.readouterr()
     assert main(["eval", "--checkpoint", str(run), "--tasks", "retnet_mc",
-                 "--include-path", str(TASKS), "--perplexity", str(corpus),
+                 "--perplexity", str(corpus),
                  "--out", str(tmp_path / "r.json")]) == 0
     out = capsys.readouterr().out
     assert "perplexity" in out and "retnet_mc: acc" in out

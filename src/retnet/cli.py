@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import inspect
 import json
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -86,9 +87,9 @@ def add_dataclass_args(p: argparse.ArgumentParser, cls: type) -> None:
         text = helps.get(f.name, "")
         if isinstance(default, bool):
             p.add_argument(flag, action="store_true", default=None, help=text)
-        elif str(f.type).startswith("list"):  # list[int] or list[str]
+        elif str(f.type).startswith("list"):  # list[int] or list[str]; repeatable
             kind = int if str(f.type) == "list[int]" else str
-            p.add_argument(flag, nargs="+", type=kind, default=None, metavar="X",
+            p.add_argument(flag, action="extend", nargs="+", type=kind, default=None, metavar="X",
                            help=f"{text} (default: {' '.join(map(str, f.default_factory()))})")
         elif f.default_factory is not dataclasses.MISSING:  # dict of overrides
             p.add_argument(flag, action="append", metavar="KEY=VALUE", help=text)
@@ -174,7 +175,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="run directory or checkpoint folder")
     p.add_argument("--prompt", default="", help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--max-new-tokens", type=int, default=200, help="0: only prefill (--state-out)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=0.95)
@@ -182,6 +183,30 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--state-in", help="continue from a state saved by --state-out")
     p.add_argument("--state-out", help="save the state after the run (safetensors)")
+
+
+def _check_generate_args(args: argparse.Namespace) -> None:
+    """Everything that can be wrong with the options, before the model loads or prints."""
+    from retnet.generate import SamplingParams
+
+    if args.max_new_tokens < 0:
+        raise UserError(f"--max-new-tokens must be ≥ 0; got {args.max_new_tokens}")
+    SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError("--prompt is not valid UTF-8 text") from None
+    if args.state_out:
+        out = Path(args.state_out)
+        if out.is_dir():
+            raise UserError(f"--state-out {out} is a directory; name a file in it, such as "
+                            f"{out / 'state.safetensors'}")
+        if not out.parent.is_dir():
+            raise UserError(f"--state-out {out}: the directory {out.parent} does not exist; "
+                            "create it first")
+    if args.state_in and not Path(args.state_in).is_file():
+        raise UserError(f"--state-in {args.state_in} is not a file; pass one that --state-out "
+                        "wrote")
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -192,6 +217,7 @@ def _generate(args: argparse.Namespace) -> int:
     from retnet.model import load_state, save_state
     from retnet.model.layout import use_inference_layout
 
+    _check_generate_args(args)
     ckpt = load_checkpoint(args.checkpoint)
     model, tok = use_inference_layout(ckpt.build_model()), ckpt.tokenizer
     fingerprint = model.config.fingerprint()
@@ -239,19 +265,23 @@ def _serve(args: argparse.Namespace) -> int:
     values = _given(args, ServeConfig)
     if "checkpoint" not in values:
         raise UserError("--checkpoint is required (a run directory such as runs/demo)")
+    # As vLLM does (VLLM_API_KEY): an environment variable keeps the key out of `ps`.
+    values.setdefault("api_key", os.environ.get("RETNET_API_KEY") or None)
     serve(ServeConfig(**values))
     return 0
 
 
 def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hf", nargs=2, metavar=("CHECKPOINT", "OUT"), required=True,
-                   help="write a transformers folder (AutoModelForCausalLM after import retnet.hf)")
+                   help="write a transformers folder with its own code (AutoModelForCausalLM "
+                   "with trust_remote_code=True, or after import retnet.hf)")
 
 
 def _export(args: argparse.Namespace) -> int:
     hf = _extra("retnet.hf", "hf")
     out = hf.export_checkpoint(*args.hf)
-    print(f"wrote {out}: load with `import retnet.hf; AutoModelForCausalLM.from_pretrained`")
+    print(f"wrote {out}: load with AutoModelForCausalLM.from_pretrained({str(out)!r}, "
+          "trust_remote_code=True), or after `import retnet.hf` without it")
     return 0
 
 
@@ -269,7 +299,9 @@ def _extra(module: str, extra: str):
 def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="run directory or checkpoint folder")
     p.add_argument("--tasks", default=None, help="lm-eval task names, comma-separated")
-    p.add_argument("--include-path", default=None, help="folder of extra task YAML files")
+    p.add_argument("--include-path", default=None,
+                   help="folder of extra task YAML files (the shipped tasks retnet_mc, "
+                   "retnet_rolling, retnet_gen and python_mc are always available)")
     p.add_argument("--num-fewshot", type=int, default=None)
     p.add_argument("--limit", type=float, default=None, help="documents per task")
     p.add_argument("--batch-size", type=int, default=8)
@@ -286,7 +318,7 @@ def _eval(args: argparse.Namespace) -> int:
     results: dict[str, Any] = {}
     if args.perplexity is not None:
         from retnet.data import load_documents, split_documents
-        from retnet.evaluate import perplexity
+        from retnet.eval import perplexity
 
         _, val = split_documents(load_documents(args.perplexity or None))
         results["perplexity"] = perplexity(model, tok, [d.text for d in val])
@@ -294,16 +326,14 @@ def _eval(args: argparse.Namespace) -> int:
               f"{results['perplexity']['bits_per_byte']:.4f} over "
               f"{results['perplexity']['tokens']:,} tokens")
     if args.tasks:
-        harness = _extra("retnet.harness", "eval")
-        from lm_eval import simple_evaluate
-        from lm_eval.tasks import TaskManager
+        _extra("lm_eval", "eval")
+        from retnet.eval import run_tasks
 
-        lm = harness.RetNetHarnessLM(model=model, tokenizer=tok, batch_size=args.batch_size)
-        out = simple_evaluate(model=lm, tasks=args.tasks.split(","),
-                              num_fewshot=args.num_fewshot, limit=args.limit,
-                              task_manager=TaskManager(include_path=args.include_path))
-        results["tasks"] = out["results"]
-        for task, metrics in out["results"].items():
+        results["tasks"] = run_tasks(model, tok, args.tasks.split(","),
+                                     include_path=args.include_path,
+                                     num_fewshot=args.num_fewshot, limit=args.limit,
+                                     batch_size=args.batch_size)
+        for task, metrics in results["tasks"].items():
             shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
                               if isinstance(v, float) and "stderr" not in k)
             print(f"{task}: {shown}")
@@ -320,8 +350,10 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", metavar="CKPT",
                    help="state_dict (.pt, weights only) or .safetensors")
     p.add_argument("out", metavar="OUT", help="run directory to write (retnet generate/serve it)")
-    p.add_argument("--arch", help="JSON of torchscale's RetNetConfig arguments "
-                                  "(activation_fn, no_scale_embedding, …); shapes give the rest")
+    p.add_argument("--arch", help="torchscale's RetNetConfig arguments, as a JSON file or "
+                                  "inline JSON; activation_fn, layernorm_eps and "
+                                  "no_scale_embedding are required (the weights do not record "
+                                  "them); shapes give the rest")
     p.add_argument("--tokenizer", default="byte", help="the model's tokenizer.json (default byte)")
 
 
@@ -393,8 +425,22 @@ COMMANDS: dict[str, tuple[str, Command]] = {
 }
 
 
+def _one_line(err: Exception) -> str:
+    """The message of a user error on one line; an OSError as 'what: path'."""
+    if isinstance(err, OSError) and err.strerror and err.filename:
+        text = f"{err.strerror}: {err.filename}"
+    else:
+        text = str(err) or type(err).__name__
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, as for every other user error (not the usage)
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="retnet", description=retnet.__doc__)
+    parser = _Parser(prog="retnet", description=retnet.__doc__)
     parser.add_argument("--version", action="version", version=f"retnet {retnet.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_text, (add_args, _)) in COMMANDS.items():
@@ -413,8 +459,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     keep_freed_memory()  # large temporaries reused, not re-faulted (see retnet/allocator.py)
     try:
         return COMMANDS[args.command][1][1](args)
-    except (UserError, ValueError, FileNotFoundError) as err:
-        print(f"retnet {args.command}: error: {err}", file=sys.stderr)
+    except (UserError, ValueError, OSError) as err:
+        print(f"retnet {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"retnet {args.command}: interrupted", file=sys.stderr)

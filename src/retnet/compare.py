@@ -30,7 +30,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "single-decay": {"decays": "single"},
     "small-heads": {"n_heads": 6},  # head dim 96 → 32 at d_model 192
 }
-TASKS = Path(__file__).resolve().parents[2] / "tests" / "data" / "tasks"
 
 
 @dataclass
@@ -204,33 +203,14 @@ def train_one(name: str, model: torch.nn.Module, train: PackedWindows, val: list
             "peak_mib": peak, "non_embedding": non_embedding(model)}
 
 
-def task_dir() -> Path:
-    """The shipped task files with their data paths made absolute (they are written relative
-    to the repository root), in a temporary folder: no change of working directory."""
-    import tempfile
-
-    folder = Path(tempfile.mkdtemp(prefix="retnet-tasks-"))
-    root = TASKS.parents[2]
-    for yaml_file in TASKS.glob("*.yaml"):
-        text = yaml_file.read_text().replace("tests/data/tasks/", f"{root}/tests/data/tasks/")
-        (folder / yaml_file.name).write_text(text)
-    return folder
-
-
 def zero_shot(model: torch.nn.Module, tokenizer, tasks: str, limit: float | None) -> dict:
-    from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
-
-    from retnet.harness import RetNetHarnessLM
+    from retnet.eval import run_tasks
 
     inner = model.model
     if not isinstance(inner, RetNetLM):
         inner = _CausalLMShim(inner)
-    lm = RetNetHarnessLM(model=inner, tokenizer=tokenizer, batch_size=8)
-    out = simple_evaluate(model=lm, tasks=tasks.split(","), limit=limit,
-                          task_manager=TaskManager(include_path=str(task_dir())))
-    return {t: {k: v for k, v in m.items() if isinstance(v, float)}
-            for t, m in out["results"].items()}
+    results = run_tasks(inner, tokenizer, tasks.split(","), limit=limit)
+    return {t: {k: v for k, v in m.items() if isinstance(v, float)} for t, m in results.items()}
 
 
 class _CausalLMShim(torch.nn.Module):

@@ -1,7 +1,6 @@
-"""lm-evaluation-harness model "retnet" (the `[eval]` extra): registered when this module is
-imported; `retnet eval` does that for you.
-
-    lm_eval --model retnet --model_args checkpoint=runs/demo,batch_size=8 --tasks ...
+"""lm-evaluation-harness model "retnet" (the `[eval]` extra). Importing this module registers
+it with lm-eval (a documented side effect, like `retnet.hf`'s Auto classes); only the code that
+drives lm-eval imports it (`retnet.eval.run_tasks`, used by `retnet eval` and `retnet compare`).
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
-from retnet.evaluate import continuation_logprobs, document_logprob, generate_until
+from retnet.eval.scoring import continuation_logprobs, document_logprob, generate_until
 from retnet.model import RetNetLM
 from retnet.tokenizer import Tokenizer
 

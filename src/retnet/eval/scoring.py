@@ -1,6 +1,6 @@
 """Evaluation: log-likelihoods of continuations, whole-document perplexity and generation, with
 padding that changes nothing (so scores do not depend on batch size or order). The
-lm-evaluation-harness adapter in `retnet.lm_eval` is a thin layer over these functions."""
+lm-evaluation-harness adapter in `retnet.eval.harness` is a thin layer over these functions."""
 
 from __future__ import annotations
 

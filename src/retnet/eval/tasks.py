@@ -1,0 +1,45 @@
+"""The one lm-evaluation-harness driver, used by `retnet eval` and `retnet compare`, and the
+task files shipped inside the package (found with importlib.resources, so a wheel works)."""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from collections.abc import Sequence
+from importlib.resources import as_file, files
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# `    test: NAME.jsonl` in a shipped YAML names a data file beside it.
+_DATA_LINE = re.compile(r"^(\s+\w+:\s*)(\S+\.jsonl)\s*$", re.M)
+
+
+def shipped_tasks() -> Path:
+    """A temporary folder holding the shipped task YAMLs with their data paths made absolute
+    (lm-eval reads data paths relative to the working directory)."""
+    folder = Path(tempfile.mkdtemp(prefix="retnet-tasks-"))
+    with as_file(files("retnet.eval") / "tasks") as source:
+        for yaml_file in sorted(Path(source).glob("*.yaml")):
+            text = _DATA_LINE.sub(lambda m: f"{m[1]}{Path(source, m[2]).resolve()}",
+                                  yaml_file.read_text())
+            (folder / yaml_file.name).write_text(text)
+    return folder
+
+
+def run_tasks(model: torch.nn.Module, tokenizer, tasks: Sequence[str], *,
+              include_path: str | None = None, num_fewshot: int | None = None,
+              limit: float | None = None, batch_size: int = 8) -> dict[str, dict[str, Any]]:
+    """lm-eval's results per task for a RetNetLM (or anything with its call signature, such
+    as compare's transformers shim); the shipped tasks are always available by name."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from retnet.eval.harness import RetNetHarnessLM  # registers "retnet" with lm-eval
+
+    paths = [str(shipped_tasks())] + ([include_path] if include_path else [])
+    lm = RetNetHarnessLM(model=model, tokenizer=tokenizer, batch_size=batch_size)
+    out = simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
+                          task_manager=TaskManager(include_path=paths))
+    return out["results"]
