@@ -1,6 +1,7 @@
 """retnet: Retentive Networks (Sun et al. 2023), exact in parallel, recurrent and chunkwise form."""
 
 from retnet.generate import generate, generate_stream
+from retnet.loading import load
 from retnet.model import (
     PRESETS,
     RetNetConfig,
@@ -25,6 +26,7 @@ __all__ = [
     "generate",
     "generate_stream",
     "lm_loss",
+    "load",
     "load_state",
     "save_state",
     "use_inference_layout",
