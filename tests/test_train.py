@@ -62,6 +62,31 @@ def test_dropout_rng_is_restored_on_resume(corpus, tmp_path):
     assert max_diff(weights(tmp_path / "a"), weights(tmp_path / "b")) <= 1e-6
 
 
+def test_resume_with_only_out_uses_the_stored_options(corpus, tmp_path, capsys):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    flags = ["--preset", "tiny", "--data", str(corpus), "--steps", "6", "--batch-size", "4",
+             "--seq-len", "32", "--warmup", "2", "--eval-every", "3", "--save-every", "6",
+             "--lr", "3e-3"]
+    assert main(["train", *flags, "--out", str(straight)]) == 0
+    assert main(["train", *flags, "--out", str(split), "--stop-at", "3"]) == 0
+    assert main(["train", "--out", str(split), "--resume"]) == 0  # nothing else repeated
+    assert max_diff(weights(straight), weights(split)) <= 1e-6
+    assert load_checkpoint(split).meta["step"] == 6
+
+
+def test_a_new_run_into_an_old_one_needs_overwrite(corpus, tmp_path, capsys):
+    run = tmp_path / "run"
+    train(cfg(corpus, run, steps=3, save_every=1))
+    code, err = run_cli(["train", "--preset", "tiny", "--data", str(corpus), "--out", str(run),
+                         "--steps", "2", "--seq-len", "32"], capsys)
+    assert code == 2 and "already holds a run" in err and "--overwrite" in err
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 3  # nothing mixed in
+    train(cfg(corpus, run, steps=2, save_every=1, overwrite=True))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000001",
+                                                                      "step-000002"]
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+
+
 def test_the_two_newest_checkpoints_are_kept(corpus, tmp_path):
     run = tmp_path / "run"
     train(cfg(corpus, run, steps=4, save_every=1, eval_every=4))

@@ -131,8 +131,10 @@ def _train(args: argparse.Namespace) -> int:
     values = _given(args, TrainConfig)
     if "model" in values:
         values["model"] = parse_overrides(values["model"])
-    cfg = (TrainConfig.from_file(args.config, **values) if args.config
-           else TrainConfig(**values))
+    values = {**(TrainConfig.read_file(args.config) if args.config else {}), **values}
+    if values.get("resume"):  # the run's stored options, then the file's, then the flags
+        values = {**TrainConfig.stored(values.get("out", TrainConfig.out)), **values}
+    cfg = TrainConfig(**values)
     result = train(cfg)
     print(json.dumps({k: round(v, 4) for k, v in result.items()}))
     return 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -63,7 +64,8 @@ class TrainConfig:
     seed: int = 0
     device: str | None = None  # default: cuda if available, else cpu
     parallel: str = "ddp"  # under torchrun: "ddp" or "fsdp" (FSDP2 fully_shard)
-    resume: bool = False  # continue from OUT/latest
+    resume: bool = False  # continue from OUT/latest, with the options stored in the run
+    overwrite: bool = False  # start again in an OUT that holds a run (its checkpoints go)
 
     def __post_init__(self) -> None:
         # Values from a TOML/YAML file or --model KEY=VALUE arrive untyped: name a bad one.
@@ -91,6 +93,25 @@ class TrainConfig:
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> TrainConfig:
         """Read a .toml or .yaml/.yml file; keyword overrides win."""
+        return cls(**{**cls.read_file(path), **overrides})
+
+    @staticmethod
+    def stored(out: str | Path) -> dict[str, Any]:
+        """The options a run in `out` was started with (its latest checkpoint's meta.json),
+        less those that belong to one invocation, for `--resume` with only `--out`. Finishes
+        or clears an interrupted save first, so `latest` names a complete checkpoint."""
+        for line in remove_orphans(Path(out)):
+            print(line, flush=True)
+        meta = resolve_checkpoint(out) / "meta.json"
+        try:
+            options = json.loads(meta.read_text()).get("train_config", {})
+        except (OSError, ValueError):
+            raise ValueError(f"cannot read the stored options in {meta}; pass them again "
+                             "with --resume") from None
+        return {k: v for k, v in options.items() if k not in ("stop_at", "resume", "overwrite")}
+
+    @classmethod
+    def read_file(cls, path: str | Path) -> dict[str, Any]:
         path = Path(path)
         if path.suffix == ".toml":
             import tomllib
@@ -113,7 +134,7 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown key(s) {', '.join(unknown)} in {path}; "
                              f"valid keys: {', '.join(sorted(known))}")
-        return cls(**{**values, **overrides})
+        return values
 
 
 def get_lr(step: int, cfg: TrainConfig) -> float:
@@ -280,8 +301,30 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         dist.teardown(ctx)
 
 
-def _make_run_dir(out: Path) -> None:
+def _check_fresh(cfg: TrainConfig) -> None:
+    """A new run never mixes with an old one in the same OUT: --resume or --overwrite."""
+    out = Path(cfg.out)
+    if cfg.resume or not ((out / "latest").exists() or (out / "checkpoints").exists()):
+        return
+    if not cfg.overwrite:
+        raise ValueError(f"{out} already holds a run; pass --resume to continue it, --overwrite "
+                         "to start again (its checkpoints and metrics are removed), or another "
+                         "--out")
+
+
+def _clear_old_run(out: Path) -> None:
+    for name in ("checkpoints", "latest", "metrics.jsonl", "loss.png"):
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+
+
+def _make_run_dir(out: Path, overwrite: bool) -> None:
     """Create OUT (before any slow work) and remove the temp folders of killed saves."""
+    if overwrite:
+        _clear_old_run(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -301,8 +344,9 @@ def _diverged(out: Path, step: int, what: str, value: float) -> str:
 
 def _train(cfg: TrainConfig, ctx: dist.Context) -> dict[str, float]:
     out = Path(cfg.out)
+    _check_fresh(cfg)  # on every rank, so that none waits for a rank that refused
     if ctx.is_main:  # only rank 0 saves, so only it may judge a temp folder orphaned
-        _make_run_dir(out)
+        _make_run_dir(out, cfg.overwrite and not cfg.resume)
     run = _prepare(cfg, ctx)
     amp = {"float32": None, "bfloat16": torch.bfloat16}[
         cfg.dtype or ("bfloat16" if ctx.device.type == "cuda" else "float32")]
