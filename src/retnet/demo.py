@@ -4,7 +4,6 @@ report validation loss, perplexity and bits per byte, then sample from the train
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
@@ -34,16 +33,13 @@ def run_demo(out: str = "runs/demo", steps: int | None = None, data: str | None 
     from retnet.train import TrainConfig, train
 
     run = Path(out)
-    for stale in ("checkpoints", "latest", "metrics.jsonl", "loss.png"):  # a fresh run each time
-        target = run / stale
-        shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
     run.mkdir(parents=True, exist_ok=True)
     tokenizer = _tokenizer(run, data)
     steps = steps or DEMO_STEPS
     cfg = TrainConfig(preset="demo", data=data, tokenizer=str(tokenizer), out=str(run), steps=steps,
                       batch_size=8, seq_len=256, lr=2e-3, warmup=min(30, steps // 5),
                       eval_every=max(1, steps // 5), eval_batches=16, save_every=steps,
-                      mode="chunkwise", chunk_size=64)
+                      mode="chunkwise", chunk_size=64, overwrite=True)  # a fresh run each time
     start = time.perf_counter()
     result = train(cfg)
     minutes = (time.perf_counter() - start) / 60
