@@ -456,9 +456,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    from retnet.allocator import keep_freed_memory
+    from retnet.memory import keep_freed_memory
 
-    keep_freed_memory()  # large temporaries reused, not re-faulted (see retnet/allocator.py)
+    keep_freed_memory()  # large temporaries reused, not re-faulted (see retnet/memory.py)
     try:
         return COMMANDS[args.command][1][1](args)
     except (UserError, ValueError, OSError) as err:

@@ -1,10 +1,15 @@
-"""Type checks for run-options dataclasses. Values from a TOML/YAML file or from KEY=VALUE
-overrides arrive untyped; a wrong type must be a one-line error naming the field, not a
-TypeError deep inside a comparison."""
+"""Run options, declared one way: each command's options are a dataclass whose fields carry
+their --help text (`opt`), turned into argparse arguments by `add_options`, and checked by
+`check_types` (values from a TOML/YAML file or from KEY=VALUE overrides arrive untyped; a
+wrong type must be a one-line error naming the field, not a TypeError deep inside a
+comparison)."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
+from collections.abc import Callable, Sequence
 from typing import Any
 
 # Annotation names this checker understands; an int is a valid float, a bool is neither.
@@ -50,3 +55,98 @@ def check_types(cls: type, values: dict[str, Any], prefix: str = "") -> None:
         if parts is not None and not _accepts(parts, value):
             wanted = " or ".join(_NAMES.get(p, p) for p in parts)
             raise ValueError(f"{prefix}{name} must be {wanted}; got {short(value)}")
+
+
+# ---- Declaring options: one dataclass per command, its fields' help becomes --help ----------
+
+def opt(default: Any = dataclasses.MISSING, help: str = "", *,
+        factory: Callable[[], Any] | None = None, choices: Sequence[Any] | None = None,
+        metavar: str | None = None, positional: bool = False, aliases: Sequence[str] = (),
+        secret: bool = False) -> Any:
+    """A dataclass field of a command's options, with its --help text (as litgpt's option
+    dataclasses do, but carried in the field's metadata, never parsed out of source):
+
+        steps: int = opt(1000, "optimiser steps (the schedule's length)")
+
+    factory: default_factory (lists, dicts); positional: an argument without a --flag;
+    aliases: other flags for it (e.g. vLLM's names); secret: left out of repr."""
+    metadata = {"help": help, "choices": choices, "metavar": metavar,
+                "positional": positional, "aliases": tuple(aliases)}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=metadata, repr=not secret)
+    return dataclasses.field(default=default, metadata=metadata, repr=not secret)
+
+
+def _annotation(f: dataclasses.Field) -> str:
+    return f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+
+
+def _scalar(annotation: str) -> type:
+    """int, float or str for 'int', 'float | None', 'list[int]', ... ('str' otherwise)."""
+    inner = annotation.split("[", 1)[1].rstrip("]") if "[" in annotation else annotation
+    first = inner.split("|")[0].strip()
+    return {"int": int, "float": float}.get(first, str)
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One argument per field of the options dataclass `cls`. Flags default to None, so that
+    `given` can tell a flag given from a default left alone (the dataclass holds defaults)."""
+    for f in dataclasses.fields(cls):
+        meta, annotation, default = f.metadata, _annotation(f), _default(f)
+        text = meta.get("help", "")
+        kwargs: dict[str, Any] = {"help": text, "choices": meta.get("choices"),
+                                  "metavar": meta.get("metavar")}
+        if default is not dataclasses.MISSING and not isinstance(default, bool) and default not in (
+                None, "", [], {}):
+            shown = " ".join(map(str, default)) if isinstance(default, list) else default
+            kwargs["help"] = f"{text} (default: {shown})"
+        if meta.get("positional"):
+            parser.add_argument(f.name, type=_scalar(annotation), **kwargs)
+            continue
+        names = ["--" + f.name.replace("_", "-"), *meta.get("aliases", ())]
+        if annotation.startswith("bool"):
+            kwargs.pop("metavar")
+            kwargs.pop("choices")
+            parser.add_argument(*names, dest=f.name, action="store_true", default=None, **kwargs)
+        elif annotation.startswith("list"):  # repeatable: --x 1 2 --x 3
+            parser.add_argument(*names, dest=f.name, action="extend", nargs="+",
+                                type=_scalar(annotation), default=None, **kwargs)
+        elif annotation.startswith("dict"):  # KEY=VALUE pairs, values read as JSON
+            kwargs["metavar"] = kwargs["metavar"] or "KEY=VALUE"
+            parser.add_argument(*names, dest=f.name, action="append", default=None, **kwargs)
+        else:
+            parser.add_argument(*names, dest=f.name, type=_scalar(annotation), default=None,
+                                required=default is dataclasses.MISSING, **kwargs)
+
+
+def given(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The fields of `cls` given on the command line, typed ("KEY=VALUE" lists become dicts)."""
+    values = {}
+    for f in dataclasses.fields(cls):
+        value = getattr(args, f.name, None)
+        if value is None:
+            continue
+        values[f.name] = parse_overrides(value) if _annotation(f).startswith("dict") else value
+    return values
+
+
+def parse_overrides(pairs: Sequence[str] | None) -> dict[str, Any]:
+    """["d_model=128", "dropout=0.1"] -> {"d_model": 128, "dropout": 0.1} (JSON values)."""
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"expected KEY=VALUE, got {short(pair)}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out

@@ -21,7 +21,6 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from retnet.allocator import keep_freed_memory, trim
 from retnet.bench.backends import Backend, build_backends
 from retnet.bench.machine import describe_machine, measure_limits
 from retnet.bench.peers import (
@@ -30,6 +29,7 @@ from retnet.bench.peers import (
     run_torchscale,
     torchscale_job,
 )
+from retnet.memory import keep_freed_memory, trim
 from retnet.model import RetNetConfig
 
 KV_LIMIT = 8 * 2**30  # decode cells whose KV cache would exceed this are skipped
@@ -72,12 +72,12 @@ def _summary(times: list[float]) -> dict[str, Any]:
 
 
 def _allocator() -> str:
-    from retnet.allocator import MMAP_THRESHOLD, keep_freed_memory
+    from retnet.memory import MMAP_THRESHOLD, keep_freed_memory
 
     if keep_freed_memory():
         return ("glibc malloc; decode: mmap threshold 32 MiB (glibc's own ceiling: the KV "
                 "caches and states of successive cells are handed back); prefill and training: "
-                f"{MMAP_THRESHOLD >> 20} MiB (retnet.allocator, as the retnet command runs), "
+                f"{MMAP_THRESHOLD >> 20} MiB (retnet.memory, as the retnet command runs), "
                 "trimmed before each measurement; the same for every backend, the torchscale "
                 "worker included")
     return "glibc malloc defaults"

@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from retnet.allocator import keep_freed_memory
+from retnet.memory import keep_freed_memory
 from retnet.model import RetNetConfig
 
 WORKER = Path(__file__).with_name("torchscale_peer.py")

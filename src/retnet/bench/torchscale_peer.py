@@ -173,7 +173,7 @@ def train(model, job: dict) -> list[dict]:
 
 
 def _thresholds(job: dict, mmap: int, trim: int) -> None:
-    """The allocator as in the benchmark's own process (retnet.allocator), phase by phase."""
+    """The allocator as in the benchmark's own process (retnet.memory), phase by phase."""
     if job.get("keep_freed_memory"):
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, mmap)  # M_MMAP_THRESHOLD

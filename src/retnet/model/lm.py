@@ -16,9 +16,9 @@ from retnet.model.state import RetNetState
 from retnet.modules import RetNetBlock
 from retnet.modules.block import make_norm
 from retnet.modules.linear import Linear
-from retnet.ops import get_form
+from retnet.ops import Form
 from retnet.ops.linear import linear
-from retnet.ops.retention import retention_recurrent
+from retnet.ops.retention import Mode
 
 INIT_STD = 0.02
 
@@ -32,7 +32,7 @@ class RetNetLM(nn.Module):
     """A RetNet language model. One forward for every form:
 
         model(input_ids)                                   # parallel
-        model(input_ids, mode="chunkwise", chunk_size=64)
+        model(input_ids, mode="chunkwise", chunk_size=64)  # or mode=Form("chunkwise", 64)
         model(next_ids, state=out.state, mode="recurrent")
     """
 
@@ -102,12 +102,13 @@ class RetNetLM(nn.Module):
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
     def forward(self, input_ids: Tensor, state: RetNetState | None = None, *,
-                mode: str = "parallel", chunk_size: int = 64,
+                mode: Mode | Form = "parallel", chunk_size: int | None = None,
                 attention_mask: Tensor | None = None, last_only: bool = False,
                 state_out: RetNetState | None = None,
                 hidden_out: list[Tensor] | None = None) -> RetNetOutput:
         """input_ids [B, T]; attention_mask [B, T] (1 = real token; left padding for batches
-        of different lengths). Returns logits and the state after the last position; the
+        of different lengths). mode: a retention Form, or a mode name with chunk_size
+        (default `DEFAULT_CHUNK_SIZE`). Returns logits and the state after the last position; the
         caller's state is never modified. last_only=True computes logits for the last
         position only (prefill). state_out (recurrent mode, no autograd): a state of the
         same shape whose buffers receive the new state, so that a decode loop alternates two
@@ -116,7 +117,7 @@ class RetNetLM(nn.Module):
         each block [B, T, D], then the final norm's output ([B, 1, D] with last_only)."""
         B, _ = self._check_inputs(input_ids, state, attention_mask)
         state = self.init_state(B, input_ids.device) if state is None else state
-        forms = self._forms(mode, chunk_size, state, state_out)
+        forms = self._forms(Form.of(mode, chunk_size), state, state_out)
         mask = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
                 else attention_mask.to(torch.bool))
         seen = mask.long().cumsum(1)  # [B, T] real tokens so far
@@ -147,17 +148,16 @@ class RetNetLM(nn.Module):
             offset = state_out.offset.copy_(offset)
         return RetNetOutput(logits, RetNetState(tuple(kvs), offset))
 
-    def _forms(self, mode: str, chunk_size: int, state: RetNetState,
-               state_out: RetNetState | None) -> list:
+    def _forms(self, form: Form, state: RetNetState, state_out: RetNetState | None) -> list:
         """The retention form for each layer; with state_out, each writes into its buffer."""
         if state_out is None:
-            return [get_form(mode, chunk_size)] * len(self.blocks)
-        if mode != "recurrent" or torch.is_grad_enabled():
+            return [form] * len(self.blocks)
+        if form.mode != "recurrent" or torch.is_grad_enabled():
             raise ValueError("state_out needs mode='recurrent' and torch.no_grad()")
         if not state_out.fits(state):
             raise ValueError("state_out must be a contiguous state of the input state's shape "
                              "and dtype sharing no buffer with it, e.g. state.empty_like()")
-        return [functools.partial(retention_recurrent, out=buf) for buf in state_out.kv]
+        return [functools.partial(form, out=buf) for buf in state_out.kv]
 
     def _check_inputs(self, input_ids: Tensor, state: RetNetState | None,
                       attention_mask: Tensor | None) -> tuple[int, int]:

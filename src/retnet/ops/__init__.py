@@ -2,7 +2,12 @@
 
 from retnet.ops.decay import DECAY_SCHEMES, decay_row_sum, log_decays
 from retnet.ops.retention import (
+    CHUNKWISE,
+    DEFAULT_CHUNK_SIZE,
     MODES,
+    PARALLEL,
+    RECURRENT,
+    Form,
     RetentionForm,
     get_form,
     retention,
@@ -13,8 +18,13 @@ from retnet.ops.retention import (
 from retnet.ops.rotary import rotary_angles, rotate
 
 __all__ = [
+    "CHUNKWISE",
     "DECAY_SCHEMES",
+    "DEFAULT_CHUNK_SIZE",
     "MODES",
+    "PARALLEL",
+    "RECURRENT",
+    "Form",
     "RetentionForm",
     "decay_row_sum",
     "get_form",

@@ -21,8 +21,8 @@ the output in that dtype: callers decide when to round to a lower precision.
 
 from __future__ import annotations
 
-import functools
 import math
+from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import torch
@@ -30,6 +30,7 @@ from torch import Tensor
 
 Mode = Literal["parallel", "recurrent", "chunkwise"]
 MODES: tuple[str, ...] = ("parallel", "recurrent", "chunkwise")
+DEFAULT_CHUNK_SIZE = 64  # tokens per chunk unless a caller says otherwise (the one default)
 
 
 class RetentionForm(Protocol):
@@ -177,7 +178,7 @@ def retention_recurrent(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor,
 
 def retention_chunkwise(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor,
                         state: Tensor | None = None, mask: Tensor | None = None,
-                        chunk_size: int = 64) -> tuple[Tensor, Tensor]:
+                        chunk_size: int = DEFAULT_CHUNK_SIZE) -> tuple[Tensor, Tensor]:
     """Chunkwise form: parallel within chunks of L tokens, recurrent across them. O(T·L) memory.
 
     Derived from the recurrence (not from the paper's eq. 7, which has known errors). A tail
@@ -225,26 +226,60 @@ def retention_chunkwise(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor,
     return o, state
 
 
-_FORMS: dict[str, RetentionForm] = {
-    "parallel": retention_parallel,
-    "recurrent": retention_recurrent,
-    "chunkwise": retention_chunkwise,
-}
+@dataclass(frozen=True)
+class Form:
+    """Which of the three equivalent forms computes retention, chosen once and passed down as
+    one value (instead of a (mode, chunk_size) pair through every layer). Callable with the
+    forms' one signature:
+
+        form = Form("chunkwise", chunk_size=128)
+        o, state = form(q, k, v, log_decay, state, mask)
+    """
+
+    mode: Mode = "parallel"
+    chunk_size: int = DEFAULT_CHUNK_SIZE  # used by "chunkwise" only
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; use one of {', '.join(MODES)}")
+        if (not isinstance(self.chunk_size, int) or isinstance(self.chunk_size, bool)
+                or self.chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive integer; got {self.chunk_size!r}")
+
+    @classmethod
+    def of(cls, mode: Mode | Form = "parallel", chunk_size: int | None = None) -> Form:
+        """A Form from a mode name (and chunk size), or the Form itself (chunk_size None)."""
+        if isinstance(mode, Form):
+            if chunk_size is not None:
+                raise ValueError("pass chunk_size inside the Form, not beside it")
+            return mode
+        return cls(mode, DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size)
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor,
+                 state: Tensor | None = None, mask: Tensor | None = None, *,
+                 out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """out: buffers that receive the new state (recurrent form only)."""
+        if out is not None and self.mode != "recurrent":
+            raise ValueError("out= (a state buffer to write into) needs mode='recurrent'")
+        if self.mode == "chunkwise":
+            return retention_chunkwise(q, k, v, log_decay, state, mask,
+                                       chunk_size=self.chunk_size)
+        if self.mode == "recurrent":
+            return retention_recurrent(q, k, v, log_decay, state, mask, out=out)
+        return retention_parallel(q, k, v, log_decay, state, mask)
 
 
-def get_form(mode: str, chunk_size: int = 64) -> RetentionForm:
+PARALLEL, RECURRENT, CHUNKWISE = Form("parallel"), Form("recurrent"), Form("chunkwise")
+
+
+def get_form(mode: Mode | Form, chunk_size: int | None = None) -> Form:
     """The retention form for `mode` ("parallel", "recurrent" or "chunkwise")."""
-    if mode not in _FORMS:
-        raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
-    if mode == "chunkwise":
-        if not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive integer; got {chunk_size!r}")
-        return functools.partial(retention_chunkwise, chunk_size=chunk_size)
-    return _FORMS[mode]
+    return Form.of(mode, chunk_size)
 
 
 def retention(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor,
               state: Tensor | None = None, mask: Tensor | None = None, *,
-              mode: str = "parallel", chunk_size: int = 64) -> tuple[Tensor, Tensor]:
+              mode: Mode | Form = "parallel", chunk_size: int | None = None
+              ) -> tuple[Tensor, Tensor]:
     """Retention in the form named by `mode`; see `retention_parallel` for the arguments."""
-    return get_form(mode, chunk_size)(q, k, v, log_decay, state, mask)
+    return Form.of(mode, chunk_size)(q, k, v, log_decay, state, mask)

@@ -1,4 +1,5 @@
-"""Keep freed memory for reuse instead of handing it back to the kernel at once (glibc).
+"""Process memory, in one place: keep freed memory for reuse instead of handing it back to
+the kernel at once (glibc), give it back on request, and measure the resident set and its peak.
 
 PyTorch's CPU tensors come straight from malloc. glibc serves blocks above its mmap threshold
 (at most 32 MiB) with fresh mmaps and unmaps them on free, so every large temporary of a
@@ -15,7 +16,11 @@ changes the allocator unless `keep_freed_memory()` is called. RETNET_MALLOC=defa
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
+from pathlib import Path
+
+import torch
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 MMAP_THRESHOLD = 1 << 30  # blocks up to 1 GiB come from the heap, and are reused
@@ -45,3 +50,49 @@ def trim() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def rss_mib(field: str = "VmRSS") -> float:
+    """This process's resident set ("VmRSS") or its peak since the last reset ("VmHWM"), in
+    MiB, from /proc/self/status; NaN where there is no /proc (not Linux)."""
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return float("nan")
+    for line in lines:
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def reset_peak() -> None:
+    """Collect garbage, give freed heap back, then reset the kernel's peak-RSS counter (Linux),
+    so that a job measured after another does not hide its peak in reused heap."""
+    gc.collect()
+    trim()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+class PeakMemory:
+    """Peak memory of the work done after construction, in MiB: the CUDA allocator's peak on a
+    GPU; on a CPU the resident-set peak above the resident set at the start.
+
+        meter = PeakMemory(device)
+        ...  # the work
+        meter.mib()
+    """
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        reset_peak()
+        self.base = rss_mib()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def mib(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        return rss_mib("VmHWM") - self.base
