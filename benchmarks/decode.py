@@ -34,7 +34,7 @@ def run_cell(preset: str, batch: int, context: int, steps: int) -> dict:
     import torch
 
     from retnet import RetNetConfig, RetNetLM
-    from retnet.generate import decode_one, prefill
+    from retnet.generation import decode_one, prefill
     from retnet.model.layout import use_inference_layout
 
     torch.manual_seed(0)

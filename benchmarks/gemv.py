@@ -34,7 +34,7 @@ def decode_profile() -> float:
     from torch.profiler import ProfilerActivity, profile
 
     from retnet import RetNetConfig, RetNetLM, use_inference_layout
-    from retnet.generate import decode_one, prefill
+    from retnet.generation import decode_one, prefill
 
     torch.manual_seed(0)
     model = use_inference_layout(RetNetLM(RetNetConfig.from_preset("small")).eval())

@@ -17,8 +17,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from retnet import RetNetConfig, RetNetLM, lm_loss, use_inference_layout
-from retnet.allocator import keep_freed_memory
-from retnet.generate import decode_one, prefill
+from retnet.generation import decode_one, prefill
+from retnet.memory import keep_freed_memory
 
 
 def shares(fn: Callable[[], None], repeats: int, top: int = 8) -> list[tuple[str, float]]:

@@ -16,7 +16,6 @@ import pytest
 import torch
 
 import retnet.checkpoint as ck
-from retnet import distributed as dist
 from retnet.checkpoint import (
     CheckpointWriteError,
     load_checkpoint,
@@ -25,6 +24,7 @@ from retnet.checkpoint import (
     save_checkpoint,
 )
 from retnet.cli import main
+from retnet.train import distributed as dist
 
 STEPS = ["--preset", "tiny", "--steps", "6", "--batch-size", "2", "--seq-len", "16",
          "--warmup", "1", "--eval-every", "6", "--eval-batches", "1", "--save-every", "2"]

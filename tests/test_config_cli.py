@@ -107,7 +107,7 @@ def test_cli_demo_end_to_end(capsys, corpus, tmp_path):
 
 
 def test_allocator_setting_is_explicit_and_can_be_declined(monkeypatch):
-    from retnet.allocator import keep_freed_memory
+    from retnet.memory import keep_freed_memory
 
     monkeypatch.setenv("RETNET_MALLOC", "default")
     assert keep_freed_memory() is False

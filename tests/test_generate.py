@@ -10,7 +10,7 @@ from recall import random_word, recall_model
 from reference import rel_err
 from retnet import generate, generate_stream, load_state, save_state
 from retnet.cli import main
-from retnet.generate import SamplingParams, filter_logits, sample
+from retnet.generation import SamplingParams, filter_logits, sample
 
 
 def test_greedy_equals_argmax_of_the_growing_parallel_forward():

@@ -20,7 +20,7 @@ import torch
 from recall import episode, random_word, save_recall_run
 from retnet import RetNetConfig, RetNetLM
 from retnet.checkpoint import load_checkpoint, save_checkpoint
-from retnet.generate import SamplingParams
+from retnet.generation import SamplingParams
 from retnet.serve.engine import Engine, Request
 from retnet.tokenizer import ByteTokenizer
 from test_serve import start_server as start

@@ -11,7 +11,7 @@ from recall import EOS, copy_accuracy, episode, random_word, recall_model, save_
 from reference import rel_err
 from retnet import generate, load_state, save_state
 from retnet.cli import main
-from retnet.generate import penalise_repetition
+from retnet.generation import penalise_repetition
 from retnet.tokenizer import ByteTokenizer
 
 WORDS = [random_word(random.Random(i)) for i in range(40)]

@@ -9,8 +9,8 @@ import torch
 
 from helpers import tiny_model, tokens
 from retnet import lm_loss
-from retnet.distributed import Context
 from retnet.train import TrainConfig, _train_step, param_groups
+from retnet.train.distributed import Context
 
 CPU = Context(rank=0, world=1, device=torch.device("cpu"))
 

@@ -1,6 +1,6 @@
 """retnet: Retentive Networks (Sun et al. 2023), exact in parallel, recurrent and chunkwise form."""
 
-from retnet.generate import generate, generate_stream
+from retnet.generation import generate, generate_stream
 from retnet.loading import load
 from retnet.model import (
     PRESETS,

@@ -169,7 +169,7 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from retnet.demo import run_demo
+    from retnet.train.demo import run_demo
 
     return run_demo(args.out, args.steps, args.data)
 
@@ -189,7 +189,7 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
 
 def _check_generate_args(args: argparse.Namespace) -> None:
     """Everything that can be wrong with the options, before the model loads or prints."""
-    from retnet.generate import SamplingParams
+    from retnet.generation import SamplingParams
 
     if args.max_new_tokens < 0:
         raise UserError(f"--max-new-tokens must be ≥ 0; got {args.max_new_tokens}")
@@ -215,7 +215,7 @@ def _generate(args: argparse.Namespace) -> int:
     import torch
 
     from retnet.checkpoint import load_checkpoint
-    from retnet.generate import generate_stream
+    from retnet.generation import generate_stream
     from retnet.model import load_state, save_state
     from retnet.model.layout import use_inference_layout
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from retnet.generate import decode_one, prefill
+from retnet.generation import decode_one, prefill
 from retnet.model import RetNetConfig, RetNetLM, RetNetState, lm_loss
 from retnet.model.layout import set_weight_layout
 
@@ -93,7 +93,7 @@ def llama_backends(config: RetNetConfig) -> list[Backend]:
 
     from transformers import DynamicCache, StaticCache
 
-    from retnet.baselines import llama_non_embedding, matched_llama
+    from retnet.compare.baselines import llama_non_embedding, matched_llama
 
     torch.manual_seed(0)
     model = matched_llama(config).eval()

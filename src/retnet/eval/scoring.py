@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from retnet.generate import generate
+from retnet.generation import generate
 from retnet.model import RetNetLM
 from retnet.tokenizer import Tokenizer
 

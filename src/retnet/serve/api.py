@@ -14,7 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
-from retnet.generate import SamplingParams
+from retnet.generation import SamplingParams
 from retnet.serve import validate as v
 from retnet.serve.chat import render_chat
 from retnet.serve.engine import Engine

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from retnet.generate import SamplingParams, decode_one, prefill, sample
+from retnet.generation import SamplingParams, decode_one, prefill, sample
 from retnet.model import RetNetLM, RetNetState
 from retnet.serve.cache import Entry, PrefixCache, boundaries
 from retnet.tokenizer import Tokenizer

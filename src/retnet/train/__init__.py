@@ -17,7 +17,6 @@ import torch
 import torch.distributed as tdist
 from tqdm import tqdm
 
-from retnet import distributed as dist
 from retnet.checkpoint import (
     CheckpointWriteError,
     load_checkpoint,
@@ -30,6 +29,7 @@ from retnet.data import PackedWindows, load_documents, split_documents, tokenize
 from retnet.model import RetNetConfig, RetNetLM, lm_loss
 from retnet.options import check_types, short
 from retnet.tokenizer import Tokenizer, load_tokenizer
+from retnet.train import distributed as dist
 
 
 @dataclass
@@ -386,7 +386,7 @@ def _train(cfg: TrainConfig, ctx: dist.Context) -> dict[str, float]:
     finally:
         bar.close()
     if ctx.is_main:
-        from retnet.plot import plot_losses
+        from retnet.train.plot import plot_losses
 
         plot_losses(metrics_path, out / "loss.png")
     return result

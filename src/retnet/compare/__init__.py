@@ -86,7 +86,7 @@ class _RetNetAdapter(torch.nn.Module):
 
 
 def build_models(cfg: CompareConfig, vocab: int, seed: int) -> dict[str, torch.nn.Module]:
-    from retnet.baselines import matched_llama
+    from retnet.compare.baselines import matched_llama
 
     base = RetNetConfig(vocab_size=vocab, d_model=cfg.d_model, n_layers=cfg.n_layers,
                         n_heads=cfg.retnet_heads)
@@ -107,7 +107,7 @@ def non_embedding(model: torch.nn.Module) -> int:
     inner = model.model
     if isinstance(inner, RetNetLM):
         return inner.num_parameters(embeddings=False)
-    from retnet.baselines import llama_non_embedding
+    from retnet.compare.baselines import llama_non_embedding
 
     return llama_non_embedding(inner)
 
@@ -264,7 +264,7 @@ def run(cfg: CompareConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    from retnet.compare_report import write_report
+    from retnet.compare.report import write_report
 
     write_report(results, out)
     return results

@@ -29,7 +29,7 @@ def _tokenizer(out: Path, data: str | None) -> Path:
 
 def run_demo(out: str = "runs/demo", steps: int | None = None, data: str | None = None) -> int:
     from retnet.checkpoint import load_checkpoint
-    from retnet.generate import generate
+    from retnet.generation import generate
     from retnet.train import TrainConfig, train
 
     run = Path(out)
