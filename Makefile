@@ -7,7 +7,12 @@ STAMP := $(VENV)/.installed
 LOWEST := .venv-hf-lowest
 LOWEST_STAMP := $(LOWEST)/.installed
 
-.PHONY: demo test test-hf-lowest lint bench mutations clean
+# A non-editable install (a built wheel, package data included) in its own venv: the wheel
+# test runs `retnet eval` and `retnet compare --quick` from it outside the repository.
+WHEEL := .venv-wheel
+WHEEL_STAMP := $(WHEEL)/.installed
+
+.PHONY: demo test test-hf-lowest wheel lint bench mutations clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +24,7 @@ demo: $(STAMP)
 
 # The whole suite on the newest pinned versions, then the transformers integration again on
 # the lowest supported transformers.
-test: $(STAMP) $(LOWEST_STAMP)
+test: $(STAMP) $(LOWEST_STAMP) wheel
 	$(BIN)/ruff check src tests benchmarks scripts
 	$(BIN)/python -m pytest -q
 	$(LOWEST)/bin/python -m pytest -q tests/test_hf.py tests/test_hf_export.py
@@ -29,6 +34,17 @@ $(LOWEST_STAMP): pyproject.toml constraints-hf-lowest.txt
 	$(LOWEST)/bin/pip install -q --disable-pip-version-check -c constraints-hf-lowest.txt \
 		-e '.[train]' pytest transformers
 	touch $(LOWEST_STAMP)
+
+# Dependencies once; the package itself rebuilt from the tree on every run (seconds), so the
+# wheel test always sees the current code. Build isolation fetches only setuptools and wheel.
+$(WHEEL_STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(WHEEL)
+	$(WHEEL)/bin/pip install -q --disable-pip-version-check -c constraints.txt '.[train,hf,eval]'
+	touch $(WHEEL_STAMP)
+
+wheel: $(WHEEL_STAMP)
+	$(WHEEL)/bin/pip install -q --disable-pip-version-check --no-deps --force-reinstall .
+	rm -rf build
 
 test-hf-lowest: $(LOWEST_STAMP)
 	$(LOWEST)/bin/python -m pytest -q tests/test_hf.py tests/test_hf_export.py
@@ -44,4 +60,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/forms.py
 
 clean:
-	rm -rf $(VENV) $(LOWEST) build src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(LOWEST) $(WHEEL) build src/*.egg-info .pytest_cache .ruff_cache

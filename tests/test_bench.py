@@ -3,6 +3,8 @@
 
 import json
 
+import pytest
+
 from retnet.cli import main
 
 BACKENDS = {"retnet", "retnet-bfloat16", "llama-dynamic", "llama-static", "yet-another-retnet"}
@@ -105,3 +107,171 @@ def test_a_decode_cell_that_runs_out_of_memory_is_a_recorded_result():
     assert cell["results"]["big"]["status"] == "out of memory"
     assert "can't allocate" in cell["results"]["big"]["error"]
     assert cell["results"]["small"]["status"] == "ok"  # the others still ran
+
+
+# ---- The helpers every benchmark shares (retnet.bench.measure) --------------------------------
+
+def test_repeat_timed_leaves_the_warm_ups_out_and_summary_keeps_every_timing():
+    from retnet.bench.measure import repeat_timed, summary
+
+    calls = []
+    times = repeat_timed(lambda: calls.append(1), repeats=3, warmup=2)
+    assert len(calls) == 5 and len(times) == 3 and all(t >= 0 for t in times)
+    assert summary([3.0, 1.0, 2.0]) == {"median_s": 2.0, "min_s": 1.0, "max_s": 3.0,
+                                        "raw_s": [3.0, 1.0, 2.0]}
+
+
+def test_percentile_spread_and_table_format_what_they_are_given():
+    from retnet.bench.measure import percentile, spread, table
+
+    values = [5.0, 1.0, 4.0, 2.0, 3.0]
+    assert [percentile(values, q) for q in (0.0, 0.5, 0.99, 1.0)] == [1.0, 3.0, 5.0, 5.0]
+    result = {"median_s": 0.002, "min_s": 0.001, "max_s": 0.0035}
+    assert spread(result, scale=1e3, digits=1) == "2.0 (1.0–3.5)"
+    assert table(("a", "b"), [[1, "x"], [2, ""]]) == ["| a | b |", "|---|---|", "| 1 | x |",
+                                                      "| 2 |  |"]
+
+
+def test_run_script_answers_a_cell_or_runs_the_sweep(capsys):
+    from retnet.bench.measure import run_script, script_parser
+
+    parser = script_parser("A test script.", cell=("A", "B"))
+    swept = []
+    run_script(parser, ["--cell", "x", "7"], lambda a: {"cell": a.cell}, swept.append)
+    assert json.loads(capsys.readouterr().out) == {"cell": ["x", "7"]} and not swept
+    run_script(parser, ["--preset", "tiny"], lambda a: {}, swept.append)
+    assert [(a.preset, a.out, a.cell) for a in swept] == [("tiny", "benchmarks/results", None)]
+
+
+def test_spawn_cell_returns_the_cells_json_or_why_it_failed():
+    from retnet.bench.measure import spawn_cell
+
+    ok = spawn_cell(["-c", "import json; print('noise'); print(json.dumps({'x': 1}))"])
+    assert ok == {"status": "ok", "x": 1}
+    oom = spawn_cell(["-c", "raise MemoryError('no room')"])
+    assert oom == {"status": "out of memory", "error": "MemoryError: no room"}
+    failed = spawn_cell(["-c", "raise SystemExit('bad input')"])
+    assert failed == {"status": "failed", "error": "bad input"}
+
+
+CAPPED = '''from pathlib import Path
+from retnet.bench.measure import cap_memory
+size = next(int(l.split()[1]) for l in Path("/proc/self/status").read_text().splitlines()
+            if l.startswith("VmSize:")) / 2**20  # GiB of address space in use
+del bytearray(2 * 2**30)[:]  # fits before the cap
+cap_memory(size + 1)
+bytearray(2 * 2**30)
+'''
+
+
+def test_cap_memory_turns_a_large_allocation_into_a_memory_error():
+    from retnet.bench.measure import spawn_cell
+
+    assert spawn_cell(["-c", CAPPED])["status"] == "out of memory"
+
+
+def test_write_results_writes_json_and_markdown_and_prints(tmp_path, capsys):
+    from retnet.bench.machine import header
+    from retnet.bench.measure import write_results
+
+    first = header("float32", "preset tiny")
+    assert first.startswith("`python ") and "torch " in first and first.endswith("preset tiny")
+    write_results(tmp_path / "out", "x", {"rows": [1]}, [first, "", "| a |"])
+    assert json.loads((tmp_path / "out" / "x.json").read_text()) == {"rows": [1]}
+    assert (tmp_path / "out" / "x.md").read_text() == f"{first}\n\n| a |\n"
+    assert "| a |" in capsys.readouterr().out
+
+
+# ---- The benchmark scripts (retnet.bench.forms, .decode, ...; thin entry points in benchmarks/)
+
+def test_forms_measures_each_form_in_its_own_process(tmp_path):
+    from retnet.bench import forms
+
+    forms.main(["--preset", "tiny", "--lengths", "16", "--repeats", "2", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "forms.json").read_text())["rows"]
+    assert [(r["mode"], r["T"], r["status"]) for r in rows] == [("parallel", 16, "ok"),
+                                                                  ("chunkwise", 16, "ok")]
+    assert all(len(r["raw_s"]) == 2 and r["peak_rss_mib"] > 0 for r in rows)
+    assert "| chunkwise | 16 |" in (tmp_path / "forms.md").read_text()
+
+
+def test_a_forms_cell_over_its_memory_cap_is_a_recorded_result(tmp_path):
+    from retnet.bench import forms
+
+    forms.main(["--preset", "tiny", "--lengths", "16", "--modes", "parallel", "--repeats", "1",
+                "--memory-cap-gib", "0.01", "--out", str(tmp_path)])
+    [row] = json.loads((tmp_path / "forms.json").read_text())["rows"]
+    assert row["status"] == "out of memory"
+    assert "| parallel | 16 | out of memory |" in (tmp_path / "forms.md").read_text()
+
+
+def test_decode_cells_report_the_state_size_of_the_config(tmp_path):
+    from retnet.bench import decode
+    from retnet.model import RetNetConfig
+
+    decode.main(["--preset", "tiny", "--contexts", "16", "--batches", "2", "--steps", "3",
+                 "--out", str(tmp_path)])
+    [row] = json.loads((tmp_path / "decode.json").read_text())
+    state = 2 * RetNetConfig.from_preset("tiny").state_bytes_per_sequence / 2**20
+    assert (row["batch"], row["context"], len(row["raw_s"])) == (2, 16, 3)
+    assert abs(row["state_mib"] - state) < 1e-9
+    assert "batch 2: time ratio 16/16 = 1.000" in (tmp_path / "decode.md").read_text()
+
+
+def test_profiled_shares_name_the_operators_that_take_the_time():
+    import torch
+
+    from retnet.bench.profile import profiled, shares
+
+    a = torch.randn(256, 256)
+    events, total = profiled(lambda: a @ a, repeats=3)
+    assert total == sum(e.self_cpu_time_total for e in events) > 0
+    top = shares(lambda: a @ a, repeats=3, top=3)
+    assert top[0][0] == "aten::mm" and 0 < sum(s for _, s in top) <= 1 + 1e-9
+
+
+def test_a_profiled_decode_step_is_the_next_tokens_logits_every_time():
+    """Against a cache-free parallel forward of prompt + greedy token; a second call gives the
+    same logits (the step never advances the state it decodes from)."""
+    import torch
+
+    from retnet.bench import profile
+    from retnet.model import RetNetConfig, RetNetLM
+
+    torch.manual_seed(0)
+    model = RetNetLM(RetNetConfig.from_preset("tiny")).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    step = profile.decode_step(model, ids)
+    first, second = step(), step()
+    with torch.no_grad():
+        token = model(ids, mode="parallel").logits[:, -1].argmax(-1)
+        reference = model(torch.cat([ids, token[:, None]], 1), mode="parallel").logits[:, -1]
+    torch.testing.assert_close(first, reference, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(second, first, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("script", ["forms", "decode", "gemv", "serve_load", "profile_steps"])
+def test_each_benchmark_script_is_an_entry_point_with_help(script, monkeypatch, capsys):
+    import runpy
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / f"{script}.py"
+    monkeypatch.setattr("sys.argv", [str(path), "--help"])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(str(path), run_name="__main__")
+    assert done.value.code == 0 and "usage:" in capsys.readouterr().out
+
+
+def test_bench_options_carry_their_help_and_parse_lists_as_integers():
+    import argparse
+    import dataclasses
+
+    from retnet.bench.cost import BenchConfig
+    from retnet.options import add_options, given
+
+    assert all(f.metadata["help"] for f in dataclasses.fields(BenchConfig))
+    parser = argparse.ArgumentParser()
+    add_options(parser, BenchConfig)
+    values = given(parser.parse_args(["--contexts", "16", "32", "--batches", "2"]), BenchConfig)
+    cfg = BenchConfig(**values)
+    assert (cfg.contexts, cfg.batches, cfg.preset) == ([16, 32], [2], "small")

@@ -174,7 +174,7 @@ def test_manifest_lists_every_file(stopped_run):
 def test_non_finite_loss_stops_before_saving_or_pruning(stopped_run, corpus, capsys,
                                                         monkeypatch):
     """Item 9: the run stops at the first NaN loss and names the last good checkpoint."""
-    import retnet.train as tr
+    import retnet.train.step as tr
 
     real = tr.lm_loss
     monkeypatch.setattr(tr, "lm_loss", lambda logits, targets: real(logits, targets) * math.nan)
@@ -191,7 +191,7 @@ def test_an_inf_gradient_with_a_finite_loss_stops_before_the_weights_change(
     """The loss was only checked after the optimiser step: a finite loss with an inf gradient
     made every weight NaN, which was saved (and a good checkpoint pruned) before the next
     loss showed it. Clipped or not, the run now stops before the step."""
-    import retnet.train as tr
+    import retnet.train.loop as tr
 
     real = tr._prepare
 
@@ -260,7 +260,7 @@ def test_a_save_whose_latest_pointer_fails_says_the_folder_is_complete(stopped_r
 def test_a_failed_save_under_ddp_stops_every_rank_with_its_message(monkeypatch):
     """Rank 0 raised before the barrier, so the other ranks waited there for ever. Now rank 0
     sends its outcome (a broadcast, faked here for two ranks) and every rank raises it."""
-    import retnet.train as tr
+    import retnet.train.loop as tr
 
     sent = []
 
@@ -272,7 +272,7 @@ def test_a_failed_save_under_ddp_stops_every_rank_with_its_message(monkeypatch):
     def full_disk(*args, **kwargs):
         raise CheckpointWriteError("no space left on the device while saving step-000006")
 
-    monkeypatch.setattr(tr.tdist, "broadcast_object_list", broadcast)
+    monkeypatch.setattr(dist.tdist, "broadcast_object_list", broadcast)
     monkeypatch.setattr(tr.dist, "full_state", lambda model, optimizer: {"model": {},
                                                                          "optimizer": {}})
     monkeypatch.setattr(tr, "save_checkpoint", full_disk)

@@ -55,7 +55,7 @@ CASES = {
         lambda f: train(f, "--model", "dropout=abc"), "model.dropout must be a number"),
     "model override null": (
         lambda f: train(f, "--model", "d_model=null"), "model.d_model must be an integer"),
-    "unknown device": (lambda f: train(f, "--device", "foo"), "invalid device='foo'"),
+    "unknown device": (lambda f: train(f, "--device", "foo"), "invalid device 'foo'"),
     "run directory under a file": (
         lambda f: ["train", "--data", str(f / "corpus.txt"), "--out",
                    str(f / "a_file" / "run")], "cannot create the run directory"),

@@ -9,7 +9,7 @@ from helpers import FORMS, tiny_model, tokens
 from reference import reference_retention, rel_err
 from retnet.checkpoint import load_checkpoint, save_checkpoint
 from retnet.generation import decode_one, generate, prefill
-from retnet.model.layout import set_weight_layout, use_decode_layout, weight_layout
+from retnet.modules.layout import set_weight_layout, use_decode_layout, weight_layout
 from retnet.ops import log_decays
 from retnet.ops.linear import linear
 from retnet.ops.retention import retention_step

@@ -11,6 +11,7 @@ from reference import rel_err
 from retnet import generate, generate_stream, load_state, save_state
 from retnet.cli import main
 from retnet.generation import SamplingParams, filter_logits, sample
+from retnet.ops import Form
 
 
 def test_greedy_equals_argmax_of_the_growing_parallel_forward():
@@ -45,8 +46,7 @@ def test_prefill_forms_give_the_same_state_and_continuation(mode, chunk):
     model = tiny_model(torch.float64)
     prompt = tokens(2, 50)
     ref_tokens, ref_state = generate(model, prompt, 20, return_state=True)
-    out, state = generate(model, prompt, 20, prefill_mode=mode, chunk_size=chunk,
-                          return_state=True)
+    out, state = generate(model, prompt, 20, prefill_form=Form(mode, chunk), return_state=True)
     assert torch.equal(out, ref_tokens)
     for a, b in zip(state.kv, ref_state.kv):
         assert rel_err(a, b) < 1e-10

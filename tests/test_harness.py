@@ -11,8 +11,9 @@ from lm_eval.tasks import TaskManager
 from helpers import tiny_model
 from recall import random_word, recall_model
 from retnet.cli import main
-from retnet.eval import document_logprob, shipped_tasks
+from retnet.eval import continuation_logprobs, document_logprob, shipped_tasks
 from retnet.eval.harness import RetNetHarnessLM
+from retnet.ops import PARALLEL, Form
 from retnet.tokenizer import ByteTokenizer
 
 
@@ -76,6 +77,22 @@ def test_rolling_equals_one_pass_over_the_document():
     # reading in short segments with the state carried is the same computation
     seg = document_logprob(model.model, ids[1:], 256, segment=37)
     assert seg == pytest.approx(expected, rel=1e-10)
+
+
+@pytest.mark.parametrize("form", [PARALLEL, Form("chunkwise", 5)], ids=["parallel", "chunk5"])
+def test_scores_are_the_same_in_every_form(form):
+    """The form the scorers read in is a parameter; the plain parallel forward is the
+    reference for the document, the default form for the continuations."""
+    model = recall_model()
+    ids = ByteTokenizer().encode("the gate keeps the state " * 4)
+    logits = model(torch.tensor([[256, *ids[:-1]]])).logits[0].log_softmax(-1)
+    expected = logits.gather(-1, torch.tensor(ids)[:, None]).sum().item()
+    assert document_logprob(model, ids, 256, segment=29, form=form) == pytest.approx(
+        expected, rel=1e-10)
+    pairs = [(ids[:n], ids[n:n + 7]) for n in (3, 11, 40)]
+    got = continuation_logprobs(model, pairs, batch_size=2, form=form)
+    for (a, flag_a), (b, flag_b) in zip(got, continuation_logprobs(model, pairs, batch_size=2)):
+        assert a == pytest.approx(b, rel=1e-10) and flag_a == flag_b
 
 
 def test_generate_until_stops_at_the_stop_string():

@@ -248,3 +248,20 @@ def test_metrics_and_models_endpoints(srv):
                 "ttft_ms_mean", "step_ms_mean", "cached_tokens"):
         assert key in m
     assert httpx.get(srv.url + "/v1/models", timeout=10).json()["data"][0]["id"] == srv.name
+
+
+def test_vllm_option_names_and_the_key_from_the_environment(run_dir, monkeypatch):
+    """--served-model-name and --max-num-seqs (vLLM's names) set model_name and max_batch;
+    $RETNET_API_KEY counts as --api-key unless the flag is given."""
+    import retnet.serve as serve_module
+    from retnet.cli import main
+
+    seen = []
+    monkeypatch.setattr(serve_module, "serve", seen.append)
+    monkeypatch.setenv("RETNET_API_KEY", "sesame")
+    assert main(["serve", "--checkpoint", str(run_dir), "--served-model-name", "m1",
+                 "--max-num-seqs", "3"]) == 0
+    assert (seen[0].model_name, seen[0].max_batch, seen[0].api_key) == ("m1", 3, "sesame")
+    assert main(["serve", "--checkpoint", str(run_dir), "--model-name", "m2", "--max-batch",
+                 "4", "--api-key", "other"]) == 0
+    assert (seen[1].model_name, seen[1].max_batch, seen[1].api_key) == ("m2", 4, "other")

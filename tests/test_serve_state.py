@@ -116,3 +116,42 @@ def test_a_saved_state_continues_the_conversation(srv):
     r2 = complete(srv, word[3:5], max_tokens=4, state_id=r["state_id"])
     check_completion(srv, first + said + word[3:5], r2)
     assert r2["choices"][0]["text"] == word[5:] + "\n"  # the saved state holds the whole word
+
+
+@pytest.mark.parametrize("form", ["parallel", "chunkwise7"])
+def test_the_engine_prefills_in_its_form_and_cuts_at_a_stop_string(srv, form):
+    """An engine made with another prefill form: the tokens, log-probabilities and text equal
+    the cold run's, the text cut before the stop string (TextStream in the engine)."""
+    import threading
+
+    from retnet.generation import SamplingParams
+    from retnet.ops import PARALLEL, Form
+    from retnet.serve.engine import Engine, Request
+
+    model = srv.model
+    engine = Engine(model, srv.tok, max_batch=2,
+                    form=PARALLEL if form == "parallel" else Form("chunkwise", 7))
+    word = random_word(random.Random(95), 9, 9)
+    ids = srv.tok.encode(HISTORY + word + "|")
+    events, done = [], threading.Event()
+
+    def emit(event):
+        events.append(event)
+        if event.index == -1:
+            done.set()
+
+    stop = word[5:7]
+    engine.submit(Request(prompt_ids=ids, max_tokens=12, params=SamplingParams(temperature=0),
+                          emit=emit, stop=[stop]))
+    try:
+        assert done.wait(60)
+    finally:
+        engine.shutdown(0)
+    new, logprobs = cold_greedy(srv, ids, 12)
+    k = next(i for i in range(1, 13) if stop in srv.tok.decode(new[:i]))  # completes the stop
+    got = [e for e in events if e.token is not None]
+    assert [e.token for e in got] == new[:k]
+    assert [e.logprob for e in got] == pytest.approx(logprobs[:k], abs=1e-5)
+    text = srv.tok.decode(new)
+    assert "".join(e.text for e in events if e.index == 0) == text[:text.find(stop)]
+    assert [e.finish_reason for e in events if e.finish_reason] == ["stop"]

@@ -14,7 +14,7 @@ from retnet.checkpoint import load_checkpoint
 from retnet.cli import main
 from retnet.data import stdlib_documents
 from retnet.tokenizer import ByteTokenizer, load_tokenizer, train_bpe
-from retnet.train import TrainConfig, get_lr, train
+from retnet.train import TrainConfig, train
 
 
 def cfg(corpus, out, **kw):
@@ -116,29 +116,30 @@ def test_crash_during_save_keeps_previous_checkpoint(corpus, tmp_path, monkeypat
 
 
 def test_ctrl_c_saves_a_checkpoint(corpus, tmp_path, monkeypatch):
-    import retnet.train as tr
+    import retnet.train.loop as loop
 
-    real, calls = tr._train_step, []
+    real, calls = loop.train_step, []
 
-    def interrupt_at_4(run, c, ctx, step, amp):
-        if step == 4:
+    def interrupt_at_4(*args, **kwargs):  # the fifth optimiser step is step 4 (0-based)
+        if len(calls) == 4:
             raise KeyboardInterrupt
-        calls.append(step)
-        return real(run, c, ctx, step, amp)
+        calls.append(1)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(tr, "_train_step", interrupt_at_4)
+    monkeypatch.setattr(loop, "train_step", interrupt_at_4)
     with pytest.raises(KeyboardInterrupt):
         train(cfg(corpus, tmp_path / "run", steps=6, save_every=100))
     assert (tmp_path / "run" / "latest").read_text() == "step-000004"
 
 
 def test_learning_rate_schedule():
-    c = TrainConfig(lr=1.0, warmup=10, steps=110, min_lr_ratio=0.1)
-    assert get_lr(0, c) == pytest.approx(0.1) and get_lr(9, c) == pytest.approx(1.0)
-    assert get_lr(60, c) == pytest.approx(0.55)  # cosine midpoint
-    assert get_lr(110, c) == pytest.approx(0.1)
-    lin = TrainConfig(lr=1.0, warmup=10, steps=110, min_lr_ratio=0.0, schedule="linear")
-    assert get_lr(60, lin) == pytest.approx(0.5)
+    c = TrainConfig(lr=1.0, warmup=10, steps=110, min_lr_ratio=0.1).lr_schedule
+    assert c.lr_at(0) == pytest.approx(0.1) and c.lr_at(9) == pytest.approx(1.0)
+    assert c.lr_at(60) == pytest.approx(0.55)  # cosine midpoint
+    assert c.lr_at(110) == pytest.approx(0.1)
+    lin = TrainConfig(lr=1.0, warmup=10, steps=110, min_lr_ratio=0.0,
+                      schedule="linear").lr_schedule
+    assert lin.lr_at(60) == pytest.approx(0.5)
 
 
 def test_bpe_tokenizer_train_save_load_round_trip(corpus, tmp_path):

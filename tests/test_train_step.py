@@ -9,7 +9,7 @@ import torch
 
 from helpers import tiny_model, tokens
 from retnet import lm_loss
-from retnet.train import TrainConfig, _train_step, param_groups
+from retnet.train import TrainConfig, micro_batches, param_groups, train_step
 from retnet.train.distributed import Context
 
 CPU = Context(rank=0, world=1, device=torch.device("cpu"))
@@ -40,10 +40,14 @@ class GradRecorder(torch.optim.SGD):
 
 
 def one_step(model, rows, **cfg):
+    """Step 1 of a run with these options, as `retnet train` does it."""
     cfg = TrainConfig(data="unused", steps=10, warmup=0, **cfg)
     run = SimpleNamespace(wrapped=model.train(), optimizer=GradRecorder(model.parameters()),
                           train=Rows(rows))
-    loss = _train_step(run, cfg, CPU, step=1, amp=None)
+    batches = micro_batches(run.train, cfg.seed, 1, cfg.batch_size, cfg.grad_accum, CPU)
+    loss = train_step(run.wrapped, run.optimizer, batches, cfg.lr_schedule.lr_at(1),
+                      logits=lambda ids: run.wrapped(ids, mode=cfg.form).logits, clip=cfg.clip,
+                      ctx=CPU)
     return loss, run.optimizer.seen[0], run.train.calls
 
 

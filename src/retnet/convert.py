@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from torch import Tensor
 
 from retnet.model import RetNetConfig
 from retnet.ops import log_decays
+from retnet.options import opt
 
 EXTRACT_HINT = (
     "it holds pickled Python objects (a fairseq checkpoint?), which are never unpickled here; "
@@ -187,6 +189,27 @@ def _check_buffers(tensors: dict[str, Tensor], config: RetNetConfig) -> None:
         if angle.shape != ours.shape or not torch.allclose(angle, ours, rtol=1e-5):
             raise ValueError("the checkpoint's rotation angles do not match d_model / heads = "
                              f"{k}; check decoder_retention_heads")
+
+
+@dataclass
+class ConvertOptions:
+    """Options of `retnet convert`."""
+
+    checkpoint: str = opt(help="torchscale state_dict (.pt, weights only) or .safetensors",
+                          positional=True, metavar="CKPT")
+    out: str = opt(help="run directory to write (retnet generate / serve it)", positional=True,
+                   metavar="OUT")
+    source: str = opt("torchscale", "the implementation that wrote CKPT", aliases=("--from",),
+                      choices=("torchscale",))
+    arch: str | None = opt(None, "torchscale's RetNetConfig arguments, as a JSON file or inline "
+                           "JSON; activation_fn, layernorm_eps and no_scale_embedding are "
+                           "required (the weights do not record them); shapes give the rest")
+    tokenizer: str = opt("byte", "the model's tokenizer.json")
+
+
+def command(opts: ConvertOptions) -> int:
+    convert_command(opts.source, opts.checkpoint, opts.out, opts.arch, opts.tokenizer)
+    return 0
 
 
 def convert_command(source: str, checkpoint: str, out: str, arch_source: str | None,

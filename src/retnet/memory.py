@@ -52,11 +52,11 @@ def trim() -> None:
         pass
 
 
-def rss_mib(field: str = "VmRSS") -> float:
-    """This process's resident set ("VmRSS") or its peak since the last reset ("VmHWM"), in
-    MiB, from /proc/self/status; NaN where there is no /proc (not Linux)."""
+def rss_mib(field: str = "VmRSS", pid: int | None = None) -> float:
+    """The resident set ("VmRSS") or its peak since the last reset ("VmHWM") of this process
+    (or of process `pid`), in MiB, from /proc; NaN where there is no /proc (not Linux)."""
     try:
-        lines = Path("/proc/self/status").read_text().splitlines()
+        lines = Path(f"/proc/{pid or 'self'}/status").read_text().splitlines()
     except OSError:
         return float("nan")
     for line in lines:

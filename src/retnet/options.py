@@ -61,7 +61,8 @@ def check_types(cls: type, values: dict[str, Any], prefix: str = "") -> None:
 
 def opt(default: Any = dataclasses.MISSING, help: str = "", *,
         factory: Callable[[], Any] | None = None, choices: Sequence[Any] | None = None,
-        metavar: str | None = None, positional: bool = False, aliases: Sequence[str] = (),
+        metavar: str | tuple[str, ...] | None = None, positional: bool = False,
+        aliases: Sequence[str] = (), nargs: int | None = None, const: Any = None,
         secret: bool = False) -> Any:
     """A dataclass field of a command's options, with its --help text (as litgpt's option
     dataclasses do, but carried in the field's metadata, never parsed out of source):
@@ -69,8 +70,11 @@ def opt(default: Any = dataclasses.MISSING, help: str = "", *,
         steps: int = opt(1000, "optimiser steps (the schedule's length)")
 
     factory: default_factory (lists, dicts); positional: an argument without a --flag;
-    aliases: other flags for it (e.g. vLLM's names); secret: left out of repr."""
-    metadata = {"help": help, "choices": choices, "metavar": metavar,
+    aliases: other flags for it (e.g. vLLM's names); nargs: a list flag of exactly that many
+    values (`--hf CKPT OUT`) instead of a repeatable one; const: the value of the flag given
+    without one (`--perplexity` alone); secret: left out of repr."""
+    metadata = {"help": help, "choices": choices, "metavar": metavar, "nargs": nargs,
+                "const": const,
                 "positional": positional, "aliases": tuple(aliases)}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=metadata, repr=not secret)
@@ -108,20 +112,27 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
                 None, "", [], {}):
             shown = " ".join(map(str, default)) if isinstance(default, list) else default
             kwargs["help"] = f"{text} (default: {shown})"
-        if meta.get("positional"):
-            parser.add_argument(f.name, type=_scalar(annotation), **kwargs)
+        if meta.get("positional"):  # optional when it has a default
+            parser.add_argument(f.name, type=_scalar(annotation), default=None,
+                                nargs=None if default is dataclasses.MISSING else "?", **kwargs)
             continue
         names = ["--" + f.name.replace("_", "-"), *meta.get("aliases", ())]
         if annotation.startswith("bool"):
             kwargs.pop("metavar")
             kwargs.pop("choices")
             parser.add_argument(*names, dest=f.name, action="store_true", default=None, **kwargs)
+        elif annotation.startswith("list") and meta.get("nargs"):  # exactly N values
+            parser.add_argument(*names, dest=f.name, nargs=meta["nargs"], type=_scalar(annotation),
+                                default=None, required=default is dataclasses.MISSING, **kwargs)
         elif annotation.startswith("list"):  # repeatable: --x 1 2 --x 3
             parser.add_argument(*names, dest=f.name, action="extend", nargs="+",
                                 type=_scalar(annotation), default=None, **kwargs)
         elif annotation.startswith("dict"):  # KEY=VALUE pairs, values read as JSON
             kwargs["metavar"] = kwargs["metavar"] or "KEY=VALUE"
             parser.add_argument(*names, dest=f.name, action="append", default=None, **kwargs)
+        elif meta.get("const") is not None:  # --flag [VALUE]
+            parser.add_argument(*names, dest=f.name, type=_scalar(annotation), default=None,
+                                nargs="?", const=meta["const"], **kwargs)
         else:
             parser.add_argument(*names, dest=f.name, type=_scalar(annotation), default=None,
                                 required=default is dataclasses.MISSING, **kwargs)
@@ -150,3 +161,14 @@ def parse_overrides(pairs: Sequence[str] | None) -> dict[str, Any]:
         except json.JSONDecodeError:
             out[key] = value
     return out
+
+
+def require(extra: str, *modules: str) -> None:
+    """Raise a one-line ValueError naming the pip extra when any of `modules` is not installed,
+    before any work is done (a missing plotting library must not surface after training)."""
+    import importlib.util
+
+    absent = [m for m in modules if importlib.util.find_spec(m) is None]
+    if absent:
+        raise ValueError(f"this needs the [{extra}] extra ({', '.join(absent)} missing): "
+                         f"pip install 'retnet-exact[{extra}]'")

@@ -16,11 +16,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from retnet.bench.measure import BENCH_FORM
 from retnet.generation import decode_one, prefill
 from retnet.model import RetNetConfig, RetNetLM, RetNetState, lm_loss
-from retnet.model.layout import set_weight_layout
+from retnet.modules.layout import set_weight_layout
+from retnet.ops import PARALLEL
 
 STATIC_HEADROOM = 256  # static-cache slots beyond the context (warm-up and timed steps)
+# The forms RetNet trains in, by the label of their results (retnet-parallel, -chunkwise)
+TRAIN_FORMS = {form.mode: form for form in (PARALLEL, BENCH_FORM)}
 
 
 @dataclass
@@ -50,7 +54,7 @@ def retnet_backend(config: RetNetConfig, dtype: torch.dtype = torch.float32) -> 
     torch.manual_seed(0)
     model = RetNetLM(config).to(dtype).eval()
     name = "retnet" if dtype == torch.float32 else f"retnet-{str(dtype).split('.')[-1]}"
-    # Inference in float32 uses the transposed weight layout (retnet.model.layout); bf16
+    # Inference in float32 uses the transposed weight layout (retnet.modules.layout); bf16
     # GEMVs go through oneDNN, which wants the default one. Training uses the default.
     inference_layout = "decode" if dtype == torch.float32 else "default"
 
@@ -70,12 +74,12 @@ def retnet_backend(config: RetNetConfig, dtype: torch.dtype = torch.float32) -> 
 
     def do_prefill(ids: torch.Tensor) -> None:
         set_weight_layout(model, inference_layout)
-        prefill(model, ids, chunk_size=128)
+        prefill(model, ids, form=BENCH_FORM)
 
     def train_step(ids: torch.Tensor, mode: str) -> None:
         set_weight_layout(model, "default")
         model.train()
-        out = model(ids[:, :-1], mode=mode, chunk_size=128)
+        out = model(ids[:, :-1], mode=TRAIN_FORMS[mode])
         lm_loss(out.logits, ids[:, 1:]).backward()
         model.zero_grad(set_to_none=True)
         model.eval()
@@ -84,7 +88,7 @@ def retnet_backend(config: RetNetConfig, dtype: torch.dtype = torch.float32) -> 
                    model.num_parameters(embeddings=False),
                    decode_setup, do_prefill, train_step if dtype == torch.float32 else None,
                    lambda b, c: b * config.state_bytes_per_sequence,
-                   train_modes=("parallel", "chunkwise"))
+                   train_modes=tuple(TRAIN_FORMS))
 
 
 def llama_backends(config: RetNetConfig) -> list[Backend]:

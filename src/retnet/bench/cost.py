@@ -8,13 +8,10 @@ every raw timing, in a JSON file; a Markdown report and PNG plots are written be
 
 from __future__ import annotations
 
-import gc
-import json
-import resource
 import statistics
 import sys
-import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +20,16 @@ from tqdm import tqdm
 
 from retnet.bench.backends import Backend, build_backends
 from retnet.bench.machine import describe_machine, measure_limits
+from retnet.bench.measure import BENCH_FORM, cap_memory, summary, timed
 from retnet.bench.peers import (
     WHY_NOT_HERE,
     check_torchscale_python,
     run_torchscale,
     torchscale_job,
 )
-from retnet.memory import keep_freed_memory, trim
+from retnet.memory import PeakMemory, keep_freed_memory, reset_peak, rss_mib
 from retnet.model import RetNetConfig
+from retnet.options import opt
 
 KV_LIMIT = 8 * 2**30  # decode cells whose KV cache would exceed this are skipped
 
@@ -39,19 +38,23 @@ KV_LIMIT = 8 * 2**30  # decode cells whose KV cache would exceed this are skippe
 class BenchConfig:
     """Run options of `retnet bench`."""
 
-    preset: str = "small"  # model size (the Transformer is matched to it)
-    contexts: list[int] = field(default_factory=lambda: [512, 1024, 2048, 4096, 8192, 16384])
-    batches: list[int] = field(default_factory=lambda: [1, 8, 32])
-    prefill_lengths: list[int] = field(default_factory=lambda: [2048, 8192, 16384])
-    train_lengths: list[int] = field(default_factory=lambda: [512, 2048, 8192])
-    train_tokens: int = 8192  # tokens per training step, the same for every length
-    repeats: int = 5  # timed repeats per cell (decode: steps per repeat = 4)
-    out: str = "benchmarks/results/cost"
-    quick: bool = False  # tiny sizes, one repeat: a smoke run
-    memory_cap_gib: float = 20.0  # an allocation beyond this is recorded as out of memory
-    # An interpreter whose environment has torchscale (it cannot import beside this torch):
-    # its RetNetDecoder is then measured in a separate process after the others.
-    torchscale_python: str = ""
+    preset: str = opt("small", "model size (the Transformer is matched to it)")
+    contexts: list[int] = opt(help="decode: tokens of context before the timed steps",
+                              factory=lambda: [512, 1024, 2048, 4096, 8192, 16384])
+    batches: list[int] = opt(help="decode: sequences per step", factory=lambda: [1, 8, 32])
+    prefill_lengths: list[int] = opt(help="prefill: prompt lengths",
+                                     factory=lambda: [2048, 8192, 16384])
+    train_lengths: list[int] = opt(help="training: sequence lengths",
+                                   factory=lambda: [512, 2048, 8192])
+    train_tokens: int = opt(8192, "tokens per training step, the same for every length")
+    repeats: int = opt(5, "timed repeats per cell (decode: steps per repeat = 4)")
+    out: str = opt("benchmarks/results/cost", "folder for results.json, report.md and plots")
+    quick: bool = opt(False, "tiny sizes, one repeat: a smoke run")
+    memory_cap_gib: float = opt(20.0, "an allocation beyond this is recorded as out of memory")
+    torchscale_python: str = opt(
+        "", "an interpreter whose environment has torchscale (it cannot import beside this "
+        "torch): its RetNetDecoder is then measured in a separate process after the others",
+        metavar="PATH")
 
     def __post_init__(self) -> None:
         if self.quick:
@@ -60,19 +63,8 @@ class BenchConfig:
             self.prefill_lengths, self.train_lengths, self.train_tokens = [128], [64], 256
 
 
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def _summary(times: list[float]) -> dict[str, Any]:
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
-            "raw_s": times}
-
-
 def _allocator() -> str:
-    from retnet.memory import MMAP_THRESHOLD, keep_freed_memory
+    from retnet.memory import MMAP_THRESHOLD
 
     if keep_freed_memory():
         return ("glibc malloc; decode: mmap threshold 32 MiB (glibc's own ceiling: the KV "
@@ -83,20 +75,28 @@ def _allocator() -> str:
     return "glibc malloc defaults"
 
 
-def _trim() -> None:
-    gc.collect()
-    trim()
+def _oom(err: BaseException) -> dict[str, str]:
+    return {"status": "out of memory", "error": str(err).splitlines()[0][:200]}
 
 
-def _rss_mib(field_name: str = "VmRSS") -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field_name + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _reset_peak() -> None:
-    Path("/proc/self/clear_refs").write_text("5")
+def _set_up_decode(b: Backend, batch: int, context: int) -> tuple[Callable[[], None] | None,
+                                                                  dict]:
+    """Backend b's decode step after `context` tokens, warmed up, and its result entry (with
+    the resident memory its cache or state added); no step if it does not fit."""
+    if b.memory_bytes(batch, context) > KV_LIMIT:
+        return None, {"status": "skipped: KV cache over 8 GiB"}
+    reset_peak()  # collect and trim first: every backend starts from the same heap
+    before = rss_mib()
+    try:
+        with torch.no_grad():
+            step = b.decode_setup(batch, context)
+            for _ in range(2):  # warm-up
+                step()
+    except (RuntimeError, MemoryError) as err:
+        reset_peak()
+        return None, _oom(err)
+    return step, {"status": "ok", "rss_delta_mib": rss_mib() - before,
+                  "memory_bytes": b.memory_bytes(batch, context)}
 
 
 def bench_decode(backends: list[Backend], cfg: BenchConfig, bar) -> list[dict]:
@@ -105,33 +105,17 @@ def bench_decode(backends: list[Backend], cfg: BenchConfig, bar) -> list[dict]:
         for context in cfg.contexts:
             steps, cell = {}, {"batch": batch, "context": context, "results": {}}
             for b in backends:
-                if b.decode_setup is None:
-                    continue
-                if b.memory_bytes(batch, context) > KV_LIMIT:
-                    cell["results"][b.name] = {"status": "skipped: KV cache over 8 GiB"}
-                    continue
-                _trim()
-                before = _rss_mib()
-                try:
-                    with torch.no_grad():
-                        steps[b.name] = b.decode_setup(batch, context)
-                        for _ in range(2):  # warm-up
-                            steps[b.name]()
-                except (RuntimeError, MemoryError) as err:
-                    steps.pop(b.name, None)
-                    cell["results"][b.name] = {"status": "out of memory",
-                                               "error": str(err).splitlines()[0][:200]}
-                    _trim()
-                    continue
-                cell["results"][b.name] = {"status": "ok", "rss_delta_mib": _rss_mib() - before,
-                                           "memory_bytes": b.memory_bytes(batch, context)}
+                if b.decode_setup is not None:
+                    step, cell["results"][b.name] = _set_up_decode(b, batch, context)
+                    if step is not None:
+                        steps[b.name] = step
             times: dict[str, list[float]] = {name: [] for name in steps}
             with torch.no_grad():
                 for _ in range(cfg.repeats):
                     for name, step in steps.items():
-                        times[name].append(_timed(lambda s=step: [s() for _ in range(4)]) / 4)
+                        times[name].append(timed(lambda s=step: [s() for _ in range(4)]) / 4)
             for name, ts in times.items():
-                cell["results"][name] |= _summary(ts)
+                cell["results"][name] |= summary(ts)
             rows.append(cell)
             del steps
             bar.update(1)
@@ -141,16 +125,16 @@ def bench_decode(backends: list[Backend], cfg: BenchConfig, bar) -> list[dict]:
 def bench_prefill(backends: list[Backend], cfg: BenchConfig, vocab: int, bar) -> list[dict]:
     rows = []
     for length in cfg.prefill_lengths:
-        ids = torch.randint(0, vocab, (1, length))
+        ids = torch.randint(0, vocab, (1, length))  # [1, T]
         cell = {"T": length, "results": {}}
         runnable = [b for b in backends if b.prefill is not None]
         times: dict[str, list[float]] = {b.name: [] for b in runnable}
         for _ in range(max(1, cfg.repeats // 2)):
             for b in runnable:
-                times[b.name].append(_timed(lambda b=b, ids=ids: b.prefill(ids)))
-                _trim()
+                times[b.name].append(timed(lambda b=b, ids=ids: b.prefill(ids)))
+                reset_peak()  # collect and trim: the next backend starts from the same heap
         for name, ts in times.items():
-            cell["results"][name] = {"status": "ok", **_summary(ts)}
+            cell["results"][name] = {"status": "ok", **summary(ts)}
         rows.append(cell)
         bar.update(1)
     return rows
@@ -160,7 +144,7 @@ def bench_train(backends: list[Backend], cfg: BenchConfig, vocab: int, bar) -> l
     rows = []
     for length in cfg.train_lengths:
         batch = max(1, cfg.train_tokens // length)
-        ids = torch.randint(0, vocab, (batch, length + 1))
+        ids = torch.randint(0, vocab, (batch, length + 1))  # [B, T + 1]
         cell = {"T": length, "batch": batch, "results": {}}
         runs = [(b, m) for b in backends if b.train_step is not None for m in b.train_modes]
         times: dict[str, list[float]] = {}
@@ -169,32 +153,40 @@ def bench_train(backends: list[Backend], cfg: BenchConfig, vocab: int, bar) -> l
                 key = b.train_label(mode)
                 if cell["results"].get(key, {}).get("status", "ok") != "ok":
                     continue
-                _trim()
-                _reset_peak()
-                base = _rss_mib()
+                meter = PeakMemory("cpu")
                 try:
-                    took = _timed(lambda b=b, mode=mode, ids=ids: b.train_step(ids, mode))
+                    took = timed(lambda b=b, mode=mode, ids=ids: b.train_step(ids, mode))
                 except (RuntimeError, MemoryError) as err:
-                    cell["results"][key] = {"status": "out of memory",
-                                            "error": str(err).splitlines()[0][:200]}
+                    cell["results"][key] = _oom(err)
                     continue
-                peak = _rss_mib("VmHWM") - base
                 entry = cell["results"].setdefault(key, {"status": "ok", "peak_mib": 0.0})
-                entry["peak_mib"] = max(entry["peak_mib"], peak)
+                entry["peak_mib"] = max(entry["peak_mib"], meter.mib())
                 if r:
                     times.setdefault(key, []).append(took)
         for key, ts in times.items():
-            cell["results"][key] |= _summary(ts) | {
+            cell["results"][key] |= summary(ts) | {
                 "tokens_per_s": batch * length / statistics.median(ts)}
         rows.append(cell)
         bar.update(1)
     return rows
 
 
+def _meta(cfg: BenchConfig, config: RetNetConfig, backends: list[Backend],
+          skipped: dict[str, str], weight_bytes: int) -> dict[str, Any]:
+    """What was run, where and how: the results file's "meta"."""
+    return {**describe_machine(), "command": "retnet bench " + " ".join(sys.argv[2:]),
+            "bench_config": asdict(cfg), "retnet_config": config.to_dict(),
+            "dtype": "float32 (retnet-bfloat16: bf16 weights, float32 state)",
+            "threads": torch.get_num_threads(), "skipped": skipped,
+            "allocator": _allocator(), "chunk_size": BENCH_FORM.chunk_size,
+            "backends": {b.name: {"config": b.config, "non_embedding": b.non_embedding}
+                         for b in backends},
+            "weight_bytes": weight_bytes}
+
+
 def run(cfg: BenchConfig) -> dict[str, Any]:
     """Measure everything and write OUT/results.json, OUT/report.md and OUT/*.png."""
-    cap = int(cfg.memory_cap_gib * 2**30)
-    resource.setrlimit(resource.RLIMIT_AS, (cap, resource.getrlimit(resource.RLIMIT_AS)[1]))
+    cap_memory(cfg.memory_cap_gib)
     config = RetNetConfig.from_preset(cfg.preset)
     if cfg.torchscale_python:
         check_torchscale_python(cfg.torchscale_python)
@@ -210,17 +202,8 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
         weight_bytes = sum(p.numel() * 4 for p in backends[0].model.parameters())
         limits = measure_limits(weight_bytes, quick=cfg.quick)
         bar.update(1)
-        results = {
-            "meta": {**describe_machine(), "command": "retnet bench " + " ".join(sys.argv[2:]),
-                     "bench_config": asdict(cfg), "retnet_config": config.to_dict(),
-                     "dtype": "float32 (retnet-bfloat16: bf16 weights, float32 state)",
-                     "threads": torch.get_num_threads(), "skipped": skipped,
-                     "allocator": _allocator(),
-                     "backends": {b.name: {"config": b.config, "non_embedding": b.non_embedding}
-                                  for b in backends},
-                     "weight_bytes": weight_bytes},
-            "limits": limits,
-        }
+        results = {"meta": _meta(cfg, config, backends, skipped, weight_bytes),
+                   "limits": limits}
         keep_freed_memory(False)  # decode: caches of up to 8 GiB come and go between cells
         results["decode"] = bench_decode(backends, cfg, bar)
         keep_freed_memory(True)
@@ -229,10 +212,14 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
     if cfg.torchscale_python:
         job = torchscale_job(config, cfg, torch.get_num_threads(), KV_LIMIT)
         run_torchscale(cfg.torchscale_python, job, results)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
     from retnet.bench.report import write_report
 
-    write_report(results, out)
+    write_report(results, Path(cfg.out))
     return results
+
+
+def command(cfg: BenchConfig) -> int:
+    """`retnet bench`: run, write the results, report and plots, and say where they are."""
+    run(cfg)
+    print(f"wrote {cfg.out}/results.json, report.md and plots")
+    return 0

@@ -6,18 +6,20 @@ from __future__ import annotations
 import os
 import platform
 import statistics
-import time
+import sys
 
 import torch
+
+from retnet.bench.measure import repeat_timed
 
 
 def describe_machine() -> dict:
     import numpy
 
-    import retnet
+    from retnet import __version__
 
     versions = {"python": platform.python_version(), "torch": torch.__version__,
-                "numpy": numpy.__version__, "retnet": retnet.__version__}
+                "numpy": numpy.__version__, "retnet": __version__}
     from importlib.metadata import PackageNotFoundError, version
 
     for name in ("transformers", "yet-another-retnet"):
@@ -39,19 +41,19 @@ def describe_machine() -> dict:
 
 def measure_limits(weight_bytes: int, quick: bool = False) -> dict:
     """Median float32 matmul FLOP/s (n × n × n) and copy bandwidth (read + write bytes/s)."""
-    n = 512 if quick else 2048
+    n, rounds = (512, 3) if quick else (2048, 10)
     a, b = torch.randn(n, n), torch.randn(n, n)
-    flops = []
-    for _ in range(3 if quick else 10):
-        start = time.perf_counter()
-        a @ b
-        flops.append(2 * n**3 / (time.perf_counter() - start))
+    matmul_s = statistics.median(repeat_timed(lambda: a @ b, rounds, warmup=0))
     size = max(weight_bytes, 64 << 20) // 4
     src, dst = torch.randn(size), torch.empty(size)
-    bandwidth = []
-    for _ in range(3 if quick else 10):
-        start = time.perf_counter()
-        dst.copy_(src)
-        bandwidth.append(2 * size * 4 / (time.perf_counter() - start))
-    return {"matmul_flops": statistics.median(flops), "matmul_n": n,
-            "copy_bytes_per_s": statistics.median(bandwidth), "copy_buffer_bytes": size * 4}
+    copy_s = statistics.median(repeat_timed(lambda: dst.copy_(src), rounds, warmup=0))
+    return {"matmul_flops": 2 * n**3 / matmul_s, "matmul_n": n,
+            "copy_bytes_per_s": 2 * size * 4 / copy_s, "copy_buffer_bytes": size * 4}
+
+
+def header(*details: str) -> str:
+    """The first line of a script's report: its command, the machine and versions, details."""
+    machine = describe_machine()
+    return (f"`python {' '.join(sys.argv)}` — {machine['cpu']}, {machine['cores']} cores, "
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+            + ", ".join(details))

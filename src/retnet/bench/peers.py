@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from retnet.bench.measure import BENCH_FORM
 from retnet.memory import keep_freed_memory
 from retnet.model import RetNetConfig
 
@@ -36,7 +37,8 @@ def torchscale_job(config: RetNetConfig, cfg: Any, threads: int, kv_limit: int) 
     FFN has the parameters of ours (two d × ffn_dim matrices); retention is the same 8d²."""
     return {"d_model": config.d_model, "n_layers": config.n_layers, "n_heads": config.n_heads,
             "value_dim": config.value_dim, "ffn_dim": round(2 * config.ffn_dim / 3),
-            "vocab_size": config.vocab_size, "contexts": cfg.contexts, "batches": cfg.batches,
+            "vocab_size": config.vocab_size, "chunk_size": BENCH_FORM.chunk_size,
+            "contexts": cfg.contexts, "batches": cfg.batches,
             "prefill_lengths": cfg.prefill_lengths, "train_lengths": cfg.train_lengths,
             "train_tokens": cfg.train_tokens, "repeats": cfg.repeats, "threads": threads,
             "memory_cap_gib": cfg.memory_cap_gib, "kv_limit": kv_limit,

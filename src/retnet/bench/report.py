@@ -3,8 +3,11 @@ decode floor, ratios against the Transformer and peers, flatness, crossover, MFU
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
+
+from retnet.bench.measure import BENCH_FORM
 
 MiB = 2**20
 
@@ -79,7 +82,7 @@ def derived(results: dict) -> dict[str, Any]:
                 continue
             entry[f"{name}_tokens_per_s"] = r["tokens_per_s"]
             if name.startswith("retnet"):
-                span = T if name.endswith("parallel") else 128
+                span = T if name.endswith("parallel") else BENCH_FORM.chunk_size
                 mix = 3 * config.n_layers * span * (config.d_model + config.value_dim)
                 if name.endswith("chunkwise"):
                     mix += 12 * config.n_layers * config.n_heads * config.key_head_dim * (
@@ -138,6 +141,10 @@ def _plots(results: dict, out: Path) -> list[str]:
 
 
 def write_report(results: dict, out: Path) -> Path:
+    """Write OUT/results.json (every raw timing), OUT/report.md and the plots; the report's
+    path."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
     d = derived(results)
     meta, limits = results["meta"], results["limits"]
     lines = [f"# Cost benchmark: {meta['bench_config']['preset']}", "",

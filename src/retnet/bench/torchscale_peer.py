@@ -14,8 +14,8 @@ What is timed, per torchscale's own API:
 - decode: `model(tokens[:, :context+1], incremental_state)`, whose recurrent form embeds only
   the last token and rotates it by the sequence length; the incremental state is filled with
   random values of the right shapes ([B, H, V_head, K] per layer plus the running scale).
-- prefill: its chunkwise forward (chunk 128) with the LM head on the last position only; it
-  returns no state (torchscale's chunkwise form cannot hand one over).
+- prefill: its chunkwise forward (the job's chunk size, the benchmark's own) with the LM head on
+  the last position only; it returns no state (torchscale's chunkwise form cannot hand one over).
 - training: forward + backward of the parallel and the chunkwise forms.
 """
 
@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 
 
+# This process cannot import retnet (see above), so it keeps tiny copies of what
+# retnet.memory (rss_mib, trim, reset_peak) and retnet.bench.measure (summary, timed) do.
 def _rss_mib(field: str = "VmRSS") -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -58,7 +60,7 @@ def build(job: dict):
                 decoder_retention_heads=job["n_heads"], decoder_ffn_embed_dim=job["ffn_dim"],
                 decoder_layers=job["n_layers"], vocab_size=job["vocab_size"],
                 share_decoder_input_output_embed=True, dropout=0.0, activation_dropout=0.0,
-                recurrent_chunk_size=128)
+                recurrent_chunk_size=job["chunk_size"])
     embed = torch.nn.Embedding(job["vocab_size"], job["d_model"])
     model = RetNetDecoder(RetNetConfig(**arch), embed_tokens=embed).eval()
     skip = {id(model.embed_tokens.weight), id(model.output_projection.weight)}

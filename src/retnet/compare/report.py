@@ -1,10 +1,27 @@
-"""The report of `retnet compare`: validation curves and loss by position (PNG), and a table."""
+"""The report of `retnet compare`: the per-model summary over seeds, a Markdown table, and
+validation curves and loss by position as PNG. Reads results only (no models, no training)."""
 
 from __future__ import annotations
 
+import math
+import statistics
 from pathlib import Path
 
-from retnet.compare import summarise
+
+def summarise(runs: list[dict]) -> dict[str, dict[str, float]]:
+    """Per model: mean and spread (min–max over seeds) of the headline figures."""
+    table: dict[str, dict[str, float]] = {}
+    for name in dict.fromkeys(r["name"] for r in runs):
+        rs = [r for r in runs if r["name"] == name]
+        losses = [r["curve"][-1]["val_loss"] for r in rs]
+        acc = [next(iter(r["zero_shot"].values())).get("acc,none", math.nan) for r in rs]
+        table[name] = {"val_loss": statistics.mean(losses), "val_loss_min": min(losses),
+                       "val_loss_max": max(losses), "val_ppl": math.exp(statistics.mean(losses)),
+                       "acc": statistics.mean(acc), "tokens_per_s":
+                       statistics.mean(r["tokens_per_s"] for r in rs),
+                       "peak_mib": max(r["peak_mib"] for r in rs),
+                       "non_embedding": rs[0]["non_embedding"]}
+    return table
 
 
 def _plots(results: dict, out: Path) -> None:
@@ -44,6 +61,7 @@ def _plots(results: dict, out: Path) -> None:
 
 
 def write_report(results: dict, out: Path) -> Path:
+    """report.md (and the two plots) in `out` from the results of `run`."""
     cfg = results["config"]
     table = summarise(results["runs"])
     lines = ["# RetNet against a matched Transformer", "",

@@ -12,6 +12,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
+from retnet.device import pick_device
 from retnet.eval.scoring import continuation_logprobs, document_logprob, generate_until
 from retnet.model import RetNetLM
 from retnet.tokenizer import Tokenizer
@@ -35,7 +36,7 @@ class RetNetHarnessLM(LM):
             model, tokenizer = ckpt.build_model(), ckpt.tokenizer
         if tokenizer is None:
             raise ValueError("a model needs its tokenizer")
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = pick_device(device)
         model = model.to(device) if dtype is None else model.to(device, getattr(torch, dtype))
         self.model = model.eval()
         self.tok = tokenizer

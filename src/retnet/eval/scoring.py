@@ -10,8 +10,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from retnet.generation import generate
+from retnet.generation import TextStream, generate_stream
 from retnet.model import RetNetLM
+from retnet.ops import CHUNKWISE, Form
 from retnet.tokenizer import Tokenizer
 
 
@@ -27,7 +28,7 @@ def _left_pad(rows: Sequence[Sequence[int]], pad: int, device) -> tuple[Tensor, 
 
 @torch.no_grad()
 def continuation_logprobs(model: RetNetLM, pairs: Sequence[tuple[list[int], list[int]]],
-                          batch_size: int = 8, pad_id: int = 0, chunk_size: int = 64
+                          batch_size: int = 8, pad_id: int = 0, form: Form = CHUNKWISE
                           ) -> list[tuple[float, bool]]:
     """For each (context ids, continuation ids): log P(continuation | context) and whether the
     continuation is the greedy choice at every position. Requests are sorted by length and
@@ -39,7 +40,7 @@ def continuation_logprobs(model: RetNetLM, pairs: Sequence[tuple[list[int], list
         idx = order[start:start + batch_size]
         rows = [(pairs[i][0] + pairs[i][1])[:-1] for i in idx]
         ids, mask = _left_pad(rows, pad_id, device)
-        logits = model(ids, attention_mask=mask, mode="chunkwise", chunk_size=chunk_size).logits
+        logits = model(ids, attention_mask=mask, mode=form).logits
         logprobs = logits.double().log_softmax(-1)
         for row, i in enumerate(idx):
             cont = pairs[i][1]
@@ -53,7 +54,7 @@ def continuation_logprobs(model: RetNetLM, pairs: Sequence[tuple[list[int], list
 
 @torch.no_grad()
 def document_logprob(model: RetNetLM, ids: list[int], bos_id: int, segment: int = 4096,
-                     chunk_size: int = 64) -> float:
+                     form: Form = CHUNKWISE) -> float:
     """log P(document) with the whole document as context (the first token conditioned on
     bos_id), read in segments that carry the state: exact, at linear cost."""
     device = model.embed.weight.device
@@ -63,21 +64,22 @@ def document_logprob(model: RetNetLM, ids: list[int], bos_id: int, segment: int 
         inputs = torch.tensor([tokens[start:start + segment]], device=device)
         targets = torch.tensor(tokens[start + 1:start + segment + 1], device=device)
         inputs = inputs[:, :len(targets)]
-        out = model(inputs, state=state, mode="chunkwise", chunk_size=chunk_size)
+        out = model(inputs, state=state, mode=form)
         state = out.state
         lp = out.logits[0].double().log_softmax(-1)
         total += lp.gather(-1, targets[:, None]).sum().item()
     return total
 
 
-def perplexity(model: RetNetLM, tokenizer: Tokenizer, texts: Sequence[str]) -> dict[str, float]:
+def perplexity(model: RetNetLM, tokenizer: Tokenizer, texts: Sequence[str],
+               form: Form = CHUNKWISE) -> dict[str, float]:
     """Token perplexity and bits per byte of texts, each read as one whole document."""
     logprob, tokens, nbytes = 0.0, 0, 0
     for text in texts:
         ids = tokenizer.encode(text)
         if not ids:
             continue
-        logprob += document_logprob(model, ids, tokenizer.eos_id)
+        logprob += document_logprob(model, ids, tokenizer.eos_id, form=form)
         tokens += len(ids)
         nbytes += len(text.encode("utf-8"))
     if tokens == 0:
@@ -88,14 +90,20 @@ def perplexity(model: RetNetLM, tokenizer: Tokenizer, texts: Sequence[str]) -> d
 
 
 def generate_until(model: RetNetLM, tokenizer: Tokenizer, context: str, until: Sequence[str],
-                   max_new_tokens: int, temperature: float = 0.0, seed: int = 0) -> str:
-    """Continue context until a stop string (excluded) or max_new_tokens."""
+                   max_new_tokens: int, temperature: float = 0.0, seed: int = 0,
+                   form: Form = CHUNKWISE) -> str:
+    """Continue context (prefilled in `form`) until the earliest stop string (excluded), the
+    end of text token or max_new_tokens."""
     ids = tokenizer.encode(context) or [tokenizer.eos_id]
     device = model.embed.weight.device
-    out = generate(model, torch.tensor([ids], device=device), max_new_tokens,
-                   temperature=temperature, seed=seed, eos_token_id=tokenizer.eos_id,
-                   pad_token_id=tokenizer.pad_id, stop=list(until) or None, tokenizer=tokenizer)
-    new = [t for t in out[0, len(ids):].tolist() if t not in (tokenizer.pad_id, tokenizer.eos_id)]
-    text = tokenizer.decode(new)
-    cut = min((text.find(s) for s in until if s in text), default=len(text))
-    return text[:cut]
+    text = TextStream(tokenizer, [s for s in until if s])
+    parts = []
+    for token, state in generate_stream(model, torch.tensor([ids], device=device),
+                                        max_new_tokens, temperature=temperature, seed=seed,
+                                        eos_token_id=tokenizer.eos_id, prefill_form=form):
+        if state is not None or int(token[0]) == tokenizer.eos_id:
+            break
+        parts.append(text.push(int(token[0])))
+        if text.stopped:
+            break
+    return "".join(parts) + text.finish()

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import string
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from retnet.options import opt
 from retnet.tokenizer import (
     DEFAULT_CHAT_TEMPLATE,
     EOS,
@@ -126,6 +128,22 @@ def export_model(model: RetNetForCausalLM, tokenizer: Tokenizer, out: str | Path
     save_hf_tokenizer(tokenizer, out, chat_template)
     (out / "README.md").write_text(model_card(model.model, meta or {}), encoding="utf-8")
     return out
+
+
+@dataclass
+class ExportOptions:
+    """Options of `retnet export`."""
+
+    hf: list[str] = opt(help="write a transformers folder with its own code "
+                        "(AutoModelForCausalLM with trust_remote_code=True, or after import "
+                        "retnet.hf)", nargs=2, metavar=("CHECKPOINT", "OUT"))
+
+
+def command(opts: ExportOptions) -> int:
+    out = export_checkpoint(*opts.hf)
+    print(f"wrote {out}: load with AutoModelForCausalLM.from_pretrained({str(out)!r}, "
+          "trust_remote_code=True), or after `import retnet.hf` without it")
+    return 0
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:

@@ -20,6 +20,7 @@ from transformers.utils import ModelOutput
 
 from retnet.hf.configuration import RetNetHFConfig
 from retnet.model import RetNetLM, RetNetState, lm_loss
+from retnet.ops import CHUNKWISE, RECURRENT
 
 
 @dataclass(frozen=True)
@@ -109,8 +110,8 @@ class RetNetForCausalLM(PreTrainedModel, GenerationMixin):
             output_hidden_states = getattr(self.config, "output_hidden_states", False)
         hidden: list[Tensor] | None = [] if output_hidden_states else None
         state = None if retnet_cache is None else retnet_cache.state
-        mode = "recurrent" if input_ids.shape[1] == 1 else "chunkwise"
-        out = self.model(input_ids, state=state, mode=mode, attention_mask=attention_mask,
+        form = RECURRENT if input_ids.shape[1] == 1 else CHUNKWISE  # a step, or a prompt
+        out = self.model(input_ids, state=state, mode=form, attention_mask=attention_mask,
                          hidden_out=hidden)
         loss = None if labels is None else lm_loss(out.logits[:, :-1], labels[:, 1:])
         cache = None

@@ -48,7 +48,7 @@ class RetNetBlock(nn.Module):
         self.ffn = FeedForward(d_model, ffn_dim, ffn)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, kv: Tensor, pos: Positions | Tensor, mask: Tensor,
+    def forward(self, x: Tensor, kv: Tensor, pos: Positions, mask: Tensor,
                 form: RetentionForm) -> tuple[Tensor, Tensor]:
         """x [B, T, D]; kv [B, H, K, V+1]; pos as MultiScaleRetention; returns new x, kv."""
         h, kv = self.retention(self.norm1(x), kv, pos, mask, form)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from retnet.modules.layout import fused_weight
 from retnet.modules.linear import Linear
 from retnet.ops import RetentionForm, decay_row_sum, log_decays, rotary_angles, rotate
 from retnet.ops.linear import linear
@@ -64,18 +65,9 @@ class MultiScaleRetention(nn.Module):
         return [self.q_proj, self.k_proj, self.v_proj, *gate]
 
     def fused_input(self) -> Tensor | None:
-        """[ΣOUT, D]: the input projections as one weight, when the decode layout has placed
-        them side by side in one buffer ([D, ΣOUT] in memory); else None."""
-        weights = [p.weight for p in self.input_projections()]
-        first, total = weights[0], sum(w.shape[0] for w in weights)
-        offset = 0
-        for w in weights:
-            if (w.stride() != (1, total) or w.untyped_storage().data_ptr()
-                    != first.untyped_storage().data_ptr()
-                    or w.storage_offset() != first.storage_offset() + offset):
-                return None
-            offset += w.shape[0]
-        return first.as_strided((total, first.shape[1]), (1, total))
+        """[ΣOUT, D]: the input projections as one weight when the decode layout has fused
+        them (`retnet.modules.layout`), else None."""
+        return fused_weight(self.input_projections())
 
     def _project(self, x: Tensor) -> list[Tensor]:
         """q, k, v (and g) of x [..., D]: one product when the weights are fused."""
@@ -92,17 +84,15 @@ class MultiScaleRetention(nn.Module):
         log_decay = self.log_decay(positions.device, dtype)
         return Positions(cos, sin, decay_row_sum(positions, log_decay).sqrt())
 
-    def forward(self, x: Tensor, kv: Tensor, pos: Positions | Tensor, mask: Tensor,
+    def forward(self, x: Tensor, kv: Tensor, pos: Positions, mask: Tensor,
                 form: RetentionForm) -> tuple[Tensor, Tensor]:
         """x [B, T, D]; kv [B, H, K, V+1]; pos: `encode_positions` of the absolute positions
-        [B, T] (or those positions); mask [B, T] (1 = real).
+        [B, T]; mask [B, T] (1 = real).
 
         Returns y [B, T, D] and the new kv [B, H, K, V+1].
         """
         B, T, _ = x.shape
         H, K, V = self.n_heads, self.key_dim, self.value_dim
-        if isinstance(pos, Tensor):
-            pos = self.encode_positions(pos, kv.dtype)
         q, k, v, *g = self._project(x)
         q, k, v = q.view(B, T, H, K), k.view(B, T, H, K), v.view(B, T, H, V)
         q, k = rotate(torch.cat([q, k], dim=2), pos.cos, pos.sin).split(H, dim=2)  # one pass

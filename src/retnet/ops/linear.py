@@ -8,7 +8,7 @@ benchmarks/results/gemv.txt). Splitting the product into independent parts and h
 to one batched matmul puts each part on its own core:
 
     default layout, W [out, in] contiguous: split the output rows (~18 GB/s)
-    decode layout,  W stored as Wᵀ [in, out] (see `retnet.model.layout`): split the reduction
+    decode layout,  W stored as Wᵀ [in, out] (see `retnet.modules.layout`): split the reduction
                     dimension and add the partial sums (~25 GB/s; the LM head ~40 GB/s)
 
 The split path runs only for one row in float32 on a CPU; everything else (batches, training,

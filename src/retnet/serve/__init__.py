@@ -4,38 +4,52 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass
 
-from retnet.options import check_types, short
+from retnet.device import check_device
+from retnet.generation.command import DTYPES
+from retnet.options import check_types, opt, short
 from retnet.serve.guard import is_loopback
 
 # FastAPI and uvicorn (the [serve] extra) are imported only when a server is built, so that
 # `retnet --help` works without them.
-__all__ = ["ServeConfig", "build_app", "serve"]
-
-DTYPES = ("float32", "bfloat16", "float64")
+__all__ = ["ServeConfig", "build_app", "command", "serve"]
 
 
 @dataclass
 class ServeConfig:
-    """Run options of `retnet serve`."""
+    """Run options of `retnet serve` (vLLM's names for two of them as aliases)."""
 
-    checkpoint: str  # run directory or checkpoint folder
-    host: str = "127.0.0.1"  # bind address; a non-loopback one needs an API key
-    port: int = 8000  # 1 to 65535
-    api_key: str | None = field(default=None, repr=False)  # 'Bearer KEY'; or $RETNET_API_KEY
-    allowed_host: list[str] = field(default_factory=list)  # Host names also accepted; '*': any
-    allow_insecure_no_auth: bool = False  # bind a non-loopback --host without an API key
-    model_name: str | None = None  # the name clients pass as "model" (default: folder name)
-    dtype: str = "float32"  # float32, bfloat16 or float64
-    device: str | None = None  # default: cuda if available, else cpu
-    max_batch: int = 32  # sequences decoded together
-    max_queue: int = 64  # requests waiting for a slot; beyond that: 429
-    cache_mib: int = 1024  # prefix-state cache size
-    max_prompt_tokens: int = 8192
-    max_tokens: int = 1024  # upper bound on a request's max_tokens
-    max_request_kib: int = 1024
-    drain_s: float = 10.0  # on SIGTERM, time given to in-flight requests before they end
+    checkpoint: str = opt(help="run directory or checkpoint folder")
+    host: str = opt("127.0.0.1", "bind address; a non-loopback one needs an API key")
+    port: int = opt(8000, "1 to 65535")
+    api_key: str | None = opt(None, "clients must send 'Authorization: Bearer KEY' (default: "
+                              "$RETNET_API_KEY)", metavar="KEY", secret=True)
+    allowed_host: list[str] = opt(help="Host names also accepted; '*': any", factory=list,
+                                  metavar="NAME")
+    allow_insecure_no_auth: bool = opt(False, "bind a non-loopback --host without an API key")
+    model_name: str | None = opt(None, 'the name clients pass as "model" (default: the run '
+                                 "folder's name)", aliases=("--served-model-name",))
+    dtype: str = opt("float32", "the weights' dtype", choices=tuple(DTYPES))
+    device: str | None = opt(None, "cpu, cuda, cuda:N or mps (default: cuda if available, "
+                             "else cpu)")
+    max_batch: int = opt(32, "sequences decoded together", aliases=("--max-num-seqs",))
+    max_queue: int = opt(64, "requests waiting for a slot; beyond that: 429")
+    cache_mib: int = opt(1024, "prefix-state cache size (MiB)")
+    max_prompt_tokens: int = opt(8192, "longest prompt accepted, in tokens")
+    max_tokens: int = opt(1024, "upper bound on a request's max_tokens")
+    max_request_kib: int = opt(1024, "largest request body accepted (KiB)")
+    drain_s: float = opt(10.0, "on SIGTERM, seconds given to in-flight requests before they "
+                         "end")
+
+    @classmethod
+    def from_cli(cls, values: dict) -> ServeConfig:
+        """The options given on the command line; the API key from $RETNET_API_KEY when
+        --api-key is not given (as vLLM's VLLM_API_KEY: an environment variable keeps the key
+        out of `ps`)."""
+        values = {"api_key": os.environ.get("RETNET_API_KEY") or None, **values}
+        return cls(**values)
 
     def __post_init__(self) -> None:
         """Every option checked before the model loads: one line naming the bad one."""
@@ -57,6 +71,7 @@ class ServeConfig:
             if not ok:
                 raise ValueError(f"invalid --{name.replace('_', '-')} "
                                  f"{short(getattr(self, name))}; see `retnet serve --help`")
+        check_device(self.device)
         if self.api_key == "":
             self.api_key = None
         if not (is_loopback(self.host) or self.api_key or self.allow_insecure_no_auth):
@@ -66,19 +81,13 @@ class ServeConfig:
 
 
 def build_app(cfg: ServeConfig):
-    import torch
-
-    from retnet.checkpoint import load_checkpoint
-    from retnet.model.layout import use_inference_layout
+    from retnet.generation.command import load_for_inference
     from retnet.serve.api import Api, Limits, create_app
     from retnet.serve.engine import Engine
     from retnet.serve.guard import allowed_hosts
     from retnet.tokenizer import DEFAULT_CHAT_TEMPLATE
 
-    ckpt = load_checkpoint(cfg.checkpoint)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = use_inference_layout(ckpt.build_model(device).to(dtype[cfg.dtype]))
+    ckpt, model = load_for_inference(cfg.checkpoint, cfg.device, cfg.dtype)
     engine = Engine(model, ckpt.tokenizer, max_batch=cfg.max_batch, max_queue=cfg.max_queue,
                     cache_bytes=cfg.cache_mib << 20)
     name = cfg.model_name or ckpt.path.parent.parent.name or "retnet"
@@ -101,6 +110,12 @@ def _listen(host: str, port: int):
     except OSError as err:
         raise ValueError(f"cannot listen on {host}:{port} ({err.strerror or err}); pick another "
                          "--port or --host") from None
+
+
+def command(cfg: ServeConfig) -> int:
+    """`retnet serve`: serve until SIGTERM or Ctrl-C (then drain)."""
+    serve(cfg)
+    return 0
 
 
 def serve(cfg: ServeConfig) -> None:

@@ -18,8 +18,8 @@ from retnet.generation import SamplingParams
 from retnet.serve import validate as v
 from retnet.serve.chat import render_chat
 from retnet.serve.engine import Engine
-from retnet.serve.engine import Request as EngineRequest
 from retnet.serve.guard import Guard
+from retnet.serve.request import Request as EngineRequest
 from retnet.serve.respond import Run, draining, state_not_found
 from retnet.serve.validate import ApiError, Limits, error_body
 from retnet.tokenizer import Tokenizer

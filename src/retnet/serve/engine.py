@@ -1,6 +1,7 @@
 """The serving engine: one thread, one decode loop over every active sequence (continuous
-batching). New requests are prefilled (chunkwise, reusing cached prefix states) between
-steps and join the batch; finished or cancelled ones leave at once.
+batching). New requests are prefilled (in the engine's form, chunkwise by default, reusing
+cached prefix states) between steps and join the batch; finished or cancelled ones leave at
+once.
 
 Every sequence is a row of one batched RetNetState, so the whole batch costs the same per
 step whatever the lengths of the contexts."""
@@ -12,83 +13,28 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Generator, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Generator, Iterator
 
 import torch
 
-from retnet.generation import SamplingParams, decode_one, prefill, sample
+from retnet.generation import StepBuffers, TextStream, decode_one, prefill, sample
 from retnet.model import RetNetLM, RetNetState
+from retnet.ops import CHUNKWISE, Form
 from retnet.serve.cache import Entry, PrefixCache, boundaries
+from retnet.serve.request import ABORT, Busy, Draining, Event, Request, Row
 from retnet.tokenizer import Tokenizer
 
-
-class Busy(Exception):
-    """The queue is full: the client should retry later (HTTP 429)."""
-
-
-class Draining(Busy):
-    """The server is shutting down: the client should go elsewhere (HTTP 503)."""
-
-
-ABORT = "abort"  # the finish_reason of sequences still running when the drain window ends
-
-
-@dataclass
-class Event:
-    """One thing a request's client hears: a text delta, a finish, or the final usage."""
-
-    index: int
-    text: str = ""
-    token: int | None = None
-    logprob: float | None = None
-    top_logprobs: list[tuple[int, float]] | None = None
-    finish_reason: str | None = None
-    usage: dict | None = None  # only on the last event of a request (index -1)
-    state_id: str | None = None
-
-
-@dataclass
-class Request:
-    prompt_ids: list[int]
-    max_tokens: int
-    params: SamplingParams
-    emit: Callable[[Event], None]
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
-    n: int = 1
-    logprobs: int | None = None  # number of top alternatives; None: no logprobs
-    message_ends: list[int] = field(default_factory=list)
-    state_id: str | None = None  # continue from a saved conversation state
-    save_state: bool = False
-    ignore_eos: bool = False  # generate exactly max_tokens (load tests)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    arrived: float = field(default_factory=time.perf_counter)
-    # filled by the engine
-    initial_state: RetNetState | None = None  # the saved state of state_id, taken at submit
-    cached_tokens: int = 0
-    completion_tokens: int = 0
-    open_rows: int = 0
-    closed: bool = False  # its last event was emitted (or it was dropped): no longer in flight
-
-
-@dataclass
-class Row:
-    """One sequence being decoded (one choice of one request)."""
-
-    request: Request
-    index: int
-    generator: torch.Generator
-    last: int  # the newest token, not yet consumed by the state
-    ids: list[int] = field(default_factory=list)
-    sent: int = 0  # characters of decoded text already emitted
+__all__ = ["ABORT", "Busy", "Draining", "Engine", "Event", "Request", "Row"]
 
 
 class Engine:
+    """form: the retention form prompts are prefilled in (decoding is always recurrent)."""
+
     def __init__(self, model: RetNetLM, tokenizer: Tokenizer, *, max_batch: int = 32,
-                 max_queue: int = 64, cache_bytes: int = 1 << 30, chunk_size: int = 64) -> None:
+                 max_queue: int = 64, cache_bytes: int = 1 << 30, form: Form = CHUNKWISE
+                 ) -> None:
         self.model, self.tok = model.eval(), tokenizer
-        self.max_batch, self.chunk_size = max_batch, chunk_size
+        self.max_batch, self.form = max_batch, form
         self.cache = PrefixCache(cache_bytes)
         self.saved: OrderedDict[str, RetNetState] = OrderedDict()
         self.saved_limit = 256
@@ -97,8 +43,8 @@ class Engine:
         # Requests being prefilled, one segment (≤ 256 tokens) per loop turn, so that a long
         # prompt never stalls the streams already decoding for more than one segment.
         self._prefilling: list[tuple[Request, Iterator[None]]] = []
-        self._state: RetNetState | None = None
-        self._spare: RetNetState | None = None  # the decode step's output buffers
+        self._state: RetNetState | None = None  # one row per Row, made by cat and select
+        self._buffers = StepBuffers()  # the decode step's output buffers
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._abort = threading.Event()  # end every request now, each with a final event
@@ -269,7 +215,7 @@ class Engine:
             seed = request.seed + i if request.seed is not None else None
             gen = torch.Generator().manual_seed(seed if seed is not None
                                                 else int(torch.randint(2**62, ())))
-            row = Row(request, i, gen, last=-1)
+            row = Row(request, i, gen, last=-1, text=TextStream(self.tok, request.stop))
             new_rows.append(row)
         states = [state] * request.n
         self._state = RetNetState.cat(([self._state] if self._state else []) + states)
@@ -298,7 +244,7 @@ class Engine:
             if end <= done:
                 continue
             out, state = prefill(self.model, torch.tensor([ids[done:end]], device=device),
-                                 state=state, chunk_size=self.chunk_size)
+                                 state=state, form=self.form)
             logits = out[0]
             self.metrics["prefilled_tokens"] += end - done
             if cache:
@@ -311,12 +257,7 @@ class Engine:
     def _step(self) -> None:
         start = time.perf_counter()
         tokens = torch.tensor([r.last for r in self._rows], device=self._state.device)
-        spare = self._spare
-        if spare is None or not spare.fits(self._state):
-            spare = self._state.empty_like()
-        # the engine owns its state (made by cat/select): two buffers take turns
-        (logits, self._state), self._spare = (decode_one(self.model, tokens, self._state,
-                                                         out=spare), self._state)
+        logits, self._state = self._buffers.step(self.model, tokens, self._state)
         self._emit_tokens(self._rows, logits)
         self._remove_finished()
         m, b = self.metrics, len(tokens)
@@ -340,43 +281,19 @@ class Engine:
             if token == self.tok.eos_id and not req.ignore_eos:
                 self._finish(row, "stop")
                 continue
-            row.ids.append(token)
-            text, stopped = self._new_text(row)
-            row.request.emit(Event(row.index, text, token, float(row_lp[token]), top))
-            if stopped:
-                self._finish(row, "stop", flush=False)
-            elif len(row.ids) >= req.max_tokens:
+            text = row.text.push(token)
+            req.emit(Event(row.index, text, token, float(row_lp[token]), top))
+            if row.text.stopped:
+                self._finish(row, "stop")
+            elif len(row.text.ids) >= req.max_tokens:
                 self._finish(row, "length")
 
-    def _new_text(self, row: Row) -> tuple[str, bool]:
-        """The text this token adds, holding back what may be an unfinished stop string or an
-        unfinished UTF-8 character; cut at a stop string."""
-        text = self.tok.decode(row.ids)
-        stops = row.request.stop
-        for s in stops:
-            at = text.find(s, max(0, row.sent - len(s)))
-            if at >= 0:
-                delta = text[row.sent:at]
-                row.sent = at
-                return delta, True
-        safe = len(text)
-        if text.endswith("\ufffd"):
-            safe = len(text.rstrip("\ufffd"))
-        for s in stops:  # a suffix that could grow into a stop string stays back
-            for k in range(min(len(s) - 1, len(text)), 0, -1):
-                if text.endswith(s[:k]):
-                    safe = min(safe, len(text) - k)
-                    break
-        delta = text[row.sent:safe] if safe > row.sent else ""
-        row.sent = max(row.sent, safe)
-        return delta, False
-
-    def _finish(self, row: Row, reason: str, flush: bool = True) -> None:
-        """End a row; flush=False when a stop string ended it (the rest is the stop)."""
+    def _finish(self, row: Row, reason: str) -> None:
+        """End a row: its last event carries the text held back (none after a stop string)."""
         row.request.open_rows -= 1
         req = row.request
         if reason != "cancelled":
-            rest = self.tok.decode(row.ids)[row.sent:] if flush else ""
+            rest = row.text.finish()
             save = req.save_state and row.index == 0 and reason != ABORT
             state_id = self._save(row) if save else None
             req.emit(Event(row.index, rest, finish_reason=reason, state_id=state_id))

@@ -13,8 +13,9 @@ from typing import Any
 
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from retnet.serve.engine import Busy, Draining, Engine, Event
-from retnet.serve.engine import Request as EngineRequest
+from retnet.serve.engine import Engine
+from retnet.serve.request import Busy, Draining, Event
+from retnet.serve.request import Request as EngineRequest
 from retnet.serve.validate import ApiError
 from retnet.tokenizer import Tokenizer
 

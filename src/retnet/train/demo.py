@@ -5,12 +5,25 @@ report validation loss, perplexity and bits per byte, then sample from the train
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from retnet.ops import CHUNKWISE
+from retnet.options import opt
+
 DEMO_STEPS = 250  # ≈ 3 minutes on two CPU cores at 2048 tokens per step
 VOCAB = 4096
+
+
+@dataclass
+class DemoOptions:
+    """Options of `retnet demo`."""
+
+    out: str = opt("runs/demo", "run directory (a fresh run each time)")
+    steps: int | None = opt(None, f"training steps (default: {DEMO_STEPS}, about 3 minutes)")
+    data: str | None = opt(None, "other text instead of the stdlib corpus")
 
 
 def _tokenizer(out: Path, data: str | None) -> Path:
@@ -27,19 +40,22 @@ def _tokenizer(out: Path, data: str | None) -> Path:
     return path
 
 
-def run_demo(out: str = "runs/demo", steps: int | None = None, data: str | None = None) -> int:
+def command(opts: DemoOptions) -> int:
+    """Tokenizer, training, checkpoint and a sample, with the figures printed."""
     from retnet.checkpoint import load_checkpoint
     from retnet.generation import generate
     from retnet.train import TrainConfig, train
 
-    run = Path(out)
+    run = Path(opts.out)
     run.mkdir(parents=True, exist_ok=True)
-    tokenizer = _tokenizer(run, data)
-    steps = steps or DEMO_STEPS
-    cfg = TrainConfig(preset="demo", data=data, tokenizer=str(tokenizer), out=str(run), steps=steps,
-                      batch_size=8, seq_len=256, lr=2e-3, warmup=min(30, steps // 5),
-                      eval_every=max(1, steps // 5), eval_batches=16, save_every=steps,
-                      mode="chunkwise", chunk_size=64, overwrite=True)  # a fresh run each time
+    tokenizer = _tokenizer(run, opts.data)
+    steps = opts.steps or DEMO_STEPS
+    # a fresh run each time; chunkwise: the same numbers as parallel, with less memory
+    cfg = TrainConfig(preset="demo", data=opts.data, tokenizer=str(tokenizer), out=str(run),
+                      steps=steps, batch_size=8, seq_len=256, lr=2e-3,
+                      warmup=min(30, steps // 5), eval_every=max(1, steps // 5),
+                      eval_batches=16, save_every=steps, overwrite=True,
+                      **TrainConfig.form_fields(CHUNKWISE))
     start = time.perf_counter()
     result = train(cfg)
     minutes = (time.perf_counter() - start) / 60
@@ -48,8 +64,8 @@ def run_demo(out: str = "runs/demo", steps: int | None = None, data: str | None 
     prompt = "def "
     ids = generate(model, torch.tensor([tok.encode(prompt)]), 120, temperature=0.8, top_p=0.95,
                    seed=0, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
-    print(f"\ntrained {steps} steps ({steps * 8 * 256:,} tokens) in {minutes:.1f} min: "
-          f"validation loss {result['val_loss']:.3f} nats/token, perplexity "
+    print(f"\ntrained {steps} steps ({steps * cfg.batch_size * cfg.seq_len:,} tokens) in "
+          f"{minutes:.1f} min: validation loss {result['val_loss']:.3f} nats/token, perplexity "
           f"{result['val_ppl']:.1f}, {result['val_bpb']:.3f} bits per byte")
     print(f"checkpoint, metrics.jsonl and loss.png in {run}/")
     print(f"sample (temperature 0.8, top-p 0.95):\n---\n{tok.decode(ids[0].tolist())}\n---")

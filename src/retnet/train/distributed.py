@@ -1,5 +1,6 @@
-"""Process-group setup for torchrun (DDP with gloo on CPU / nccl on CUDA, or FSDP2), and the
-full (unsharded) model and optimiser state that checkpoints hold whatever the wrapping."""
+"""Process-group setup for torchrun (DDP with gloo on CPU / nccl on CUDA, or FSDP2), the
+full (unsharded) model and optimiser state that checkpoints hold whatever the wrapping, and
+rank 0's outcome for every rank. The one module of retnet that uses torch.distributed."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from torch.distributed.checkpoint.state_dict import (
     get_state_dict,
     set_optimizer_state_dict,
 )
+
+from retnet.device import pick_device
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
@@ -57,9 +60,9 @@ def setup(device: str | None = None) -> Context:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device is None:
-        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = pick_device(device)
+    if device is None and dev.type == "cuda":  # one GPU per process
+        dev = torch.device("cuda", local)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world > 1 and not tdist.is_initialized():
@@ -68,6 +71,15 @@ def setup(device: str | None = None) -> Context:
             local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     return Context(rank, world, dev)
+
+
+def rank0_outcome(ctx: Context, error: str | None) -> str | None:
+    """Rank 0's error message (None: success) on every rank: one broadcast when world > 1."""
+    if ctx.world == 1:
+        return error
+    box = [error]
+    tdist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def teardown(ctx: Context) -> None:

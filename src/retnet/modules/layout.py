@@ -1,4 +1,6 @@
 """The memory order of a model's weight matrices: the default, or transposed for decoding.
+This module owns that layout: it writes it (`set_weight_layout`) and it is the one place that
+reads it back (`fused_weight`, `weight_layout`); layers only ask it.
 
 `use_decode_layout(model)` stores every weight matrix as its transpose in memory ([in, out]
 rows) while keeping its shape, values, name and the Parameter object itself: a [out, in] view
@@ -15,9 +17,7 @@ contiguous stream.
 from __future__ import annotations
 
 import torch
-from torch import nn
-
-from retnet.modules.retention import MultiScaleRetention
+from torch import Tensor, nn
 
 LAYOUTS = ("default", "decode")
 
@@ -33,8 +33,8 @@ def set_weight_layout(model: nn.Module, layout: str) -> nn.Module:
         raise ValueError(f"unknown weight layout {layout!r}; use one of {', '.join(LAYOUTS)}")
     if layout == "decode":
         for m in model.modules():
-            if isinstance(m, MultiScaleRetention):
-                _fuse_input_projections(m)
+            if hasattr(m, "input_projections"):  # a layer whose input products can be one
+                _fuse(m.input_projections())
     for p in model.parameters():
         if p.dim() != 2:
             continue
@@ -45,11 +45,28 @@ def set_weight_layout(model: nn.Module, layout: str) -> nn.Module:
     return model
 
 
-def _fuse_input_projections(m: MultiScaleRetention) -> None:
+def fused_weight(projections: list[nn.Linear]) -> Tensor | None:
+    """[ΣOUT, D]: the weights of `projections` (all reading the same input) as one matrix, when
+    the decode layout has placed them side by side in one buffer ([D, ΣOUT] in memory); else
+    None. Checked on every call from the storage itself, so that anything that re-stores a
+    weight (`.to()`, `load_state_dict`, the default layout) falls back to separate products
+    instead of reading a stale buffer."""
+    weights = [p.weight for p in projections]
+    first, total = weights[0], sum(w.shape[0] for w in weights)
+    offset = 0
+    for w in weights:
+        if (w.stride() != (1, total) or w.untyped_storage().data_ptr()
+                != first.untyped_storage().data_ptr()
+                or w.storage_offset() != first.storage_offset() + offset):
+            return None
+        offset += w.shape[0]
+    return first.as_strided((total, first.shape[1]), (1, total))
+
+
+def _fuse(projections: list[nn.Linear]) -> None:
     """Place Wqᵀ, Wkᵀ, Wvᵀ (and Wgᵀ) side by side in one [D, ΣOUT] buffer, so that a
-    one-token step reads x's four projections in one pass (`MultiScaleRetention.fused_input`)."""
-    projections = m.input_projections()
-    if m.fused_input() is not None:
+    one-token step reads x's four projections in one pass (`fused_weight`)."""
+    if fused_weight(projections) is not None:
         return
     fused = torch.cat([p.weight.data.t() for p in projections], dim=1)  # [D, ΣOUT]
     start = 0

@@ -1,0 +1,158 @@
+"""`retnet generate`: continue a prompt from a checkpoint, printing the text as it is made;
+save the state after the run (--state-out) or continue from a saved one (--state-in)."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from retnet.device import check_device, pick_device
+from retnet.generation.loop import generate_stream
+from retnet.generation.sampling import SamplingParams
+from retnet.generation.text import TextStream
+from retnet.model import RetNetLM, RetNetState, load_state, save_state, use_inference_layout
+from retnet.options import check_types, opt, short
+from retnet.tokenizer import Tokenizer
+
+# The dtypes a command may load the weights in (the state stays float32, float64 for float64).
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+@dataclass
+class GenerateOptions:
+    """Options of `retnet generate`."""
+
+    checkpoint: str = opt(help="run directory or checkpoint folder")
+    prompt: str | None = opt(None, "text to continue, echoed before the new text (default: "
+                             "none, the model starts a document)")
+    prompt_file: str | None = opt(None, "read the prompt from FILE ('-': standard input) "
+                                  "instead of --prompt; it is not echoed", metavar="FILE")
+    max_new_tokens: int = opt(200, "tokens to generate; 0: only read the prompt (--state-out)")
+    temperature: float = opt(0.8, "0 for greedy")
+    top_k: int | None = opt(None, "sample among the k most likely tokens only")
+    top_p: float = opt(0.95, "sample among the most likely tokens whose probabilities reach "
+                       "p (1: all)")
+    repetition_penalty: float = opt(1.0, "CTRL's penalty on tokens already seen (1: none)")
+    seed: int = opt(0, "seed of the sampler's random generator")
+    stop: list[str] = opt(help="stop once the text holds this string (not printed); "
+                          "several may be given", factory=list, metavar="TEXT")
+    state_in: str | None = opt(None, "continue from a state saved by --state-out",
+                               metavar="FILE")
+    state_out: str | None = opt(None, "save the state after the run here (safetensors)",
+                                metavar="FILE")
+    device: str | None = opt(None, "cpu, cuda, cuda:N or mps (default: cuda if available, "
+                             "else cpu)")
+    dtype: str = opt("float32", "the weights' dtype", choices=tuple(DTYPES))
+
+    def __post_init__(self) -> None:
+        """Every value checked before anything loads: one line naming the bad option."""
+        check_types(GenerateOptions, {f.name: getattr(self, f.name)
+                                      for f in dataclasses.fields(self)})
+        if self.max_new_tokens < 0:
+            raise ValueError(f"--max-new-tokens must be ≥ 0; got {self.max_new_tokens}")
+        SamplingParams(self.temperature, self.top_k, self.top_p, self.repetition_penalty)
+        if self.prompt is not None and self.prompt_file is not None:
+            raise ValueError("pass the prompt with --prompt or --prompt-file, not both")
+        if not _is_text(self.prompt or ""):
+            raise ValueError("--prompt is not valid UTF-8 text")
+        if not all(s and _is_text(s) for s in self.stop):
+            raise ValueError(f"--stop needs non-empty UTF-8 strings; got {short(self.stop)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"invalid --dtype {short(self.dtype)}; use {', '.join(DTYPES)}")
+        check_device(self.device)
+
+
+def load_for_inference(checkpoint: str, device: str | None = None, dtype: str = "float32"):
+    """(Checkpoint, model) for decoding: on `pick_device(device)`, in `dtype`, in the weight
+    layout with the fastest one-token steps there. Shared by `retnet generate` and `serve`."""
+    from retnet.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    model = ckpt.build_model(pick_device(device)).to(DTYPES[dtype])
+    return ckpt, use_inference_layout(model)
+
+
+def command(opts: GenerateOptions) -> int:
+    """Print the prompt (when given with --prompt) and its continuation as it is made."""
+    _check_paths(opts)
+    prompt = _read_prompt(opts.prompt_file) if opts.prompt_file else opts.prompt or ""
+    ckpt, model = load_for_inference(opts.checkpoint, opts.device, opts.dtype)
+    tok, fingerprint = ckpt.tokenizer, model.config.fingerprint()
+    device = model.embed.weight.device
+    state = None
+    if opts.state_in:
+        state = load_state(opts.state_in, fingerprint, device).to(dtype=model.state_dtype)
+    ids = tok.encode(prompt) or [tok.eos_id]
+    if max(ids) >= model.config.vocab_size:
+        raise ValueError("the prompt encodes to ids beyond the model's vocabulary")
+    if opts.prompt_file is None:  # a document read from a file is not echoed back (#17)
+        sys.stdout.write(prompt)
+    state = _stream(model, tok, torch.tensor([ids], device=device), state, opts)
+    if opts.state_out:
+        save_state(opts.state_out, state, fingerprint)
+        print(f"state after {int(state.offset[0])} tokens saved to {opts.state_out}",
+              file=sys.stderr)
+    return 0
+
+
+def _stream(model: RetNetLM, tok: Tokenizer, ids: torch.Tensor, state: RetNetState | None,
+            opts: GenerateOptions) -> RetNetState:
+    """Generate after ids [1, T], printing the text as TextStream releases it; returns the
+    state after every token (a stop string's tokens included)."""
+    stream = generate_stream(
+        model, ids, opts.max_new_tokens, temperature=opts.temperature, top_k=opts.top_k,
+        top_p=opts.top_p, repetition_penalty=opts.repetition_penalty, eos_token_id=tok.eos_id,
+        pad_token_id=tok.pad_id, stop=opts.stop or None, tokenizer=tok, seed=opts.seed,
+        state=state)
+    text = TextStream(tok, opts.stop)
+    for token, final in stream:
+        if final is not None:
+            state = final
+        elif int(token[0]) != tok.eos_id:
+            sys.stdout.write(text.push(int(token[0])))
+            sys.stdout.flush()
+    sys.stdout.write(text.finish() + "\n")
+    return state
+
+
+def _check_paths(opts: GenerateOptions) -> None:
+    """The files named by the options, checked before the model loads or anything prints."""
+    if opts.prompt_file and opts.prompt_file != "-" and not Path(opts.prompt_file).is_file():
+        raise ValueError(f"--prompt-file {opts.prompt_file} is not a file")
+    if opts.state_out:
+        out = Path(opts.state_out)
+        if out.is_dir():
+            raise ValueError(f"--state-out {out} is a directory; name a file in it, such as "
+                             f"{out / 'state.safetensors'}")
+        if not out.parent.is_dir():
+            raise ValueError(f"--state-out {out}: the directory {out.parent} does not exist; "
+                             "create it first")
+    if opts.state_in and not Path(opts.state_in).is_file():
+        raise ValueError(f"--state-in {opts.state_in} is not a file; pass one that "
+                         "--state-out wrote")
+
+
+def _read_prompt(path: str) -> str:
+    """The prompt file's text ('-': standard input), which must be UTF-8."""
+    if path == "-":
+        stdin = sys.stdin
+        data = stdin.buffer.read() if hasattr(stdin, "buffer") else stdin.read().encode()
+    else:
+        data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"--prompt-file {path} is not UTF-8 text (byte {err.start})") from None
+
+
+def _is_text(text: str) -> bool:
+    """Whether text encodes as UTF-8 (argv can carry lone surrogates from undecodable bytes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -1,0 +1,159 @@
+"""The decode loop: a prefill in one retention form (chunkwise by default) makes a state, then
+O(1) recurrent steps each take only the newest token, their states written into two buffers
+that take turns (`StepBuffers`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from retnet.generation.sampling import SamplingParams, make_generators, sample
+from retnet.generation.text import TextStream
+from retnet.model import RetNetLM, RetNetState
+from retnet.ops import CHUNKWISE, RECURRENT, Form
+from retnet.tokenizer import Tokenizer
+
+
+@torch.no_grad()
+def prefill(model: RetNetLM, input_ids: Tensor, attention_mask: Tensor | None = None,
+            state: RetNetState | None = None, *, form: Form = CHUNKWISE
+            ) -> tuple[Tensor, RetNetState]:
+    """Read a prompt input_ids [B, T] in `form`; return the last position's logits [B, V]
+    and the state after it."""
+    out = model(input_ids, state=state, mode=form, attention_mask=attention_mask,
+                last_only=True)
+    return out.logits[:, -1], out.state
+
+
+@torch.no_grad()
+def decode_one(model: RetNetLM, token: Tensor, state: RetNetState,
+               active: Tensor | None = None, *, out: RetNetState | None = None
+               ) -> tuple[Tensor, RetNetState]:
+    """One recurrent step on token [B]; rows with active=False are left untouched.
+
+    out: optional buffers (e.g. `state.empty_like()`, or the state before last) that receive
+    the new state; `StepBuffers` alternates two, so a loop allocates nothing per token."""
+    mask = None if active is None else active[:, None]
+    result = model(token[:, None], state=state, mode=RECURRENT, attention_mask=mask,
+                   state_out=out)
+    return result.logits[:, -1], result.state
+
+
+class StepBuffers:
+    """The state double-buffer of a decode loop: each step writes the new state into the
+    buffers of the state before last, so a loop of steps allocates nothing per token.
+
+        buffers = StepBuffers()
+        logits, state = buffers.step(model, token, state)  # `state` becomes the next output
+
+    The caller must own the states it steps (made by prefill, `cat` or `select`, never a
+    state someone else keeps): the state passed in is overwritten two steps later. When the
+    batch shape changes (rows join or leave), a fresh pair is made."""
+
+    def __init__(self) -> None:
+        self._spare: RetNetState | None = None  # receives the next step's state
+
+    @torch.no_grad()
+    def step(self, model: RetNetLM, token: Tensor, state: RetNetState,
+             active: Tensor | None = None) -> tuple[Tensor, RetNetState]:
+        """`decode_one` of token [B] on state; returns logits [B, V] and the new state."""
+        spare = self._spare
+        if spare is None or not spare.fits(state):
+            spare = state.empty_like()
+        logits, new = decode_one(model, token, state, active, out=spare)
+        self._spare = state
+        return logits, new
+
+
+def generate_stream(model: RetNetLM, input_ids: Tensor, max_new_tokens: int, *,
+                    attention_mask: Tensor | None = None, temperature: float = 0.0,
+                    top_k: int | None = None, top_p: float | None = None,
+                    repetition_penalty: float = 1.0, eos_token_id: int | None = None,
+                    pad_token_id: int | None = None, stop: Sequence[str] | None = None,
+                    tokenizer: Tokenizer | None = None, seed: int | Sequence[int] | None = None,
+                    state: RetNetState | None = None, prefill_form: Form = CHUNKWISE
+                    ) -> Iterator[tuple[Tensor, RetNetState | None]]:
+    """Yield ([B] new tokens, None) per step; finally (empty, state after every token).
+
+    input_ids [B, T], left-padded under attention_mask [B, T]. A row stops at eos_token_id or
+    once its text (decoded by tokenizer) holds one of the stop strings; finished rows yield
+    pad_token_id. The caller's state is never modified."""
+    params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
+    B = _check(input_ids, attention_mask, stop, tokenizer)
+    pad = pad_token_id if pad_token_id is not None else (eos_token_id or 0)
+    generators = make_generators(seed, B)
+    seen = _seen_tokens(input_ids, attention_mask, model.config.vocab_size, params)
+    logits, state = prefill(model, input_ids, attention_mask, state, form=prefill_form)
+    active = torch.ones(B, dtype=torch.bool, device=input_ids.device)
+    texts = [TextStream(tokenizer, stop) for _ in range(B)] if stop else None
+    buffers = StepBuffers()  # prefill made a fresh state: this loop owns every state it steps
+    for _ in range(max_new_tokens):
+        token = sample(logits, params, generators, seen).masked_fill(~active, pad)
+        if seen is not None:
+            seen[torch.arange(B), token] |= active
+        yield token, None
+        logits, state = buffers.step(model, token, state, active)  # the state consumes it
+        if eos_token_id is not None:
+            active &= token != eos_token_id
+        if texts is not None:
+            active &= ~_hit_stop(token, active, texts)
+        if not active.any():
+            break
+    yield input_ids.new_empty(0), state
+
+
+def generate(model: RetNetLM, input_ids: Tensor, max_new_tokens: int, **kwargs
+             ) -> Tensor | tuple[Tensor, RetNetState]:
+    """Prompt plus up to max_new_tokens new tokens, [B, T_prompt + N] (rows that stop early are
+    filled with the pad id), or (tokens, state) with return_state=True; the state has consumed
+    every returned token. Arguments as `generate_stream`, plus return_state."""
+    return_state = kwargs.pop("return_state", False)
+    pad = kwargs.get("pad_token_id")
+    pad = pad if pad is not None else (kwargs.get("eos_token_id") or 0)
+    steps, final = [], None
+    for token, state in generate_stream(model, input_ids, max_new_tokens, **kwargs):
+        if state is not None:
+            final = state
+        else:
+            steps.append(token)
+    new = (torch.stack(steps, 1) if steps
+           else input_ids.new_empty(input_ids.shape[0], 0))
+    if new.shape[1] < max_new_tokens:  # everyone stopped early
+        fill = new.new_full((new.shape[0], max_new_tokens - new.shape[1]), pad)
+        new = torch.cat([new, fill], 1)
+    tokens = torch.cat([input_ids, new], 1)
+    return (tokens, final) if return_state else tokens
+
+
+def _check(input_ids: Tensor, attention_mask: Tensor | None, stop: Sequence[str] | None,
+           tokenizer: Tokenizer | None) -> int:
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be [B, T] with T ≥ 1; got {tuple(input_ids.shape)}")
+    if attention_mask is not None and not bool(attention_mask[:, -1].all()):
+        raise ValueError("the last position of every row must be a real token: pad prompts "
+                         "on the left")
+    if stop and tokenizer is None:
+        raise ValueError("stop strings need the tokenizer: pass tokenizer=...")
+    return input_ids.shape[0]
+
+
+def _seen_tokens(input_ids: Tensor, mask: Tensor | None, vocab: int,
+                 params: SamplingParams) -> Tensor | None:
+    if params.repetition_penalty == 1.0:
+        return None
+    seen = torch.zeros(input_ids.shape[0], vocab, dtype=torch.bool, device=input_ids.device)
+    real = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.bool()
+    seen.scatter_(1, input_ids.clamp(max=vocab - 1), real)
+    return seen
+
+
+def _hit_stop(token: Tensor, active: Tensor, texts: list[TextStream]) -> Tensor:
+    """[B] bool: the rows still active whose text now holds a stop string."""
+    hit = [False] * len(texts)
+    for row, (tok, live) in enumerate(zip(token.tolist(), active.tolist())):
+        if live:
+            texts[row].push(tok)
+            hit[row] = texts[row].stopped
+    return torch.tensor(hit, device=active.device)

@@ -1,0 +1,83 @@
+"""Sampling, apart from the loop: the parameters, top-k / top-p filtering, CTRL's repetition
+penalty and inverse-CDF draws from one random generator per row (so a seeded row samples the
+same tokens whatever else is in its batch)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0: greedy
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be ≥ 0; got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be ≥ 1; got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1]; got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0; got {self.repetition_penalty}")
+
+
+def filter_logits(logits: Tensor, top_k: int | None, top_p: float | None) -> Tensor:
+    """Set to -inf every logit outside the top k, then outside the smallest set of tokens
+    whose probability reaches top_p (the most likely token is always kept). logits [B, V]."""
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the tokens before it already reach top_p
+        drop_sorted = (probs.cumsum(-1) - probs) >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def penalise_repetition(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
+    """CTRL's penalty on tokens already in the sequence; seen [B, V] bool."""
+    if penalty == 1.0:
+        return logits
+    scaled = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, scaled, logits)
+
+
+def sample(logits: Tensor, params: SamplingParams, generators: Sequence[torch.Generator] | None,
+           seen: Tensor | None = None) -> Tensor:
+    """One token per row from logits [B, V]; greedy at temperature 0. Returns [B] int64."""
+    logits = logits.float()
+    if seen is not None:
+        logits = penalise_repetition(logits, seen, params.repetition_penalty)
+    if params.temperature == 0:
+        return logits.argmax(-1)
+    logits = filter_logits(logits / params.temperature, params.top_k, params.top_p)
+    cdf = logits.softmax(-1).cumsum(-1)
+    # One uniform draw per row from that row's own generator (on the CPU, so any device
+    # gives the same draws), then inverse-CDF sampling.
+    if generators is None:
+        u = torch.rand(logits.shape[0])
+    else:
+        u = torch.cat([torch.rand(1, generator=g) for g in generators])
+    u = u.to(cdf) * cdf[:, -1]
+    return torch.searchsorted(cdf, u[:, None]).squeeze(-1).clamp(max=logits.shape[-1] - 1)
+
+
+def make_generators(seed: int | Sequence[int] | None, batch: int) -> list[torch.Generator] | None:
+    """An int seeds every row's generator alike; a sequence gives one seed per row."""
+    if seed is None:
+        return None
+    seeds = [seed] * batch if isinstance(seed, int) else list(seed)
+    if len(seeds) != batch:
+        raise ValueError(f"got {len(seeds)} seeds for a batch of {batch}")
+    return [torch.Generator().manual_seed(int(s)) for s in seeds]

@@ -1,0 +1,74 @@
+"""What the engine and the HTTP side exchange: a Request (what a client asked for), the Events
+its client hears, the Row each of its choices becomes while decoding, and the two refusals."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from retnet.generation import SamplingParams, TextStream
+from retnet.model import RetNetState
+
+
+class Busy(Exception):
+    """The queue is full: the client should retry later (HTTP 429)."""
+
+
+class Draining(Busy):
+    """The server is shutting down: the client should go elsewhere (HTTP 503)."""
+
+
+ABORT = "abort"  # the finish_reason of sequences still running when the drain window ends
+
+
+@dataclass
+class Event:
+    """One thing a request's client hears: a text delta, a finish, or the final usage."""
+
+    index: int
+    text: str = ""
+    token: int | None = None
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    finish_reason: str | None = None
+    usage: dict | None = None  # only on the last event of a request (index -1)
+    state_id: str | None = None
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    max_tokens: int
+    params: SamplingParams
+    emit: Callable[[Event], None]
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    n: int = 1
+    logprobs: int | None = None  # number of top alternatives; None: no logprobs
+    message_ends: list[int] = field(default_factory=list)
+    state_id: str | None = None  # continue from a saved conversation state
+    save_state: bool = False
+    ignore_eos: bool = False  # generate exactly max_tokens (load tests)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    arrived: float = field(default_factory=time.perf_counter)
+    # filled by the engine
+    initial_state: RetNetState | None = None  # the saved state of state_id, taken at submit
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    open_rows: int = 0
+    closed: bool = False  # its last event was emitted (or it was dropped): no longer in flight
+
+
+@dataclass
+class Row:
+    """One sequence being decoded (one choice of one request)."""
+
+    request: Request
+    index: int
+    generator: torch.Generator
+    last: int  # the newest token, not yet consumed by the state
+    text: TextStream  # its tokens so far, and the part of their text already emitted

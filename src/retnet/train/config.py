@@ -1,0 +1,178 @@
+"""The run options of `retnet train` (one dataclass; each field is a --flag and a key of a
+TOML/YAML file), and how the command line's values become them: file, stored run, flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from retnet.checkpoint import remove_orphans, resolve_checkpoint
+from retnet.device import check_device
+from retnet.model import RetNetConfig
+from retnet.ops import DEFAULT_CHUNK_SIZE, Form
+from retnet.options import check_types, opt
+from retnet.train.step import BETA2, MAX_GRAD_NORM, MIN_LR_RATIO, WEIGHT_DECAY, Schedule
+
+# Recurrent is for decoding: one token at a time would make training T times slower.
+_TRAINING_MODES = ("parallel", "chunkwise")
+# Options of one invocation: a resumed run takes them from the command line, never the store.
+_PER_INVOCATION = ("config", "stop_at", "resume", "overwrite")
+
+
+@dataclass
+class TrainConfig:
+    """Run options of `retnet train` (each is a --flag; a TOML/YAML file may set any of them)."""
+
+    config: str | None = opt(None, "a .toml or .yaml file of these options (flags given "
+                             "beside it win); command line only", metavar="FILE")
+    preset: str = opt("demo", "model preset (see `retnet info`); the vocabulary size comes "
+                      "from the tokenizer")
+    model: dict[str, Any] = opt(help="RetNetConfig overrides, e.g. n_layers=4 dropout=0.1",
+                                factory=dict)
+    data: str | None = opt(None, "text file, .jsonl, directory or glob (default: the Python "
+                           "standard library corpus)")
+    text_field: str = opt("text", "the JSONL field holding the text")
+    tokenizer: str = opt("byte", '"byte" or a tokenizer.json (`retnet tokenizer train`)')
+    out: str = opt("runs/train", "run directory: checkpoints, metrics.jsonl, loss.png")
+    steps: int = opt(1000, "optimiser steps (the schedule's length)")
+    stop_at: int | None = opt(None, "end this invocation after this step and save (resume "
+                              "later with --resume)")
+    batch_size: int = opt(8, "sequences per micro-batch per process")
+    seq_len: int = opt(256, "training window length in tokens")
+    grad_accum: int = opt(1, "micro-batches per optimiser step (gradient accumulation)")
+    lr: float = opt(1e-3, "peak learning rate (AdamW)")
+    min_lr_ratio: float = opt(MIN_LR_RATIO, "final learning rate as a fraction of --lr")
+    warmup: int = opt(100, "linear warm-up steps")
+    schedule: str = opt("cosine", "decay after warm-up", choices=("cosine", "linear"))
+    weight_decay: float = opt(WEIGHT_DECAY, "AdamW weight decay, on the linear layers' "
+                              "matrices only (not norms, embeddings, biases)")
+    beta2: float = opt(BETA2, "AdamW's second-moment decay β₂")
+    clip: float = opt(MAX_GRAD_NORM, "max gradient norm (0 disables clipping)")
+    mode: str = opt("parallel", "retention form: parallel, or chunkwise for long sequences",
+                    choices=_TRAINING_MODES)
+    chunk_size: int = opt(DEFAULT_CHUNK_SIZE, "chunk length of the chunkwise form")
+    dtype: str | None = opt(None, "float32, or bfloat16 (autocast); default float32 on CPU, "
+                            "bfloat16 on CUDA", choices=("float32", "bfloat16"))
+    activation_checkpointing: bool = opt(False, "recompute each block in backward (less "
+                                         "memory, about a third more compute)")
+    eval_every: int = opt(100, "evaluate the validation loss every N steps")
+    eval_batches: int = opt(8, "fixed validation batches per evaluation")
+    save_every: int = opt(200, "save a checkpoint every N steps (the two newest are kept)")
+    seed: int = opt(0, "seed of the initial weights and of the batch order")
+    device: str | None = opt(None, "cpu, cuda, cuda:N or mps (default: cuda if available, "
+                             "else cpu)")
+    parallel: str = opt("ddp", 'under torchrun: "ddp", or "fsdp" (FSDP2 fully_shard)',
+                        choices=("ddp", "fsdp"))
+    resume: bool = opt(False, "continue from OUT/latest, with the options stored in the run "
+                       "(flags given again win)")
+    overwrite: bool = opt(False, "start again in an OUT that holds a run (its checkpoints and "
+                          "metrics go)")
+
+    def __post_init__(self) -> None:
+        # Values from a TOML/YAML file or --model KEY=VALUE arrive untyped: name a bad one.
+        check_types(TrainConfig, {f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+        check_types(RetNetConfig, self.model, prefix="model.")
+        if self.config is not None:
+            raise ValueError("config names a file for the command line; in Python use "
+                             "TrainConfig.from_file(path, **overrides)")
+        check_device(self.device)
+        checks = {"steps": self.steps >= 1, "batch_size": self.batch_size >= 1,
+                  "seq_len": self.seq_len >= 1, "grad_accum": self.grad_accum >= 1,
+                  "chunk_size": self.chunk_size >= 1,
+                  "lr": self.lr > 0, "warmup": self.warmup >= 0,
+                  "schedule": self.schedule in ("cosine", "linear"),
+                  "mode": self.mode in _TRAINING_MODES,
+                  "dtype": self.dtype in (None, "float32", "bfloat16"),
+                  "parallel": self.parallel in ("ddp", "fsdp"),
+                  "eval_every": self.eval_every >= 1, "save_every": self.save_every >= 1}
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"invalid {name}={getattr(self, name)!r}; "
+                                 "see `retnet train --help`")
+
+    @property
+    def form(self) -> Form:
+        """The retention form of every forward pass of the run."""
+        return Form(self.mode, self.chunk_size)
+
+    @staticmethod
+    def form_fields(form: Form) -> dict[str, Any]:
+        """The mode and chunk_size options that give `form`: TrainConfig(**form_fields(f))."""
+        return {"mode": form.mode, "chunk_size": form.chunk_size}
+
+    @property
+    def lr_schedule(self) -> Schedule:
+        return Schedule(self.lr, self.steps, self.warmup, self.min_lr_ratio, self.schedule)
+
+    def amp(self, device: torch.device) -> torch.dtype | None:
+        """The autocast dtype on `device`: None (float32) or bfloat16."""
+        name = self.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+        return {"float32": None, "bfloat16": torch.bfloat16}[name]
+
+    def stored_options(self) -> dict[str, Any]:
+        """The options a checkpoint records (meta.json's train_config); not `config`, which
+        only said where they were read from."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "config"}
+
+    @classmethod
+    def from_cli(cls, values: dict[str, Any]) -> TrainConfig:
+        """The options of a command line (`values`: the flags given): those of the --config
+        file under the flags, and with --resume the run's stored options under both."""
+        values = dict(values)
+        path = values.pop("config", None)
+        values = {**(cls.read_file(path) if path else {}), **values}
+        if values.get("resume"):
+            values = {**cls.stored(values.get("out", cls.out)), **values}
+        return cls(**values)
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> TrainConfig:
+        """Read a .toml or .yaml/.yml file; keyword overrides win."""
+        return cls(**{**cls.read_file(path), **overrides})
+
+    @staticmethod
+    def stored(out: str | Path) -> dict[str, Any]:
+        """The options a run in `out` was started with (its latest checkpoint's meta.json),
+        less those that belong to one invocation, for `--resume` with only `--out`. Finishes
+        or clears an interrupted save first, so `latest` names a complete checkpoint."""
+        for line in remove_orphans(Path(out)):
+            print(line, flush=True)
+        meta = resolve_checkpoint(out) / "meta.json"
+        try:
+            options = json.loads(meta.read_text()).get("train_config", {})
+        except (OSError, ValueError):
+            raise ValueError(f"cannot read the stored options in {meta}; pass them again "
+                             "with --resume") from None
+        return {k: v for k, v in options.items() if k not in _PER_INVOCATION}
+
+    @classmethod
+    def read_file(cls, path: str | Path) -> dict[str, Any]:
+        """The KEY: VALUE pairs of a .toml or .yaml/.yml file, keys checked (not `config`)."""
+        path = Path(path)
+        if path.suffix == ".toml":
+            import tomllib
+
+            values = tomllib.loads(path.read_text())
+        elif path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            try:
+                values = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError as err:
+                raise ValueError(f"{path} is not valid YAML ({str(err).splitlines()[0]})"
+                                 ) from None
+        else:
+            raise ValueError(f"config file {path} must end in .toml, .yaml or .yml")
+        if not isinstance(values, dict):
+            raise ValueError(f"{path} must hold KEY: VALUE pairs; got {type(values).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)} - {"config"}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown key(s) {', '.join(unknown)} in {path}; "
+                             f"valid keys: {', '.join(sorted(known))}")
+        return values

@@ -1,0 +1,260 @@
+"""`retnet train`'s run: prepare (tokenise, build or resume), loop over `train_step`, evaluate,
+log metrics.jsonl, save crash-safe checkpoints, plot. Batches are a pure function of (seed,
+step), and the RNG state is saved, so resuming is exact."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from retnet.checkpoint import (
+    CheckpointWriteError,
+    load_checkpoint,
+    read_latest,
+    remove_orphans,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from retnet.data import PackedWindows, load_documents, split_documents, tokenize
+from retnet.device import pick_device
+from retnet.model import RetNetConfig, RetNetLM
+from retnet.tokenizer import Tokenizer, load_tokenizer
+from retnet.train import distributed as dist
+from retnet.train.config import TrainConfig
+from retnet.train.step import (
+    Diverged,
+    Logits,
+    adamw,
+    micro_batches,
+    train_step,
+    validation_loss,
+)
+
+
+@dataclass
+class _Run:
+    """Everything the loop needs, built once."""
+
+    model: RetNetLM
+    wrapped: torch.nn.Module  # the model under DDP/FSDP2 (the model itself in one process)
+    logits: Logits  # the wrapped model's forward in the run's retention form
+    optimizer: torch.optim.Optimizer
+    tokenizer: Tokenizer
+    train: PackedWindows
+    val_batches: list[torch.Tensor]
+    val_bits_per_token: float  # converts nats/token into bits per byte
+    start_step: int
+    meta: dict[str, Any]
+
+
+def _model_and_tokenizer(cfg: TrainConfig):
+    """(config, tokenizer, checkpoint or None): from OUT's latest checkpoint with --resume."""
+    if not cfg.resume:
+        tokenizer = load_tokenizer(cfg.tokenizer)
+        config = RetNetConfig.from_preset(cfg.preset, **{"vocab_size": tokenizer.vocab_size,
+                                                         **cfg.model})
+        if tokenizer.vocab_size > config.vocab_size:
+            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's "
+                             f"vocab_size is {config.vocab_size}; drop the vocab_size override")
+        return config, tokenizer, None
+    ckpt = load_checkpoint(resolve_checkpoint(cfg.out))
+    wanted = RetNetConfig.from_preset(cfg.preset, vocab_size=ckpt.config.vocab_size, **cfg.model)
+    if wanted.fingerprint() != ckpt.config.fingerprint():
+        raise ValueError(f"{ckpt.path} was trained with another model config; resume with "
+                         "the same --preset and overrides, or use a new --out")
+    return ckpt.config, ckpt.tokenizer, ckpt
+
+
+def _prepare(cfg: TrainConfig, ctx: dist.Context) -> _Run:
+    config, tokenizer, ckpt = _model_and_tokenizer(cfg)
+    docs = load_documents(cfg.data, cfg.text_field)
+    train_docs, val_docs = split_documents(docs)
+    with ctx.rank_zero_first():  # rank 0 tokenises and caches; the others read the cache
+        train_tokens, _ = tokenize(train_docs, tokenizer, "train")
+        val_tokens, val_meta = tokenize(val_docs, tokenizer, "val")
+    train = PackedWindows(train_tokens, cfg.seq_len, "training split")
+    val = PackedWindows(val_tokens, cfg.seq_len, "validation split")
+    torch.manual_seed(cfg.seed)
+    model = RetNetLM(config).to(ctx.device)
+    model.activation_checkpointing = cfg.activation_checkpointing
+    if ckpt is not None:
+        model.load_state_dict(ckpt.weights)
+    wrapped = dist.wrap(model, ctx, cfg.parallel)
+    optimizer = adamw(wrapped, cfg.lr, cfg.weight_decay, cfg.beta2)
+    start = 0
+    if ckpt is not None:
+        state = ckpt.train_state()
+        dist.load_optimizer_state(wrapped, optimizer, state["optimizer"])
+        _set_rng_state(state["rng"])
+        start = state["step"]
+    meta = {"python_corpus": cfg.data is None, "documents": len(docs),
+            "train_tokens": int(train_tokens.size), "val_tokens": int(val_tokens.size),
+            "corpus": _corpus_record(cfg, docs), "train_config": cfg.stored_options()}
+    bits = val_meta["tokens"] / max(val_meta["bytes"], 1) / math.log(2)
+    form = cfg.form
+    return _Run(model, wrapped, lambda ids: wrapped(ids, mode=form).logits, optimizer,
+                tokenizer, train, val.evaluation_batches(cfg.batch_size, cfg.eval_batches),
+                bits, start, meta)
+
+
+def _corpus_record(cfg: TrainConfig, docs) -> dict[str, Any]:
+    from retnet.data import corpus_fingerprint, describe_default_corpus
+
+    base = describe_default_corpus() if cfg.data is None else {"source": cfg.data}
+    return {**base, "fingerprint": corpus_fingerprint(docs)}
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    state = {"torch": torch.get_rng_state()}
+    if pick_device().type == "cuda":  # dropout on a GPU draws from its own generator
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and pick_device().type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _save(run: _Run, cfg: TrainConfig, ctx: dist.Context, step: int) -> None:
+    state = dist.full_state(run.wrapped, run.optimizer)  # a collective under FSDP
+    error = None
+    if ctx.is_main:
+        try:
+            save_checkpoint(cfg.out, step, state["model"], run.model.config, run.tokenizer,
+                            {"optimizer": state["optimizer"], "step": step,
+                             "rng": _rng_state()}, run.meta)
+        except Exception as err:
+            if ctx.world == 1:
+                raise
+            error = str(err) if isinstance(err, CheckpointWriteError) else (
+                f"rank 0 could not save step {step}: {type(err).__name__}: {err}")
+    # Every rank learns how rank 0's save went (in place of a barrier), so that a failed save
+    # (a full disk) stops them all with its message instead of leaving them waiting.
+    error = dist.rank0_outcome(ctx, error)
+    if error is not None:
+        raise CheckpointWriteError(error)
+
+
+def _log(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _check_fresh(cfg: TrainConfig) -> None:
+    """A new run never mixes with an old one in the same OUT: --resume or --overwrite."""
+    out = Path(cfg.out)
+    if cfg.resume or not ((out / "latest").exists() or (out / "checkpoints").exists()):
+        return
+    if not cfg.overwrite:
+        raise ValueError(f"{out} already holds a run; pass --resume to continue it, --overwrite "
+                         "to start again (its checkpoints and metrics are removed), or another "
+                         "--out")
+
+
+def _make_run_dir(out: Path, overwrite: bool) -> None:
+    """Create OUT (before any slow work) and remove the temp folders of killed saves."""
+    if overwrite:
+        for name in ("checkpoints", "latest", "metrics.jsonl", "loss.png"):
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"cannot create the run directory {out} ({err.strerror}); "
+                         "pass another --out") from None
+    for line in remove_orphans(out):
+        print(line, flush=True)
+
+
+def _step(run: _Run, cfg: TrainConfig, ctx: dist.Context, step: int,
+          amp: torch.dtype | None) -> float:
+    """Optimiser step `step` (0-based) of the run; a divergence names the last good save."""
+    batches = micro_batches(run.train, cfg.seed, step, cfg.batch_size, cfg.grad_accum, ctx)
+    try:
+        return train_step(run.wrapped, run.optimizer, batches, cfg.lr_schedule.lr_at(step),
+                          logits=run.logits, clip=cfg.clip, amp=amp, ctx=ctx)
+    except Diverged as err:
+        latest = read_latest(cfg.out)
+        good = (f"{Path(cfg.out) / 'checkpoints' / latest} (resume from it with a lower --lr "
+                "or --clip, or check the data)") if latest else "none: none was saved"
+        raise ValueError(f"{err} at step {step + 1}; stopped before the optimiser step, "
+                         f"saving or pruning anything; the last good checkpoint is {good}"
+                         ) from None
+
+
+def train(cfg: TrainConfig) -> dict[str, float]:
+    """Train (or resume) and return the final metrics (loss, val_loss, val_ppl, val_bpb).
+    Launch under torchrun for DDP/FSDP2."""
+    ctx = dist.setup(cfg.device)
+    try:
+        return _train(cfg, ctx)
+    finally:
+        dist.teardown(ctx)
+
+
+def _train(cfg: TrainConfig, ctx: dist.Context) -> dict[str, float]:
+    out = Path(cfg.out)
+    _check_fresh(cfg)  # on every rank, so that none waits for a rank that refused
+    if ctx.is_main:  # only rank 0 saves, so only it may judge a temp folder orphaned
+        _make_run_dir(out, cfg.overwrite and not cfg.resume)
+    run = _prepare(cfg, ctx)
+    amp = cfg.amp(ctx.device)
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * ctx.world
+    bar = tqdm(total=cfg.steps, initial=run.start_step, disable=not ctx.is_main, unit="step",
+               dynamic_ncols=True)
+    result: dict[str, float] = {}
+    step, last = run.start_step, min(cfg.steps, cfg.stop_at or cfg.steps)
+    run.wrapped.train()
+    try:
+        while step < last:
+            started = time.perf_counter()
+            loss = _step(run, cfg, ctx, step, amp)
+            step += 1
+            rate = tokens_per_step / (time.perf_counter() - started)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:.0f}")
+            record: dict[str, Any] = {"step": step, "loss": loss,
+                                      "lr": cfg.lr_schedule.lr_at(step - 1), "tokens_per_s": rate}
+            if step % cfg.eval_every == 0 or step == last:
+                val = validation_loss(run.wrapped, run.val_batches, logits=run.logits, amp=amp,
+                                      device=ctx.device)
+                record |= {"val_loss": val, "val_ppl": math.exp(val),
+                           "val_bpb": val * run.val_bits_per_token}
+                result = {k: record[k] for k in ("loss", "val_loss", "val_ppl", "val_bpb")}
+                bar.write(f"step {step}: val loss {val:.4f}, ppl {math.exp(val):.2f}, "
+                          f"bits/byte {record['val_bpb']:.3f}")
+            if ctx.is_main:
+                _log(out / "metrics.jsonl", record)
+            if step % cfg.save_every == 0 or step == last:
+                _save(run, cfg, ctx, step)
+    except KeyboardInterrupt:
+        bar.write(f"interrupted: saving step {step} to {out}")
+        _save(run, cfg, ctx, step)
+        raise
+    finally:
+        bar.close()
+    if ctx.is_main:
+        from retnet.train.plot import plot_losses
+
+        plot_losses(out / "metrics.jsonl", out / "loss.png")
+    return result
+
+
+def command(cfg: TrainConfig) -> int:
+    """`retnet train`: train, then print the final metrics as one JSON line."""
+    result = train(cfg)
+    print(json.dumps({k: round(v, 4) for k, v in result.items()}))
+    return 0

@@ -1,0 +1,114 @@
+"""`retnet generate` on the copy model (tests/recall.py): stop strings, prompt files and
+standard input, what is echoed, and the state saved after a stop, each against plain full
+forwards of the growing sequence (no state carried)."""
+
+import io
+import random
+
+import pytest
+import torch
+
+from recall import episode, random_word, save_recall_run
+from reference import rel_err
+from retnet.checkpoint import load_checkpoint
+from retnet.cli import main
+from retnet.generation.command import GenerateOptions, command
+from retnet.model import load_state
+from retnet.tokenizer import ByteTokenizer
+
+TOK = ByteTokenizer()
+WORD = random_word(random.Random(5), 9, 9)
+HISTORY = "".join(episode(random_word(random.Random(50 + i))) for i in range(2))
+PROMPT = HISTORY + WORD + "|"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return save_recall_run(tmp_path_factory.mktemp("generate") / "run")
+
+
+@pytest.fixture(scope="module")
+def model(run):
+    return load_checkpoint(run).build_model().double()
+
+
+def cold_greedy(model, prompt: str, n: int) -> list[int]:
+    """The reference: argmax of a full forward of the growing sequence, n times."""
+    seq = TOK.encode(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+    return seq[len(TOK.encode(prompt)):]
+
+
+def generate_cli(*args) -> int:
+    return main(["generate", "--max-new-tokens", "14", "--temperature", "0",
+                 "--dtype", "float64", *args])
+
+
+def test_the_copy_is_what_the_reference_makes(model):
+    new = cold_greedy(model, PROMPT, 14)
+    assert TOK.decode(new).startswith(WORD + "\n")  # the model needs its state for this
+
+
+def test_a_stop_string_cuts_the_text_and_the_state_has_read_up_to_it(run, model, tmp_path,
+                                                                    capsys):
+    stop = WORD[4:6]
+    out = tmp_path / "s.safetensors"
+    assert generate_cli("--checkpoint", str(run), "--prompt", PROMPT, "--stop", "zzz",
+                        "--stop", stop, "--state-out", str(out)) == 0
+    new = cold_greedy(model, PROMPT, 14)
+    text = TOK.decode(new)
+    assert capsys.readouterr().out == PROMPT + text[:text.find(stop)] + "\n"
+    # the state has consumed every token up to the one that completed the stop string
+    k = next(i for i in range(1, 15) if stop in TOK.decode(new[:i]))
+    state = load_state(out, model.config.fingerprint())
+    ref = model(torch.tensor([TOK.encode(PROMPT) + new[:k]])).state
+    assert int(state.offset[0]) == len(TOK.encode(PROMPT)) + k
+    assert max(rel_err(a, b) for a, b in zip(state.kv, ref.kv)) < 1e-10
+
+
+def test_a_prompt_file_is_read_and_not_echoed(run, model, tmp_path, capsys):
+    path = tmp_path / "doc.txt"
+    path.write_text(PROMPT, encoding="utf-8")
+    out = tmp_path / "s.safetensors"
+    assert generate_cli("--checkpoint", str(run), "--prompt-file", str(path),
+                        "--state-out", str(out), "--max-new-tokens", "10") == 0
+    captured = capsys.readouterr()
+    first = TOK.decode(cold_greedy(model, PROMPT, 10))
+    assert captured.out == first + "\n"  # the continuation only, not the document
+    assert "saved to" in captured.err
+    # the saved state continues the document: the next copy needs all of it
+    second = random_word(random.Random(6), 8, 8)
+    assert generate_cli("--checkpoint", str(run), "--state-in", str(out), "--prompt",
+                        second + "|", "--max-new-tokens", "8") == 0
+    copy = TOK.decode(cold_greedy(model, PROMPT + first + second + "|", 8))
+    assert capsys.readouterr().out == second + "|" + copy + "\n"
+    assert copy == second
+
+
+def test_the_prompt_from_standard_input(run, model, monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(PROMPT.encode())))
+    assert command(GenerateOptions(checkpoint=str(run), prompt_file="-", max_new_tokens=14,
+                                   temperature=0.0, dtype="float64", device="cpu",
+                                   stop=["\n"])) == 0
+    assert capsys.readouterr().out == WORD + "\n"  # the copy, cut at its newline
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--prompt", "a", "--prompt-file", "p.txt"], "--prompt or --prompt-file, not both"),
+    (["--prompt-file", "missing.txt"], "--prompt-file missing.txt is not a file"),
+    (["--prompt-file", "latin1.txt"], "is not UTF-8 text"),
+    (["--stop", ""], "--stop needs non-empty"),
+    (["--device", "quantum"], "invalid device 'quantum'"),
+    (["--top-p", "0"], "top_p must be in (0, 1]"),
+])
+def test_bad_options_exit_2_with_one_line_before_the_model_loads(run, tmp_path, monkeypatch,
+                                                                  capsys, args, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "p.txt").write_text("x")
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    monkeypatch.setattr("retnet.generation.command.load_for_inference", None)  # never reached
+    assert generate_cli("--checkpoint", str(run), *args) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1 and message in err, err
