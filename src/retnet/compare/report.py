@@ -24,40 +24,44 @@ def summarise(runs: list[dict]) -> dict[str, dict[str, float]]:
     return table
 
 
-def _plots(results: dict, out: Path) -> None:
+def _line_plot(path: Path, series: list[tuple[str, list[float], list[float]]], xlabel: str,
+               ylabel: str, title: str, mark_x: float | None = None) -> None:
+    """One PNG of labelled (label, xs, ys) lines; mark_x: a dashed "training length" line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for r in results["runs"]:
-        xs = [p["tokens"] / 1e6 for p in r["curve"]]
-        ax.plot(xs, [p["val_loss"] for p in r["curve"]], "o-", ms=3,
-                label=f"{r['name']} (seed {r['seed']})")
-    ax.set(xlabel="training tokens (millions)", ylabel="validation loss (nats/token)",
-           title="validation loss, same batches for every model")
+    for label, xs, ys in series:
+        ax.plot(xs, ys, "o-", ms=3, label=label)
+    if mark_x is not None:
+        ax.axvline(mark_x, color="grey", ls="--", lw=1)
+        ax.text(mark_x, ax.get_ylim()[1], " training length", va="top", fontsize=8)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _plots(results: dict, out: Path) -> None:
+    """curves.png (validation loss against tokens) and positions.png (loss by position)."""
+    runs = results["runs"]
+    curves = [(f"{r['name']} (seed {r['seed']})", [p["tokens"] / 1e6 for p in r["curve"]],
+               [p["val_loss"] for p in r["curve"]]) for r in runs]
+    _line_plot(out / "curves.png", curves, "training tokens (millions)",
+               "validation loss (nats/token)", "validation loss, same batches for every model")
     seq = results["config"]["seq_len"]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for r in results["runs"]:
+    positions = []
+    for r in runs:
         losses = r["loss_by_position"]
-        span = 4 * seq / len(losses)
-        ax.plot([span * (i + 0.5) for i in range(len(losses))], losses, "o-", ms=3,
-                label=f"{r['name']} (seed {r['seed']})")
-    ax.axvline(seq, color="grey", ls="--", lw=1)
-    ax.text(seq, ax.get_ylim()[1], " training length", va="top", fontsize=8)
-    ax.set(xlabel="token position", ylabel="validation loss",
-           title="loss by position up to 4× the training length")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "positions.png", dpi=100)
-    plt.close(fig)
+        span = 4 * seq / len(losses)  # each bucket's centre
+        positions.append((f"{r['name']} (seed {r['seed']})",
+                          [span * (i + 0.5) for i in range(len(losses))], losses))
+    _line_plot(out / "positions.png", positions, "token position", "validation loss",
+               "loss by position up to 4× the training length", mark_x=seq)
 
 
 def write_report(results: dict, out: Path) -> Path:
