@@ -174,10 +174,11 @@ def test_manifest_lists_every_file(stopped_run):
 def test_non_finite_loss_stops_before_saving_or_pruning(stopped_run, corpus, capsys,
                                                         monkeypatch):
     """Item 9: the run stops at the first NaN loss and names the last good checkpoint."""
-    import retnet.train.step as tr
+    import retnet.model.lm as lm
 
-    real = tr.lm_loss
-    monkeypatch.setattr(tr, "lm_loss", lambda logits, targets: real(logits, targets) * math.nan)
+    real = lm.linear_cross_entropy
+    monkeypatch.setattr(lm, "linear_cross_entropy",
+                        lambda *args, **kwargs: real(*args, **kwargs) * math.nan)
     before = snapshot(stopped_run)
     code, _, err = cli(train_args(corpus, stopped_run, "--resume", "--save-every", "1"), capsys)
     assert code == 2

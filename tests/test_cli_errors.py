@@ -161,3 +161,20 @@ def test_the_api_key_is_in_no_repr():
 
     cfg = ServeConfig(checkpoint="run", api_key="sesame")
     assert "sesame" not in repr(cfg) and "sesame" not in str(cfg)
+
+
+def test_a_missing_extra_is_named_before_any_work_but_help_still_works(monkeypatch, tmp_path,
+                                                                        capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--help"])
+    assert exit_.value.code == 0 and "--steps" in capsys.readouterr().out
+    out = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--out", str(out), "--steps", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "[train] extra (matplotlib missing)" in err[0]
+    assert not out.exists()  # refused before the run directory, the corpus or the model

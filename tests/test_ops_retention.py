@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from reference import reference_retention, rel_err
-from retnet.ops import get_form, log_decays, retention_chunkwise
+from retnet.ops import Form, log_decays, retention_chunkwise
 
 B, T, H, K, V = 2, 29, 3, 4, 6
 # chunk sizes: 1, 2, 3, a non-divisor of T, T itself, larger than T
@@ -13,8 +13,8 @@ FORMS = ["parallel", "recurrent"] + [f"chunkwise-{L}" for L in (1, 2, 3, 8, T, 6
 
 def form_fn(name):
     if name.startswith("chunkwise"):
-        return get_form("chunkwise", int(name.split("-")[1]))
-    return get_form(name)
+        return Form.of("chunkwise", int(name.split("-")[1]))
+    return Form.of(name)
 
 
 def make_inputs(dtype, with_state, with_mask, requires_grad=False):
@@ -111,7 +111,7 @@ def test_long_decay_stays_finite():
     """exp of a positive distance would overflow; ours masks in log space first."""
     q = torch.randn(1, 4000, 1, 2)
     ld = torch.tensor([-0.5])  # γ ≈ 0.61: γ^(-4000) overflows float32 and float64
-    o, s = get_form("parallel")(q, q, q, ld)
+    o, s = Form.of("parallel")(q, q, q, ld)
     assert torch.isfinite(o).all() and torch.isfinite(s).all()
 
 
@@ -127,11 +127,11 @@ def test_bad_shapes_name_the_argument(bad, message):
                 log_decay=torch.zeros(3), state=None, mask=None)
     args.update(bad)
     with pytest.raises(ValueError, match=message):
-        get_form("chunkwise", 2)(**args)
+        Form.of("chunkwise", 2)(**args)
 
 
 def test_unknown_mode_and_chunk_size():
     with pytest.raises(ValueError, match="unknown mode"):
-        get_form("sideways")
+        Form.of("sideways")
     with pytest.raises(ValueError, match="chunk_size"):
-        get_form("chunkwise", 0)
+        Form.of("chunkwise", 0)

@@ -148,3 +148,43 @@ def test_step_buffers_make_a_fresh_pair_when_rows_leave_and_respect_inactive_row
     assert all(rel_err(a, b) < 1e-12 for a, b in zip(out.kv, ref_out.kv))
     assert all(torch.equal(a[1], b[1]) for a, b in zip(out.kv, ref.kv))  # inactive: unchanged
     assert torch.equal(out.offset, ref.offset + torch.tensor([1, 0]))
+
+
+class WholeDecodeBytes(ByteTokenizer):
+    """The byte tokenizer without `concatenates`: TextStream decodes everything each push."""
+
+    concatenates = False
+
+
+class CountingBytes(ByteTokenizer):
+    decoded = 0
+
+    def decode(self, ids):
+        ids = list(ids)
+        CountingBytes.decoded += len(ids)
+        return super().decode(ids)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_decoding_only_after_the_settled_prefix_changes_no_push(seed):
+    """Long random UTF-8 (multi-byte characters, stop strings, invalid bytes): every push and
+    the finish are the same as with whole-sequence decoding."""
+    rng = random.Random(100 + seed)
+    alphabet = ["a", "b", " ", "é", "€", "😀", "\n"]
+    text = "".join(rng.choice(alphabet) for _ in range(rng.randint(100, 300)))
+    ids = TOK.encode(text)
+    if seed % 3 == 0:  # a stray continuation byte: an invalid character in the middle
+        ids.insert(len(ids) // 2, 0x80)
+    stop = ["".join(rng.choice(alphabet) for _ in range(rng.randint(2, 4)))] if seed % 2 else []
+    folded, rest, stream = stream_all(ids, stop)
+    whole, whole_rest, _ = stream_all(ids, stop, tokenizer=WholeDecodeBytes())
+    assert folded == whole and rest == whole_rest
+    if not stream.stopped and len(ids) > 2 * TextStream.FOLD:
+        assert stream._settled > 0
+
+
+def test_a_long_stream_decodes_each_token_a_bounded_number_of_times():
+    CountingBytes.decoded = 0
+    ids = TOK.encode("ab€" * 2000)
+    stream_all(ids, tokenizer=CountingBytes())
+    assert CountingBytes.decoded <= (TextStream.FOLD + 1) * len(ids)

@@ -30,8 +30,8 @@ from retnet.train.distributed import Context
 CPU = Context(rank=0, world=1, device=torch.device("cpu"))
 
 
-def logits_of(model):
-    return lambda ids: model(ids).logits
+def loss_of(model):
+    return lambda ids, targets: model(ids, targets=targets).loss
 
 
 def test_schedule_warms_up_then_decays_to_the_floor():
@@ -64,14 +64,14 @@ def test_micro_batches_are_the_steps_windows_on_this_rank():
 def test_validation_loss_is_the_token_mean_over_all_windows():
     model = tiny_model(torch.float64).train()
     batches = [tokens(3, 17, seed=1), tokens(1, 17, seed=2)]  # unequal rows: weighted by rows
-    got = validation_loss(model, batches, logits=logits_of(model))
+    got = validation_loss(model, batches, loss_of=loss_of(model))
     rows = torch.cat(batches)
     with torch.no_grad():
         logits = model.eval()(rows[:, :-1]).logits
     expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), rows[:, 1:].flatten())
     assert got == pytest.approx(expected.item(), rel=1e-12)
     model.train()
-    validation_loss(model, batches, logits=logits_of(model))
+    validation_loss(model, batches, loss_of=loss_of(model))
     assert model.training  # put back in training mode
 
 
@@ -81,7 +81,7 @@ def test_a_non_finite_gradient_stops_before_the_optimiser_step():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     model.embed.weight.register_hook(lambda grad: torch.full_like(grad, math.nan))
     with pytest.raises(Diverged, match="gradient norm became nan") as stop:
-        train_step(model, optimizer, [tokens(2, 9)], 0.25, logits=logits_of(model), ctx=CPU)
+        train_step(model, optimizer, [tokens(2, 9)], 0.25, loss_of=loss_of(model), ctx=CPU)
     assert stop.value.what == "gradient norm" and isinstance(stop.value, ValueError)
     assert optimizer.param_groups[0]["lr"] == 0.25  # the step's rate was set
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -46,7 +46,8 @@ def one_step(model, rows, **cfg):
                           train=Rows(rows))
     batches = micro_batches(run.train, cfg.seed, 1, cfg.batch_size, cfg.grad_accum, CPU)
     loss = train_step(run.wrapped, run.optimizer, batches, cfg.lr_schedule.lr_at(1),
-                      logits=lambda ids: run.wrapped(ids, mode=cfg.form).logits, clip=cfg.clip,
+                      loss_of=lambda ids, t: run.wrapped(ids, mode=cfg.form, targets=t).loss,
+                      clip=cfg.clip,
                       ctx=CPU)
     return loss, run.optimizer.seen[0], run.train.calls
 

@@ -62,10 +62,6 @@ COMMANDS: dict[str, Command] = {
 }
 
 
-class UserError(Exception):
-    """Bad input from the user: printed as one line, exit status 2."""
-
-
 def _resolve(target: str) -> Any:
     module, _, name = target.partition(":")
     return getattr(importlib.import_module(module), name)
@@ -104,10 +100,14 @@ def _one_line(err: Exception) -> str:
 
 def _run(name: str, argv: Sequence[str]) -> int:
     command = COMMANDS[name]
-    if command.needs:
+    try:
+        cls = _resolve(command.options)  # an options module may itself need the extra
+    except ImportError:
         require(command.extra or "", *command.needs)
-    args = build_parser(name).parse_args(argv)
-    cls = _resolve(command.options)
+        raise
+    args = build_parser(name).parse_args(argv)  # --help works without the extra
+    if command.needs:  # before any work: not after training, when the plot is drawn
+        require(command.extra or "", *command.needs)
     values = given(args, cls)
     opts = cls.from_cli(values) if hasattr(cls, "from_cli") else cls(**values)
     from retnet.memory import keep_freed_memory
@@ -126,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         return _run(name, argv)
-    except (UserError, ValueError, OSError) as err:
+    except (ValueError, OSError) as err:  # user errors (features raise no others on bad input)
         print(f"retnet {name}: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

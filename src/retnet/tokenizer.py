@@ -34,6 +34,7 @@ class ByteTokenizer:
     vocab_size = 258
     eos_id = 256
     pad_id = 257
+    concatenates = True  # decode(a + b) == decode(a) + decode(b) when a ends a character
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -60,6 +61,9 @@ class BPETokenizer:
                              "`retnet tokenizer train` or add it as a special token")
         self.eos_id = eos
         self.pad_id = eos if pad is None else pad
+        # A byte-level decoder maps tokens to bytes, then bytes to text: decoding concatenates
+        # at character boundaries (others may drop or join spaces between tokens).
+        self.concatenates = type(tok.decoder).__name__ == "ByteLevel"
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text).ids

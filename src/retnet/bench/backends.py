@@ -65,8 +65,8 @@ def retnet_backend(config: RetNetConfig, dtype: torch.dtype = torch.float32) -> 
                   "token": torch.randint(0, config.vocab_size, (batch,))}
 
         def step() -> None:
-            # as in generate(): the new state goes into a reused buffer; the input state is
-            # not advanced, so every repeat decodes after the same context
+            # the new state goes into one reused buffer (generate() alternates two); the input
+            # state is not advanced, so every repeat decodes after the same context
             logits, _ = decode_one(model, holder["token"], state, out=holder["out"])
             holder["token"] = logits.argmax(-1)
 

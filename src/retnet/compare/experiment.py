@@ -21,6 +21,7 @@ from retnet.device import pick_device
 from retnet.memory import PeakMemory
 from retnet.model import RetNetConfig, RetNetLM
 from retnet.ops import CHUNKWISE
+from retnet.ops.loss import linear_cross_entropy
 from retnet.train.step import Schedule, adamw, micro_batches, train_step, validation_loss
 
 # Chunkwise: linear cost, so the 4× length evaluation stays cheap; equal to parallel.
@@ -28,7 +29,8 @@ FORM = CHUNKWISE
 
 
 class _LlamaAdapter(torch.nn.Module):
-    """ids [B, T] -> logits [B, T, vocab], like the RetNet adapter."""
+    """ids [B, T] -> logits [B, T, vocab], like the RetNet adapter; `loss` through the same
+    chunked cross-entropy, so the two models differ in their architecture only."""
 
     def __init__(self, model) -> None:
         super().__init__()
@@ -36,6 +38,10 @@ class _LlamaAdapter(torch.nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=ids, use_cache=False).logits
+
+    def loss(self, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        hidden = self.model.model(input_ids=ids, use_cache=False).last_hidden_state
+        return linear_cross_entropy(hidden, self.model.lm_head.weight, targets)
 
 
 class _RetNetAdapter(torch.nn.Module):
@@ -47,6 +53,9 @@ class _RetNetAdapter(torch.nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model(ids, mode=FORM).logits
+
+    def loss(self, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.model(ids, mode=FORM, targets=targets).loss
 
 
 def build_models(cfg: CompareConfig, vocab: int, seed: int) -> dict[str, torch.nn.Module]:
@@ -109,14 +118,15 @@ def train_one(name: str, model: torch.nn.Module, train: PackedWindows, val: list
         batches = micro_batches(train, seed, step, cfg.batch_size)
         hashes.append(hashlib.sha256(batches[0].numpy().tobytes()).hexdigest()[:16])
         start = time.perf_counter()
-        loss = train_step(model, optimizer, batches, schedule.lr_at(step), logits=model)
+        loss = train_step(model, optimizer, batches, schedule.lr_at(step),
+                          loss_of=model.loss)
         if device.type == "cuda":  # time the work, not the kernel launches
             torch.cuda.synchronize(device)
         elapsed += time.perf_counter() - start
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             curve.append({"step": step + 1, "tokens": (step + 1) * cfg.batch_size * cfg.seq_len,
                           "train_loss": loss, "val_loss": validation_loss(model, val,
-                                                                          logits=model)})
+                                                                          loss_of=model.loss)})
             bar.set_postfix(model=name, val=f"{curve[-1]['val_loss']:.3f}")
         bar.update(1)
     return {"curve": curve, "batch_hashes": hashes,

@@ -27,6 +27,7 @@ class RetNetHarnessLM(LM):
                  max_length: int = 2048, device: str | None = None,
                  dtype: str | None = None, **kwargs: Any) -> None:
         super().__init__()
+        handed_over = model is not None
         if model is None:
             if checkpoint is None:
                 raise ValueError("pass checkpoint=DIR (a run directory or checkpoint folder)")
@@ -36,6 +37,8 @@ class RetNetHarnessLM(LM):
             model, tokenizer = ckpt.build_model(), ckpt.tokenizer
         if tokenizer is None:
             raise ValueError("a model needs its tokenizer")
+        if device is None and handed_over:
+            device = next(model.parameters()).device  # a model handed over stays where it is
         device = pick_device(device)
         model = model.to(device) if dtype is None else model.to(device, getattr(torch, dtype))
         self.model = model.eval()

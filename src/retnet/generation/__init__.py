@@ -1,6 +1,6 @@
 """Generation: sampling apart from the loop (`sampling`), the prefill / decode-one loop and its
 state double-buffer (`loop`), the one text-streaming helper (`text`), and `retnet generate`
-(`command`, imported only by the CLI)."""
+(`command`, whose model loading `retnet serve` shares)."""
 
 from retnet.generation.loop import StepBuffers, decode_one, generate, generate_stream, prefill
 from retnet.generation.sampling import (

@@ -43,14 +43,15 @@ def decode_one(model: RetNetLM, token: Tensor, state: RetNetState,
 
 class StepBuffers:
     """The state double-buffer of a decode loop: each step writes the new state into the
-    buffers of the state before last, so a loop of steps allocates nothing per token.
+    buffers of the state the previous step read, so a loop of steps allocates nothing per
+    token after the first.
 
         buffers = StepBuffers()
-        logits, state = buffers.step(model, token, state)  # `state` becomes the next output
+        logits, new = buffers.step(model, token, state)  # `state` is the next step's output
 
     The caller must own the states it steps (made by prefill, `cat` or `select`, never a
-    state someone else keeps): the state passed in is overwritten two steps later. When the
-    batch shape changes (rows join or leave), a fresh pair is made."""
+    state someone else keeps): the state passed to one step is overwritten by the next.
+    When the batch shape changes (rows join or leave), a fresh pair is made."""
 
     def __init__(self) -> None:
         self._spare: RetNetState | None = None  # receives the next step's state

@@ -27,8 +27,13 @@ class TextStream:
     the text is cut before its earliest occurrence and `stopped` becomes True; the stop
     string itself is never released, and tokens pushed after it are ignored.
 
-    The whole sequence is decoded at every push, so the text is exactly `decode(ids)`
-    whatever the tokenizer (a decoder may join or strip spaces at token boundaries)."""
+    The text is always exactly `decode(ids)`. For a tokenizer whose decoding concatenates at
+    character boundaries (`concatenates`: bytes, byte-level BPE) only the tokens after the
+    last settled boundary are decoded at each push, so a long generation costs O(1) per
+    token; any other tokenizer (a decoder may join or strip spaces at token boundaries) is
+    decoded whole at every push."""
+
+    FOLD = 16  # tokens decoded again at most, past the last settled boundary
 
     def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()) -> None:
         if any(not s for s in stop):
@@ -38,13 +43,25 @@ class TextStream:
         self.ids: list[int] = []  # every token pushed before the stop, the stopping one too
         self.sent = 0  # characters of the decoded text already released
         self.stopped = False
+        self._fold = bool(getattr(tokenizer, "concatenates", False))
+        self._settled, self._settled_text = 0, ""  # decode(ids[:settled]), complete chars
+
+    def _text(self) -> str:
+        """decode(ids), decoding only what follows the settled prefix."""
+        tail = self.tokenizer.decode(self.ids[self._settled:])
+        text = self._settled_text + tail
+        # A tail without an unfinished (or invalid) character ends on a character boundary:
+        # the text so far is final whatever comes next, so it need not be decoded again.
+        if self._fold and len(self.ids) - self._settled >= self.FOLD and REPLACEMENT not in tail:
+            self._settled, self._settled_text = len(self.ids), text
+        return text
 
     def push(self, token: int) -> str:
         """Add one token; return the newly released text ("" when nothing is safe yet)."""
         if self.stopped:
             return ""
         self.ids.append(int(token))
-        text = self.tokenizer.decode(self.ids)
+        text = self._text()
         cut = self._first_stop(text)
         if cut is not None:
             self.stopped = True
@@ -55,7 +72,7 @@ class TextStream:
         """The text still held back (nothing after a stop string): the sequence has ended."""
         if self.stopped:
             return ""
-        text = self.tokenizer.decode(self.ids)
+        text = self._text()
         return self._release(text, len(text))
 
     def _release(self, text: str, upto: int) -> str:

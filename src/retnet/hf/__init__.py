@@ -1,7 +1,8 @@
 """Hugging Face transformers integration (the `[hf]` extra).
 
 Importing this module registers model_type "retnet_exact" with AutoConfig and
-AutoModelForCausalLM: the one import in the package with a side effect. Exported folders also
+AutoModelForCausalLM, a side effect like that of `retnet.eval.harness` (which registers the
+lm-eval model "retnet"); no other import has one. Exported folders also
 carry their own code, so they load without retnet through `trust_remote_code=True`.
 
     import retnet.hf

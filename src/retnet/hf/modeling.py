@@ -19,8 +19,9 @@ from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from retnet.hf.configuration import RetNetHFConfig
-from retnet.model import RetNetLM, RetNetState, lm_loss
+from retnet.model import RetNetLM, RetNetState
 from retnet.ops import CHUNKWISE, RECURRENT
+from retnet.ops.loss import linear_cross_entropy
 
 
 @dataclass(frozen=True)
@@ -108,12 +109,16 @@ class RetNetForCausalLM(PreTrainedModel, GenerationMixin):
                              "past_key_values: pass retnet_cache=out.retnet_cache")
         if output_hidden_states is None:
             output_hidden_states = getattr(self.config, "output_hidden_states", False)
-        hidden: list[Tensor] | None = [] if output_hidden_states else None
+        hidden: list[Tensor] | None = [] if output_hidden_states or labels is not None else None
         state = None if retnet_cache is None else retnet_cache.state
         form = RECURRENT if input_ids.shape[1] == 1 else CHUNKWISE  # a step, or a prompt
         out = self.model(input_ids, state=state, mode=form, attention_mask=attention_mask,
                          hidden_out=hidden)
-        loss = None if labels is None else lm_loss(out.logits[:, :-1], labels[:, 1:])
+        loss = None
+        if labels is not None:  # chunked over tokens: no [B·T, vocab] gradient is ever made
+            loss = linear_cross_entropy(hidden[-1][:, :-1], self.model.output_weight,
+                                        labels[:, 1:])
+            hidden = hidden if output_hidden_states else None
         cache = None
         if use_cache is not False:
             seen = input_ids if retnet_cache is None else torch.cat(

@@ -18,14 +18,16 @@ from retnet.modules.block import make_norm
 from retnet.modules.linear import Linear
 from retnet.ops import Form
 from retnet.ops.linear import linear
+from retnet.ops.loss import linear_cross_entropy
 from retnet.ops.retention import Mode
 
 INIT_STD = 0.02
 
 
 class RetNetOutput(NamedTuple):
-    logits: Tensor  # [B, T, vocab_size] (or [B, 1, vocab_size] with last_only=True)
+    logits: Tensor | None  # [B, T, vocab_size] ([B, 1, V] with last_only; None with targets)
     state: RetNetState  # after the last position
+    loss: Tensor | None = None  # with targets: the mean next-token cross-entropy
 
 
 class RetNetLM(nn.Module):
@@ -105,7 +107,8 @@ class RetNetLM(nn.Module):
                 mode: Mode | Form = "parallel", chunk_size: int | None = None,
                 attention_mask: Tensor | None = None, last_only: bool = False,
                 state_out: RetNetState | None = None,
-                hidden_out: list[Tensor] | None = None) -> RetNetOutput:
+                hidden_out: list[Tensor] | None = None,
+                targets: Tensor | None = None) -> RetNetOutput:
         """input_ids [B, T]; attention_mask [B, T] (1 = real token; left padding for batches
         of different lengths). mode: a retention Form, or a mode name with chunk_size
         (default `DEFAULT_CHUNK_SIZE`). Returns logits and the state after the last position; the
@@ -114,8 +117,14 @@ class RetNetLM(nn.Module):
         same shape whose buffers receive the new state, so that a decode loop alternates two
         states instead of allocating one per token; it must not be `state` itself. hidden_out:
         a list that receives the residual stream as transformers' hidden_states: the input of
-        each block [B, T, D], then the final norm's output ([B, 1, D] with last_only)."""
+        each block [B, T, D], then the final norm's output ([B, 1, D] with last_only).
+        targets [B, T] (the token each position predicts; -100: none): return the loss
+        instead of the logits, through the chunked cross-entropy (`retnet.ops.loss`), which
+        never holds the [B·T, vocab] logits or their gradient."""
         B, _ = self._check_inputs(input_ids, state, attention_mask)
+        if targets is not None and (last_only or targets.shape != input_ids.shape):
+            raise ValueError(f"targets must be [B, T] = {list(input_ids.shape)} (one per "
+                             "position), without last_only")
         state = self.init_state(B, input_ids.device) if state is None else state
         forms = self._forms(Form.of(mode, chunk_size), state, state_out)
         mask = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
@@ -142,11 +151,13 @@ class RetNetLM(nn.Module):
         x = self.norm(x)
         if hidden_out is not None:
             hidden_out.append(x)
-        logits = linear(x, self.output_weight)
         offset = state.offset + seen[:, -1]
         if state_out is not None:
             offset = state_out.offset.copy_(offset)
-        return RetNetOutput(logits, RetNetState(tuple(kvs), offset))
+        state = RetNetState(tuple(kvs), offset)
+        if targets is not None:
+            return RetNetOutput(None, state, linear_cross_entropy(x, self.output_weight, targets))
+        return RetNetOutput(linear(x, self.output_weight), state)
 
     def _forms(self, form: Form, state: RetNetState, state_out: RetNetState | None) -> list:
         """The retention form for each layer; with state_out, each writes into its buffer."""

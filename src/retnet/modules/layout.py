@@ -1,6 +1,7 @@
 """The memory order of a model's weight matrices: the default, or transposed for decoding.
-This module owns that layout: it writes it (`set_weight_layout`) and it is the one place that
-reads it back (`fused_weight`, `weight_layout`); layers only ask it.
+This module owns that layout: it writes it (`set_weight_layout`) and reads it back
+(`fused_weight`, `weight_layout`); layers ask it. `retnet.ops.linear` only looks at a weight's
+strides to pick its product.
 
 `use_decode_layout(model)` stores every weight matrix as its transpose in memory ([in, out]
 rows) while keeping its shape, values, name and the Parameter object itself: a [out, in] view

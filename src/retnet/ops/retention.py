@@ -272,11 +272,6 @@ class Form:
 PARALLEL, RECURRENT, CHUNKWISE = Form("parallel"), Form("recurrent"), Form("chunkwise")
 
 
-def get_form(mode: Mode | Form, chunk_size: int | None = None) -> Form:
-    """The retention form for `mode` ("parallel", "recurrent" or "chunkwise")."""
-    return Form.of(mode, chunk_size)
-
-
 def retention(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor,
               state: Tensor | None = None, mask: Tensor | None = None, *,
               mode: Mode | Form = "parallel", chunk_size: int | None = None

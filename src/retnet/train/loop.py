@@ -31,7 +31,7 @@ from retnet.train import distributed as dist
 from retnet.train.config import TrainConfig
 from retnet.train.step import (
     Diverged,
-    Logits,
+    Loss,
     adamw,
     micro_batches,
     train_step,
@@ -45,7 +45,7 @@ class _Run:
 
     model: RetNetLM
     wrapped: torch.nn.Module  # the model under DDP/FSDP2 (the model itself in one process)
-    logits: Logits  # the wrapped model's forward in the run's retention form
+    loss_of: Loss  # the wrapped model's loss in the run's retention form
     optimizer: torch.optim.Optimizer
     tokenizer: Tokenizer
     train: PackedWindows
@@ -100,7 +100,11 @@ def _prepare(cfg: TrainConfig, ctx: dist.Context) -> _Run:
             "corpus": _corpus_record(cfg, docs), "train_config": cfg.stored_options()}
     bits = val_meta["tokens"] / max(val_meta["bytes"], 1) / math.log(2)
     form = cfg.form
-    return _Run(model, wrapped, lambda ids: wrapped(ids, mode=form).logits, optimizer,
+
+    def loss_of(ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return wrapped(ids, mode=form, targets=targets).loss  # through DDP's forward
+
+    return _Run(model, wrapped, loss_of, optimizer,
                 tokenizer, train, val.evaluation_batches(cfg.batch_size, cfg.eval_batches),
                 bits, start, meta)
 
@@ -185,7 +189,7 @@ def _step(run: _Run, cfg: TrainConfig, ctx: dist.Context, step: int,
     batches = micro_batches(run.train, cfg.seed, step, cfg.batch_size, cfg.grad_accum, ctx)
     try:
         return train_step(run.wrapped, run.optimizer, batches, cfg.lr_schedule.lr_at(step),
-                          logits=run.logits, clip=cfg.clip, amp=amp, ctx=ctx)
+                          loss_of=run.loss_of, clip=cfg.clip, amp=amp, ctx=ctx)
     except Diverged as err:
         latest = read_latest(cfg.out)
         good = (f"{Path(cfg.out) / 'checkpoints' / latest} (resume from it with a lower --lr "
@@ -229,7 +233,7 @@ def _train(cfg: TrainConfig, ctx: dist.Context) -> dict[str, float]:
             record: dict[str, Any] = {"step": step, "loss": loss,
                                       "lr": cfg.lr_schedule.lr_at(step - 1), "tokens_per_s": rate}
             if step % cfg.eval_every == 0 or step == last:
-                val = validation_loss(run.wrapped, run.val_batches, logits=run.logits, amp=amp,
+                val = validation_loss(run.wrapped, run.val_batches, loss_of=run.loss_of, amp=amp,
                                       device=ctx.device)
                 record |= {"val_loss": val, "val_ppl": math.exp(val),
                            "val_bpb": val * run.val_bits_per_token}

@@ -12,15 +12,16 @@ from typing import Any, Literal, Protocol
 
 import torch
 
-from retnet.model import lm_loss
 from retnet.train import distributed as dist
 
 # Defaults of both features (nanoGPT's values): decay 0.1 on the matrices, β₂ 0.95, the
 # learning rate decaying to a tenth of its peak, gradients clipped to norm 1.
 WEIGHT_DECAY, BETA2, MIN_LR_RATIO, MAX_GRAD_NORM = 0.1, 0.95, 0.1, 1.0
 
-# Token ids [B, T] -> next-token logits [B, T, vocab]: how each feature calls its model.
-Logits = Callable[[torch.Tensor], torch.Tensor]
+# (ids [B, T], targets [B, T]) -> the mean next-token loss: how each feature calls its model.
+# Both features compute it through `retnet.ops.loss.linear_cross_entropy`, which never holds
+# the [B·T, vocab] logits or their gradient (and so do both models of `retnet compare`).
+Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class Windows(Protocol):
@@ -90,15 +91,15 @@ def autocast(device: torch.device, amp: torch.dtype | None):
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-               batches: Sequence[torch.Tensor], lr: float, *, logits: Logits,
+               batches: Sequence[torch.Tensor], lr: float, *, loss_of: Loss,
                clip: float = MAX_GRAD_NORM, amp: torch.dtype | None = None,
                ctx: dist.Context | None = None) -> float:
     """One optimiser step over `batches` (the micro-batches [B, T + 1] of one step).
 
     Sets the learning rate to `lr`, accumulates the gradient of the mean next-token loss
     over the micro-batches (DDP synchronises on the last only), clips the gradient to norm
-    `clip` (0: no clipping; the norm is measured either way), and steps. `logits` calls the
-    model: ids [B, T] -> logits [B, T, vocab]. ctx: the process group (None: one process, on
+    `clip` (0: no clipping; the norm is measured either way), and steps. `loss_of` calls the
+    model: (ids [B, T], targets [B, T]) -> mean loss. ctx: the process group (None: one process, on
     the model's device).
 
     Returns the loss averaged over micro-batches and ranks. Raises `Diverged` before the
@@ -110,7 +111,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     for i, batch in enumerate(batches):
         batch = batch.to(ctx.device)
         with dist.maybe_no_sync(model, sync=i == len(batches) - 1), autocast(ctx.device, amp):
-            loss = lm_loss(logits(batch[:, :-1]), batch[:, 1:]) / len(batches)
+            loss = loss_of(batch[:, :-1], batch[:, 1:]) / len(batches)
         loss.backward()
         total += loss.item()
     # The norm is measured whether or not it clips (max_norm inf scales by exactly 1).
@@ -129,7 +130,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
 
 
 @torch.no_grad()
-def validation_loss(model: torch.nn.Module, batches: Sequence[torch.Tensor], *, logits: Logits,
+def validation_loss(model: torch.nn.Module, batches: Sequence[torch.Tensor], *, loss_of: Loss,
                     amp: torch.dtype | None = None, device: torch.device | None = None) -> float:
     """Mean next-token loss (nats per token) over fixed windows [B, T + 1], each batch
     weighted by its rows; the model is put back in training mode after."""
@@ -139,7 +140,7 @@ def validation_loss(model: torch.nn.Module, batches: Sequence[torch.Tensor], *, 
     for batch in batches:
         batch = batch.to(device)
         with autocast(device, amp):
-            total += lm_loss(logits(batch[:, :-1]), batch[:, 1:]).item() * batch.shape[0]
+            total += loss_of(batch[:, :-1], batch[:, 1:]).item() * batch.shape[0]
         count += batch.shape[0]
     model.train()
     return total / count
