@@ -12,19 +12,24 @@ LOWEST_STAMP := $(LOWEST)/.installed
 WHEEL := .venv-wheel
 WHEEL_STAMP := $(WHEEL)/.installed
 
-.PHONY: demo test test-hf-lowest wheel lint bench mutations clean
+.PHONY: demo test test-hf-lowest wheel kernels lint bench mutations clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-demo: $(STAMP)
+# The C++ kernels, compiled once per machine and torch build into ~/.cache/retnet (seconds when
+# already there); at first use otherwise. Never through pip's build isolation.
+kernels: $(STAMP)
+	$(BIN)/python -c "from retnet.kernels.build import build; print(build())"
+
+demo: $(STAMP) kernels
 	$(BIN)/retnet demo
 
 # The whole suite on the newest pinned versions, then the transformers integration again on
 # the lowest supported transformers.
-test: $(STAMP) $(LOWEST_STAMP) wheel
+test: $(STAMP) $(LOWEST_STAMP) wheel kernels
 	$(BIN)/ruff check src tests benchmarks scripts
 	$(BIN)/python -m pytest -q
 	$(LOWEST)/bin/python -m pytest -q tests/test_hf.py tests/test_hf_export.py

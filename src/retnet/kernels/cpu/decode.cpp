@@ -1,0 +1,275 @@
+// The fused one-token decode step of a RetNet LM on CPU, and the weight-streaming product it is
+// built from, registered as torch.ops.retnet.{decode_step, linear}. The step computes exactly
+// what `RetNetLM.forward(ids [B, 1], mode="recurrent")` computes (retnet/modules/retention.py is
+// the reference, in the same order of operations), with float32 activations whatever the weight
+// format. Per layer: norm, the q/k/v/g products in one parallel region, rotation, one pass over
+// the state that decays it, adds kᵀ[v, m] into the caller's output buffer and reads q·S' out,
+// the head norm and gate, W_O, norm, the FFN's products in two regions, residuals.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "products.h"
+
+namespace retnet {
+namespace {
+
+enum Norm : int64_t { kLayer = 0, kRms = 1 };
+enum HeadNorm : int64_t { kGroup = 0, kHeadRms = 1, kNone = 2 };
+enum Ffn : int64_t { kGelu = 0, kGluGelu = 1, kGluSwish = 2 };
+
+// The architecture, from the Python side's `ints` / `floats` lists (see kernels/decode.py).
+struct Dims {
+  int64_t L, H, K, V, D, F, vocab, norm, head_norm, ffn, gated, glu;
+  float eps, embed_scale;
+};
+
+WFormat format_of(const at::Tensor& w) {
+  if (w.scalar_type() == at::kFloat) return WFormat::f32;
+  if (w.scalar_type() == at::kBFloat16) return WFormat::bf16;
+  TORCH_CHECK(w.scalar_type() == at::kChar, "weights must be float32, bfloat16 or int8");
+  return WFormat::i8;
+}
+
+Matrix matrix(const at::Tensor& w, const at::Tensor& scale, float* y, int64_t ldy) {
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "weights must be contiguous [out, in]");
+  const float* s = scale.numel() ? scale.data_ptr<float>() : nullptr;
+  TORCH_CHECK(format_of(w) != WFormat::i8 || s, "an int8 weight needs its scales");
+  return {w.data_ptr(), s, w.size(0), format_of(w), y, ldy};
+}
+
+// LayerNorm (with bias) or RMSNorm over D values, accumulated in double.
+void norm(const float* x, float* out, int64_t D, int64_t kind, const float* w, const float* b,
+          float eps) {
+  double mean = 0, sq = 0;
+  for (int64_t i = 0; i < D; ++i) mean += x[i];
+  mean = kind == kLayer ? mean / D : 0.0;
+  for (int64_t i = 0; i < D; ++i) sq += (x[i] - mean) * (x[i] - mean);
+  float inv = static_cast<float>(1.0 / std::sqrt(sq / D + eps));
+  for (int64_t i = 0; i < D; ++i) {
+    float v = (x[i] - static_cast<float>(mean)) * inv * w[i];
+    out[i] = b ? v + b[i] : v;
+  }
+}
+
+float gelu(float x) { return 0.5f * x * (1.f + std::erf(x * 0.70710678118654752f)); }
+float silu(float x) { return x / (1.f + std::exp(-x)); }
+
+const float* ptr(const at::Tensor& t) { return t.numel() ? t.data_ptr<float>() : nullptr; }
+
+// Rotate q and k of one row at position p (interleaved pairs; retnet/ops/rotary.py), scale k by
+// K^-1/2 and mask it. qk: [2, H, K] in place; inv_freq [K/2].
+void rotate(float* qk, int64_t H, int64_t K, int64_t p, const float* inv_freq, float mask) {
+  float scale = 1.f / std::sqrt(static_cast<float>(K));
+  for (int64_t i = 0; i < K / 2; ++i) {
+    float angle = static_cast<float>(p) * inv_freq[i];  // formed in float32, as the reference
+    float c = std::cos(angle), s = std::sin(angle);
+    for (int64_t h = 0; h < 2 * H; ++h) {
+      float* x = qk + h * K + 2 * i;
+      float x0 = x[0], x1 = x[1];
+      float f = h >= H ? scale * mask : 1.f;
+      x[0] = (x0 * c - x1 * s) * f;
+      x[1] = (x1 * c + x0 * s) * f;
+    }
+  }
+}
+
+// One pass over rows [k0, k1) of one head's state [K, V+1]: S' = γ S + k_i [v, m] into `out`
+// and acc += q_i S'_i (the read-out, V+1 values with the score sum last).
+void state_rows(const float* S, float* out, const float* q, const float* k, const float* v,
+                float mask, float decay, int64_t k0, int64_t k1, int64_t V, float* acc) {
+  const int64_t W = V + 1;
+  for (int64_t j = 0; j < W; ++j) acc[j] = 0.f;
+  for (int64_t i = k0; i < k1; ++i) {
+    const float* s = S + i * W;
+    float* o = out + i * W;
+    float ki = k[i], qi = q[i];
+#pragma omp simd
+    for (int64_t j = 0; j < V; ++j) {
+      float n = decay * s[j] + ki * v[j];
+      o[j] = n;
+      acc[j] += qi * n;
+    }
+    float n = decay * s[V] + ki * mask;
+    o[V] = n;
+    acc[V] += qi * n;
+  }
+}
+
+// Retention for all B rows of one layer: qkvg [B, 2HK + (1 + gated) HV] (q, k rotated in
+// place), the state in → out, the gated and head-normalised output into o [B, H·V].
+void retention(const Dims& d, float* qkvg, int64_t ld, const float* S, float* Sout,
+               const int64_t* pos, const float* mask, const float* log_decay,
+               const float* inv_freq, const float* gn_w, const float* gn_b, float* o,
+               int64_t B) {
+  const int64_t H = d.H, K = d.K, V = d.V, W = V + 1;
+  for (int64_t b = 0; b < B; ++b) rotate(qkvg + b * ld, H, K, pos[b], inv_freq, mask[b]);
+  // Split each head's K rows so both cores have work at batch 1; partial read-outs are summed.
+  const int64_t threads = at::get_num_threads();
+  int64_t splits = std::max<int64_t>(1, std::min<int64_t>(K / 8, (4 * threads + B * H - 1) /
+                                                                      (B * H)));
+  std::vector<float> partial(B * H * splits * W);
+  at::parallel_for(0, B * H * splits, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      int64_t bh = t / splits, part = t % splits, b = bh / H, h = bh % H;
+      const float* row = qkvg + b * ld;
+      float decay = std::exp(mask[b] * log_decay[h]);
+      int64_t k0 = K * part / splits, k1 = K * (part + 1) / splits;
+      state_rows(S + bh * K * W, Sout + bh * K * W, row + h * K, row + (H + h) * K,
+                 row + 2 * H * K + h * V, mask[b], decay, k0, k1, V, partial.data() + t * W);
+    }
+  });
+  for (int64_t bh = 0; bh < B * H; ++bh) {
+    int64_t b = bh / H, h = bh % H;
+    float* acc = partial.data() + bh * splits * W;
+    for (int64_t p = 1; p < splits; ++p)
+      for (int64_t j = 0; j < W; ++j) acc[j] += acc[p * W + j];
+    // √c_n, the decay row sum at this position (retnet/ops/decay.py), in float32
+    float p1 = static_cast<float>(pos[b] + 1), lg = log_decay[h];
+    float c = lg == 0.f ? p1 : std::expm1(p1 * lg) / std::expm1(lg);
+    float denom = std::max(std::abs(acc[V]), std::sqrt(c));
+    float* out = o + b * H * V + h * V;
+    double mean = 0, sq = 0;
+    for (int64_t j = 0; j < V; ++j) mean += out[j] = acc[j] / denom;
+    mean = d.head_norm == kGroup ? mean / V : 0.0;
+    for (int64_t j = 0; j < V; ++j) sq += (out[j] - mean) * (out[j] - mean);
+    float inv = d.head_norm == kNone ? 1.f
+                                     : static_cast<float>(1.0 / std::sqrt(sq / V + d.eps));
+    const float* gate = qkvg + b * ld + 2 * H * K + H * V + h * V;
+    for (int64_t j = 0; j < V; ++j) {
+      float x = d.head_norm == kNone ? out[j] : (out[j] - static_cast<float>(mean)) * inv;
+      if (d.head_norm == kGroup) x = x * gn_w[h * V + j] + gn_b[h * V + j];
+      out[j] = d.gated ? silu(gate[j]) * x : x;
+    }
+  }
+}
+
+Dims dims_of(at::IntArrayRef ints, at::ArrayRef<double> floats) {
+  TORCH_CHECK(ints.size() == 12 && floats.size() == 2, "decode_step: bad ints/floats");
+  return {ints[0], ints[1], ints[2], ints[3], ints[4], ints[5], ints[6], ints[7], ints[8],
+          ints[9], ints[10], ints[11], static_cast<float>(floats[0]),
+          static_cast<float>(floats[1])};
+}
+
+}  // namespace
+
+// x [M, K] float32 times w [N, K] (float32, bf16 or int8 with scale [N]) → [M, N] float32.
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "x must be contiguous float32 [M, K]");
+  TORCH_CHECK(w.dim() == 2 && w.size(1) == x.size(1), "w must be [N, K]");
+  auto y = at::empty({x.size(0), w.size(0)}, x.options());
+  products(x.data_ptr<float>(), x.size(0), x.size(1), x.size(1),
+           {matrix(w, scale, y.data_ptr<float>(), w.size(0))});
+  return y;
+}
+
+// One token per row through the whole model. weights per layer: q, k, v, [g], o, up, [gate],
+// down; then the LM head. scales: one per weight (empty unless int8). vectors per layer:
+// norm1 w, b, group-norm w, b, norm2 w, b (empty where absent); then the final norm's w, b.
+// kv_out receives the new state; offset_out the new offsets. Returns logits [B, vocab].
+at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& mask, const at::Tensor& offset,
+                       at::Tensor offset_out, const at::Tensor& embed,
+                       const at::Tensor& embed_scale, at::TensorList weights,
+                       at::TensorList scales, at::TensorList vectors, at::TensorList kv_in,
+                       at::TensorList kv_out, const at::Tensor& log_decay,
+                       const at::Tensor& inv_freq, at::IntArrayRef ints,
+                       at::ArrayRef<double> floats) {
+  const Dims d = dims_of(ints, floats);
+  const int64_t B = ids.size(0), H = d.H, HK = d.H * d.K, HV = d.H * d.V;
+  const int64_t per_layer = 5 + d.gated + d.glu;
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == d.L * per_layer + 1 &&
+                  scales.size() == weights.size() &&
+                  static_cast<int64_t>(vectors.size()) == d.L * 6 + 2 &&
+                  static_cast<int64_t>(kv_in.size()) == d.L && kv_out.size() == kv_in.size(),
+              "decode_step: tensor lists do not match the architecture");
+  // 0. positions, offsets and the input embedding (int8 tables: one scale per row)
+  std::vector<int64_t> pos(B);
+  std::vector<float> m(B);
+  const int64_t* ids_p = ids.data_ptr<int64_t>();
+  const bool* mask_p = mask.data_ptr<bool>();
+  for (int64_t b = 0; b < B; ++b) {
+    m[b] = mask_p[b] ? 1.f : 0.f;
+    pos[b] = std::max<int64_t>(offset.data_ptr<int64_t>()[b] + mask_p[b] - 1, 0);
+    offset_out.data_ptr<int64_t>()[b] = offset.data_ptr<int64_t>()[b] + mask_p[b];
+  }
+  const int64_t D = d.D, qkvg_w = 2 * HK + (1 + d.gated) * HV, ffn_w = (1 + d.glu) * d.F;
+  std::vector<float> x(B * D), h(B * D), tmp(B * D), qkvg(B * qkvg_w), o(B * HV), f(B * ffn_w);
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(ids_p[b] >= 0 && ids_p[b] < embed.size(0), "token id out of range");
+    float s = d.embed_scale * (embed_scale.numel() ? embed_scale.data_ptr<float>()[ids_p[b]] : 1.f);
+    for (int64_t i = 0; i < D; ++i) {
+      int64_t at = ids_p[b] * D + i;
+      float e = embed.scalar_type() == at::kFloat ? embed.data_ptr<float>()[at]
+                : embed.scalar_type() == at::kBFloat16
+                    ? static_cast<float>(embed.data_ptr<c10::BFloat16>()[at])
+                    : static_cast<float>(embed.data_ptr<int8_t>()[at]);
+      x[b * D + i] = e * s;
+    }
+  }
+  auto residual = [&](float* into) {
+    for (int64_t i = 0; i < B * D; ++i) into[i] += tmp[i];
+  };
+  for (int64_t l = 0; l < d.L; ++l) {
+    const at::Tensor* W = weights.data() + l * per_layer;
+    const at::Tensor* Sc = scales.data() + l * per_layer;
+    const at::Tensor* vec = vectors.data() + l * 6;
+    // 1. retention sublayer: y = x + W_O(gate ⊙ headnorm(retention(norm1(x))))
+    for (int64_t b = 0; b < B; ++b)
+      norm(&x[b * D], &h[b * D], D, d.norm, ptr(vec[0]), ptr(vec[1]), d.eps);
+    std::vector<Matrix> in;
+    int64_t col = 0;
+    for (int64_t j = 0; j < 3 + d.gated; ++j) {
+      in.push_back(matrix(W[j], Sc[j], qkvg.data() + col, qkvg_w));
+      col += W[j].size(0);
+    }
+    products(h.data(), B, D, D, in);
+    retention(d, qkvg.data(), qkvg_w, kv_in[l].data_ptr<float>(), kv_out[l].data_ptr<float>(),
+              pos.data(), m.data(), log_decay.data_ptr<float>(), inv_freq.data_ptr<float>(),
+              ptr(vec[2]), ptr(vec[3]), o.data(), B);
+    int64_t j = 3 + d.gated;
+    products(o.data(), B, HV, HV, {matrix(W[j], Sc[j], tmp.data(), D)});
+    residual(x.data());
+    // 2. FFN sublayer: x = y + down(act(up(norm2(y))) [⊙ gate(norm2(y))])
+    for (int64_t b = 0; b < B; ++b)
+      norm(&x[b * D], &h[b * D], D, d.norm, ptr(vec[4]), ptr(vec[5]), d.eps);
+    std::vector<Matrix> up = {matrix(W[j + 1], Sc[j + 1], f.data(), ffn_w)};
+    if (d.glu) up.push_back(matrix(W[j + 2], Sc[j + 2], f.data() + d.F, ffn_w));
+    products(h.data(), B, D, D, up);
+    for (int64_t b = 0; b < B; ++b) {
+      float* fb = f.data() + b * ffn_w;
+      for (int64_t i = 0; i < d.F; ++i) {
+        float a = d.ffn == kGluSwish ? silu(fb[i]) : gelu(fb[i]);
+        fb[i] = d.glu ? a * fb[d.F + i] : a;
+      }
+    }
+    int64_t down = j + 1 + 1 + d.glu;
+    products(f.data(), B, ffn_w, d.F, {matrix(W[down], Sc[down], tmp.data(), D)});
+    residual(x.data());
+  }
+  // 3. final norm and the LM head
+  const at::Tensor* fin = vectors.data() + d.L * 6;
+  for (int64_t b = 0; b < B; ++b)
+    norm(&x[b * D], &h[b * D], D, d.norm, ptr(fin[0]), ptr(fin[1]), d.eps);
+  auto logits = at::empty({B, d.vocab}, ids.options().dtype(at::kFloat));
+  products(h.data(), B, D, D,
+           {matrix(weights.back(), scales.back(), logits.data_ptr<float>(), d.vocab)});
+  return logits;
+}
+
+TORCH_LIBRARY(retnet, m) {
+  m.def("linear(Tensor x, Tensor w, Tensor scale) -> Tensor");
+  m.def(
+      "decode_step(Tensor ids, Tensor mask, Tensor offset, Tensor(a!) offset_out, Tensor embed, "
+      "Tensor embed_scale, Tensor[] weights, Tensor[] scales, Tensor[] vectors, Tensor[] kv_in, "
+      "Tensor(b!)[] kv_out, Tensor log_decay, Tensor inv_freq, int[] ints, float[] floats) -> "
+      "Tensor");
+}
+
+TORCH_LIBRARY_IMPL(retnet, CPU, m) {
+  m.impl("linear", &linear);
+  m.impl("decode_step", &decode_step);
+}
+
+}  // namespace retnet
