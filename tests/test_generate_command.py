@@ -112,3 +112,23 @@ def test_bad_options_exit_2_with_one_line_before_the_model_loads(run, tmp_path, 
     assert generate_cli("--checkpoint", str(run), *args) == 2
     out, err = capsys.readouterr()
     assert out == "" and len(err.strip().splitlines()) == 1 and message in err, err
+
+
+@pytest.mark.parametrize("weights", [["--dtype", "float32"], ["--dtype", "bfloat16"],
+                                     ["--quantization", "int8"]], ids=["f32", "bf16", "int8"])
+def test_every_weight_format_copies_through_the_fused_step(run, weights, capsys):
+    """The copy needs the state; each format's CLI run says it decodes with the fused kernel."""
+    assert main(["generate", "--max-new-tokens", "12", "--temperature", "0", "--checkpoint",
+                 str(run), "--prompt", PROMPT, *weights]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith(PROMPT) and out[len(PROMPT):].startswith(WORD + "\n")
+    fmt = {"float32": "float32", "bfloat16": "bfloat16", "int8": "int8"}[weights[1]]
+    assert f"decode: fused CPU kernel ({fmt} weights" in err
+
+
+def test_int8_needs_float32_weights(run, capsys):
+    assert main(["generate", "--checkpoint", str(run), "--prompt", "a", "--quantization",
+                 "int8", "--dtype", "bfloat16"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["retnet generate: error: --quantization int8 quantises float32 weights: leave "
+                   "--dtype at float32 (got bfloat16)"]

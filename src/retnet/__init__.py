@@ -13,6 +13,7 @@ from retnet.model import (
     save_state,
     use_inference_layout,
 )
+from retnet.modules.quant import quantize
 
 __version__ = "0.1.0"
 
@@ -28,6 +29,7 @@ __all__ = [
     "lm_loss",
     "load",
     "load_state",
+    "quantize",
     "save_state",
     "use_inference_layout",
 ]

@@ -28,8 +28,7 @@ def run_cell(preset: str, batch: int, context: int, steps: int) -> dict:
 
     from retnet.generation import StepBuffers, prefill
     from retnet.memory import reset_peak, rss_mib
-    from retnet.model import RetNetConfig, RetNetLM
-    from retnet.modules.layout import use_inference_layout
+    from retnet.model import RetNetConfig, RetNetLM, use_inference_layout
 
     torch.manual_seed(0)
     model = use_inference_layout(RetNetLM(RetNetConfig.from_preset(preset)).eval())

@@ -15,6 +15,8 @@ from retnet.generation.loop import generate_stream
 from retnet.generation.sampling import SamplingParams
 from retnet.generation.text import TextStream
 from retnet.model import RetNetLM, RetNetState, load_state, save_state, use_inference_layout
+from retnet.model.fast_decode import decode_path
+from retnet.modules.quant import QUANTIZATIONS, quantize
 from retnet.options import check_types, opt, short
 from retnet.tokenizer import Tokenizer
 
@@ -47,9 +49,13 @@ class GenerateOptions:
     device: str | None = opt(None, "cpu, cuda, cuda:N or mps (default: cuda if available, "
                              "else cpu)")
     dtype: str = opt("float32", "the weights' dtype", choices=tuple(DTYPES))
+    quantization: str | None = opt(None, "int8: weight-only int8 with one scale per output "
+                                   "channel (embedding and tied head included; float32 "
+                                   "activations and state)", choices=QUANTIZATIONS)
 
     def __post_init__(self) -> None:
         """Every value checked before anything loads: one line naming the bad option."""
+        check_quantization(self.quantization, self.dtype)
         check_types(GenerateOptions, {f.name: getattr(self, f.name)
                                       for f in dataclasses.fields(self)})
         if self.max_new_tokens < 0:
@@ -66,13 +72,27 @@ class GenerateOptions:
         check_device(self.device)
 
 
-def load_for_inference(checkpoint: str, device: str | None = None, dtype: str = "float32"):
-    """(Checkpoint, model) for decoding: on `pick_device(device)`, in `dtype`, in the weight
-    layout with the fastest one-token steps there. Shared by `retnet generate` and `serve`."""
+def check_quantization(quantization: str | None, dtype: str) -> None:
+    """One line for a quantization the commands cannot load (shared by generate and serve)."""
+    if quantization is not None and quantization not in QUANTIZATIONS:
+        raise ValueError(f"invalid --quantization {short(quantization)}; use "
+                         f"{', '.join(QUANTIZATIONS)}")
+    if quantization is not None and dtype != "float32":
+        raise ValueError(f"--quantization {quantization} quantises float32 weights: leave "
+                         f"--dtype at float32 (got {dtype})")
+
+
+def load_for_inference(checkpoint: str, device: str | None = None, dtype: str = "float32",
+                       quantization: str | None = None):
+    """(Checkpoint, model) for decoding: on `pick_device(device)`, in `dtype` (or weight-only
+    `quantization`), in the weight layout with the fastest one-token steps there. Shared by
+    `retnet generate` and `serve`."""
     from retnet.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
     model = ckpt.build_model(pick_device(device)).to(DTYPES[dtype])
+    if quantization is not None:
+        quantize(model, quantization)
     return ckpt, use_inference_layout(model)
 
 
@@ -80,7 +100,8 @@ def command(opts: GenerateOptions) -> int:
     """Print the prompt (when given with --prompt) and its continuation as it is made."""
     _check_paths(opts)
     prompt = _read_prompt(opts.prompt_file) if opts.prompt_file else opts.prompt or ""
-    ckpt, model = load_for_inference(opts.checkpoint, opts.device, opts.dtype)
+    ckpt, model = load_for_inference(opts.checkpoint, opts.device, opts.dtype,
+                                     opts.quantization)
     tok, fingerprint = ckpt.tokenizer, model.config.fingerprint()
     device = model.embed.weight.device
     state = None
@@ -91,6 +112,7 @@ def command(opts: GenerateOptions) -> int:
         raise ValueError("the prompt encodes to ids beyond the model's vocabulary")
     if opts.prompt_file is None:  # a document read from a file is not echoed back (#17)
         sys.stdout.write(prompt)
+    print(f"decode: {decode_path(model)}", file=sys.stderr)
     state = _stream(model, tok, torch.tensor([ids], device=device), state, opts)
     if opts.state_out:
         save_state(opts.state_out, state, fingerprint)

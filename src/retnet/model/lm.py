@@ -22,6 +22,10 @@ from retnet.ops.loss import linear_cross_entropy
 from retnet.ops.retention import Mode
 
 INIT_STD = 0.02
+# Fused one-token steps that forward tries before the reference: (model, input_ids, state,
+# attention_mask, state_out) -> RetNetOutput, or None to decline. `retnet.model.fast_decode`
+# registers the CPU kernel's; bundled remote code has none and always runs the reference.
+FAST_STEPS: list = []
 
 
 class RetNetOutput(NamedTuple):
@@ -100,8 +104,11 @@ class RetNetLM(nn.Module):
 
     @property
     def output_weight(self) -> Tensor:
-        """[vocab_size, D]: the LM head's weight (the embedding when tied)."""
-        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+        """[vocab_size, D]: the LM head's weight (the embedding when tied); dequantised to
+        float32 when it is weight-only int8 (`retnet.modules.quant`)."""
+        head = self.embed if self.lm_head is None else self.lm_head
+        scales = getattr(head, "scales", None)
+        return head.weight if scales is None else head.weight.float() * scales[:, None]
 
     def forward(self, input_ids: Tensor, state: RetNetState | None = None, *,
                 mode: Mode | Form = "parallel", chunk_size: int | None = None,
@@ -126,7 +133,13 @@ class RetNetLM(nn.Module):
             raise ValueError(f"targets must be [B, T] = {list(input_ids.shape)} (one per "
                              "position), without last_only")
         state = self.init_state(B, input_ids.device) if state is None else state
-        forms = self._forms(Form.of(mode, chunk_size), state, state_out)
+        form = Form.of(mode, chunk_size)
+        forms = self._forms(form, state, state_out)
+        if form.mode == "recurrent" and hidden_out is None and targets is None:
+            for fast in FAST_STEPS:
+                out = fast(self, input_ids, state, attention_mask, state_out)
+                if out is not None:
+                    return out
         mask = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
                 else attention_mask.to(torch.bool))
         seen = mask.long().cumsum(1)  # [B, T] real tokens so far

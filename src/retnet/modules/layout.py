@@ -82,15 +82,6 @@ def use_decode_layout(model: nn.Module) -> nn.Module:
     return set_weight_layout(model, "decode")
 
 
-def use_inference_layout(model: nn.Module) -> nn.Module:
-    """The layout with the fastest one-token steps for this model's device and dtype: "decode"
-    for float32 on a CPU (where `retnet.ops.linear` splits GEMVs across cores), else the
-    default (bf16 GEMVs go through oneDNN, CUDA through cuBLAS, both fine as they are)."""
-    p = next(model.parameters())
-    fast = p.device.type == "cpu" and p.dtype == torch.float32
-    return set_weight_layout(model, "decode" if fast else "default")
-
-
 def weight_layout(model: nn.Module) -> str:
     """"decode" if every weight matrix is stored transposed, else "default"."""
     matrices = [p for p in model.parameters() if p.dim() == 2]

@@ -16,11 +16,17 @@ def rotary_angles(positions: Tensor, head_dim: int, dtype: torch.dtype = torch.f
     and rounded once. Returns cos, sin [B, T, 1, K] in that dtype.
     """
     dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    inv_freq = 10000.0 ** -torch.linspace(0, 1, head_dim // 2, device=positions.device,
-                                          dtype=torch.float64)
-    angles = positions.to(dtype)[..., None] * inv_freq.to(dtype)  # [B, T, K/2]
+    inv_freq = inverse_frequencies(head_dim, dtype, positions.device)
+    angles = positions.to(dtype)[..., None] * inv_freq  # [B, T, K/2]
     angles = angles.repeat_interleave(2, dim=-1).unsqueeze(2)  # [B, T, 1, K]
     return angles.cos(), angles.sin()
+
+
+def inverse_frequencies(head_dim: int, dtype: torch.dtype = torch.float32,
+                        device: torch.device | str | None = None) -> Tensor:
+    """θ_i = 10000^(−linspace(0, 1, K/2)), [K/2], computed in float64 and rounded once to dtype."""
+    theta = 10000.0 ** -torch.linspace(0, 1, head_dim // 2, device=device, dtype=torch.float64)
+    return theta.to(dtype)
 
 
 def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 from dataclasses import dataclass
 
 from retnet.device import check_device
-from retnet.generation.command import DTYPES
+from retnet.generation.command import DTYPES, check_quantization
+from retnet.modules.quant import QUANTIZATIONS
 from retnet.options import check_types, opt, short
 from retnet.serve.guard import is_loopback
 
@@ -32,6 +34,8 @@ class ServeConfig:
     model_name: str | None = opt(None, 'the name clients pass as "model" (default: the run '
                                  "folder's name)", aliases=("--served-model-name",))
     dtype: str = opt("float32", "the weights' dtype", choices=tuple(DTYPES))
+    quantization: str | None = opt(None, "int8: weight-only int8 (as `retnet generate`)",
+                                   choices=QUANTIZATIONS)
     device: str | None = opt(None, "cpu, cuda, cuda:N or mps (default: cuda if available, "
                              "else cpu)")
     max_batch: int = opt(32, "sequences decoded together", aliases=("--max-num-seqs",))
@@ -53,6 +57,7 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         """Every option checked before the model loads: one line naming the bad one."""
+        check_quantization(self.quantization, self.dtype)
         check_types(ServeConfig, {f.name: getattr(self, f.name)
                                   for f in dataclasses.fields(self)})
         checks = {"port": 1 <= self.port <= 65535, "max_batch": self.max_batch >= 1,
@@ -82,12 +87,15 @@ class ServeConfig:
 
 def build_app(cfg: ServeConfig):
     from retnet.generation.command import load_for_inference
+    from retnet.model.fast_decode import decode_path
     from retnet.serve.api import Api, Limits, create_app
     from retnet.serve.engine import Engine
     from retnet.serve.guard import allowed_hosts
     from retnet.tokenizer import DEFAULT_CHAT_TEMPLATE
 
-    ckpt, model = load_for_inference(cfg.checkpoint, cfg.device, cfg.dtype)
+    ckpt, model = load_for_inference(cfg.checkpoint, cfg.device, cfg.dtype,
+                                     cfg.quantization)
+    print(f"retnet serve: decode: {decode_path(model)}", file=sys.stderr)
     engine = Engine(model, ckpt.tokenizer, max_batch=cfg.max_batch, max_queue=cfg.max_queue,
                     cache_bytes=cfg.cache_mib << 20)
     name = cfg.model_name or ckpt.path.parent.parent.name or "retnet"

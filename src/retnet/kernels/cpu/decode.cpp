@@ -178,7 +178,7 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& mask, const at::
                        at::ArrayRef<double> floats) {
   const Dims d = dims_of(ints, floats);
   const int64_t B = ids.size(0), H = d.H, HK = d.H * d.K, HV = d.H * d.V;
-  const int64_t per_layer = 5 + d.gated + d.glu;
+  const int64_t per_layer = 6 + d.gated + d.glu;  // q k v [g] o up [gate] down
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == d.L * per_layer + 1 &&
                   scales.size() == weights.size() &&
                   static_cast<int64_t>(vectors.size()) == d.L * 6 + 2 &&

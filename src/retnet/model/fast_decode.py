@@ -1,0 +1,141 @@
+"""The fused one-token step for RetNetLM on CPU (`torch.ops.retnet.decode_step`, built by
+`retnet.kernels`): the model's weights gathered once into the kernel's argument lists, then the
+whole step (every layer, the LM head) in one call. `RetNetLM.forward` asks it first for a
+one-token recurrent step under no_grad and runs the PyTorch reference whenever it declines
+(kernels off or unavailable, float64, another device, a transposed weight layout, hidden states
+asked for, dropout in training mode)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from retnet import kernels
+from retnet.model import lm
+from retnet.model.state import RetNetState
+from retnet.modules.layout import set_weight_layout
+from retnet.modules.quant import weight_scales
+from retnet.ops.rotary import inverse_frequencies
+
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.int8)  # int8: retnet.modules.quant
+NORM_CODES = {"layer": 0, "rms": 1}
+HEAD_NORM_CODES = {"group": 0, "rms": 1, "none": 2}
+FFN_CODES = {"gelu": 0, "glu-gelu": 1, "glu-swish": 2}
+
+
+def _vec(module, name: str) -> Tensor:
+    t = getattr(module, name, None) if module is not None else None
+    return torch.empty(0) if t is None else t.detach().float().contiguous()
+
+
+def _layer(block) -> tuple[list, list[Tensor]]:
+    """One block's projections in the kernel's order, and its norms' vectors (float32)."""
+    r, f = block.retention, block.ffn
+    layers = [*r.input_projections(), r.out_proj, f.up]
+    layers += ([] if f.gate is None else [f.gate]) + [f.down]
+    gn = r.group_norm
+    vectors = [_vec(block.norm1, "weight"), _vec(block.norm1, "bias"), _vec(gn, "weight"),
+               _vec(gn, "bias"), _vec(block.norm2, "weight"), _vec(block.norm2, "bias")]
+    return layers, vectors
+
+
+def _scales(layer) -> Tensor:
+    scales = weight_scales(layer)
+    return torch.empty(0) if scales is None else scales.float().contiguous()
+
+
+def _plan(model: lm.RetNetLM) -> dict | None:
+    """The kernel's arguments for `model`, cached on it until any parameter is re-stored."""
+    key = tuple((t.data_ptr(), t.dtype) for t in (*model.parameters(), *model.buffers()))
+    cached = model.__dict__.get("_fused_decode_plan")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    layers, vectors = [], []
+    for block in model.blocks:
+        w, v = _layer(block)
+        layers += w
+        vectors += v
+    layers.append(model.embed if model.lm_head is None else model.lm_head)
+    vectors += [_vec(model.norm, "weight"), _vec(model.norm, "bias")]
+    weights = [layer.weight.detach() for layer in layers]
+    plan = None
+    if all(w.dtype == weights[0].dtype and w.is_contiguous() for w in weights):
+        c = model.config
+        plan = {"embed": model.embed.weight.detach(), "embed_scale": _scales(model.embed),
+                "weights": weights, "scales": [_scales(layer) for layer in layers],
+                "vectors": vectors,
+                "log_decay": model.blocks[0].retention.log_decay(torch.device("cpu"),
+                                                                 torch.float32),
+                "inv_freq": inverse_frequencies(c.key_head_dim, torch.float32),
+                "ints": [c.n_layers, c.n_heads, c.key_head_dim, c.value_head_dim, c.d_model,
+                         c.ffn_dim, c.vocab_size, NORM_CODES[c.norm],
+                         HEAD_NORM_CODES[c.head_norm], FFN_CODES[c.ffn], int(c.use_gate),
+                         int(c.ffn.startswith("glu"))],
+                "floats": [c.norm_eps, math.sqrt(c.d_model) if c.scale_embeddings else 1.0]}
+    model.__dict__["_fused_decode_plan"] = (key, plan)
+    return plan
+
+
+def _applies(model: lm.RetNetLM, input_ids: Tensor, state: RetNetState) -> bool:
+    weight = model.embed.weight
+    return (input_ids.shape[1] == 1 and input_ids.device.type == "cpu"
+            and weight.device.type == "cpu" and weight.dtype in WEIGHT_DTYPES
+            and not torch.is_grad_enabled() and (not model.training or model.config.dropout == 0)
+            and all(t.dtype == torch.float32 and t.is_contiguous() for t in state.kv))
+
+
+def fused_step(model: lm.RetNetLM, input_ids: Tensor, state: RetNetState,
+               attention_mask: Tensor | None, state_out: RetNetState | None
+               ) -> lm.RetNetOutput | None:
+    """The output of one recurrent step on input_ids [B, 1] from `state` (validated by the
+    caller), its new state written into state_out's buffers (or fresh ones); None when the
+    fused kernel does not apply here and the reference must run."""
+    if not _applies(model, input_ids, state) or not kernels.cpu_kernels():
+        return None
+    plan = _plan(model)
+    if plan is None:  # e.g. the transposed decode layout: the kernel streams [out, in] rows
+        return None
+    B, dtype = input_ids.shape[0], model.embed.weight.dtype
+    int8 = dtype == torch.int8  # weight-only int8: float32 logits
+    mask = (torch.ones(B, dtype=torch.bool) if attention_mask is None
+            else attention_mask[:, 0].to(torch.bool).contiguous())
+    out = state.empty_like() if state_out is None else state_out
+    logits = torch.ops.retnet.decode_step(
+        input_ids[:, 0].long().contiguous(), mask, state.offset.contiguous(), out.offset,
+        plan["embed"], plan["embed_scale"], plan["weights"], plan["scales"], plan["vectors"],
+        list(state.kv), list(out.kv), plan["log_decay"], plan["inv_freq"], plan["ints"],
+        plan["floats"])
+    return lm.RetNetOutput(logits.to(model.state_dtype if int8 else dtype)[:, None], out)
+
+
+def decode_path(model: lm.RetNetLM) -> str:
+    """Which code runs this model's one-token steps, in words (what the CLIs print)."""
+    weight = model.embed.weight
+    dtype = str(weight.dtype).removeprefix("torch.")
+    if weight.device.type != "cpu":
+        return f"PyTorch ({weight.device.type}, {dtype} weights)"
+    if weight.dtype not in WEIGHT_DTYPES:
+        return f"PyTorch reference ({dtype} weights have no fused kernel)"
+    if not kernels.enabled():
+        return f"PyTorch reference (fast paths off: {kernels.ENV}=0 or set_enabled(False))"
+    if not kernels.cpu_kernels():
+        return "PyTorch reference (the CPU kernels are unavailable here)"
+    if _plan(model) is None:
+        return "PyTorch reference (weights not in the [out, in] layout: use_inference_layout)"
+    return f"fused CPU kernel ({dtype} weights, float32 state and activations)"
+
+
+def use_inference_layout(model: lm.RetNetLM) -> lm.RetNetLM:
+    """The layout with the fastest one-token steps for this model's device and dtype: the
+    default [out, in] rows wherever the fused CPU kernel runs (`retnet.kernels`: it streams
+    rows) or on other devices; "decode" for float32 on a CPU without the kernels (where
+    `retnet.ops.linear` splits GEMVs across cores)."""
+    p = next(model.parameters())
+    split = (p.device.type == "cpu" and p.dtype == torch.float32
+             and not kernels.cpu_kernels())
+    return set_weight_layout(model, "decode" if split else "default")
+
+
+lm.FAST_STEPS.append(fused_step)

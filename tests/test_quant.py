@@ -1,0 +1,45 @@
+"""Weight-only int8 (`retnet.quantize`): per-row scales within half a step of every weight, every
+projection and the embedding replaced, and a quantised model that still runs every form."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import retnet
+from retnet.model import RetNetConfig, RetNetLM
+from retnet.modules.linear import Linear
+from retnet.modules.quant import Int8Embedding, Int8Linear, quantize_rows
+
+
+def test_rows_round_to_within_half_a_step():
+    w = torch.randn(37, 29) * torch.logspace(-3, 1, 37)[:, None]  # rows of every magnitude
+    q, s = quantize_rows(w)
+    assert q.dtype == torch.int8 and s.shape == (37,)
+    err = (q.double() * s.double()[:, None] - w.double()).abs()
+    assert (err <= s.double()[:, None] / 2 * (1 + 1e-6)).all()
+    assert (q.abs().amax(1) == 127).all()  # each row's largest weight uses the full range
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_quantize_replaces_every_matrix(tied):
+    torch.manual_seed(0)
+    model = RetNetLM(RetNetConfig.from_preset("tiny", vocab_size=61, tie_embeddings=tied))
+    ref = {n: p.detach().clone() for n, p in model.named_parameters()}
+    retnet.quantize(model, "int8")
+    assert not any(isinstance(m, Linear) for m in model.modules())
+    assert isinstance(model.embed, Int8Embedding)
+    assert tied == (model.lm_head is None) and (tied or isinstance(model.lm_head, Int8Linear))
+    assert all(p.dim() == 1 for p in model.parameters())  # only norm vectors stay float
+    head = ref["embed.weight"] if tied else ref["lm_head.weight"]
+    assert torch.allclose(model.output_weight, head, atol=head.abs().max().item() / 127)
+    ids = torch.randint(0, 61, (2, 9))
+    with torch.no_grad():
+        a = model(ids, mode="parallel").logits
+        b = model(ids, mode="chunkwise", chunk_size=4).logits
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_unknown_method_is_refused():
+    with pytest.raises(ValueError, match="unknown quantization 'int4'; use one of int8"):
+        retnet.quantize(RetNetLM(RetNetConfig.from_preset("tiny", vocab_size=61)), "int4")
