@@ -7,7 +7,8 @@ import pytest
 
 from retnet.cli import main
 
-BACKENDS = {"retnet", "retnet-bfloat16", "llama-dynamic", "llama-static", "yet-another-retnet"}
+BACKENDS = {"retnet", "retnet-bfloat16", "retnet-int8", "llama-dynamic", "llama-static",
+            "yet-another-retnet"}
 
 
 def test_quick_bench_writes_results_report_and_plots(tmp_path, capsys):
@@ -34,6 +35,23 @@ def test_quick_bench_writes_results_report_and_plots(tmp_path, capsys):
     assert "## Decode" in report and "## Training" in report and "torchscale" in report
     assert (tmp_path / "decode.png").stat().st_size > 1000
     assert (tmp_path / "memory.png").stat().st_size > 1000
+
+
+def test_only_decode_runs_just_its_cells_with_a_floor_per_format(tmp_path):
+    from retnet.bench.report import derived
+
+    assert main(["bench", "--quick", "--only", "decode", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["decode"] and results["prefill"] == [] and results["train"] == []
+    sizes = {n: results["meta"]["backends"][n]["weight_bytes"]
+             for n in ("retnet", "retnet-bfloat16", "retnet-int8")}
+    assert sizes["retnet-int8"] < sizes["retnet-bfloat16"] < sizes["retnet"]
+    d = derived(results)
+    floors = [d[f"decode_batch_1{s}"]["floor_ms"] for s in ("", "_bfloat16", "_int8")]
+    assert floors[0] > floors[1] > floors[2] > 0
+    assert all(d[f"decode_batch_1{s}"]["over_floor"] > 0 for s in ("", "_bfloat16", "_int8"))
+    assert "fused CPU kernel (int8 weights" in results["meta"]["backends"]["retnet-int8"][
+        "config"]["decode_path"]
 
 
 STUB = '''import json, sys

@@ -19,7 +19,9 @@ import torch.nn.functional as F
 from retnet.bench.measure import BENCH_FORM
 from retnet.generation import decode_one, prefill
 from retnet.model import RetNetConfig, RetNetLM, RetNetState, lm_loss
+from retnet.model.fast_decode import decode_path, use_inference_layout
 from retnet.modules.layout import set_weight_layout
+from retnet.modules.quant import quantize
 from retnet.ops import PARALLEL
 
 STATIC_HEADROOM = 256  # static-cache slots beyond the context (warm-up and timed steps)
@@ -38,6 +40,7 @@ class Backend:
     train_step: Callable[[torch.Tensor, str], None] | None
     memory_bytes: Callable[[int, int], int]  # state or KV cache bytes for (batch, context)
     train_modes: tuple[str, ...] = ("default",)
+    weight_bytes: int = 0  # bytes of weights a decode step reads (RetNet: its floor)
 
     def train_label(self, mode: str) -> str:
         """retnet-parallel, retnet-chunkwise, llama-sdpa, yet-another-retnet-parallel."""
@@ -50,16 +53,32 @@ def _random_state(model: RetNetLM, batch: int, context: int) -> RetNetState:
     return RetNetState(kv, torch.full_like(state.offset, context))
 
 
-def retnet_backend(config: RetNetConfig, dtype: torch.dtype = torch.float32) -> Backend:
+def step_weight_bytes(model: RetNetLM) -> int:
+    """Bytes of weights one decode step reads: every matrix, norm vector and int8 scale, the
+    tied table whole (it is the LM head); an untied input embedding only by one row."""
+    total = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    if model.lm_head is not None:
+        table = model.embed.weight
+        total -= (table.shape[0] - 1) * table.shape[1] * table.element_size()
+    return total
+
+
+def retnet_backend(config: RetNetConfig, dtype: torch.dtype = torch.float32,
+                   quantization: str | None = None) -> Backend:
+    """Ours as `retnet generate` runs it (`use_inference_layout`, the fused CPU step where it
+    is built): float32, bf16 weights, or weight-only int8; the state float32 in every case."""
     torch.manual_seed(0)
-    model = RetNetLM(config).to(dtype).eval()
-    name = "retnet" if dtype == torch.float32 else f"retnet-{str(dtype).split('.')[-1]}"
-    # Inference in float32 uses the transposed weight layout (retnet.modules.layout); bf16
-    # GEMVs go through oneDNN, which wants the default one. Training uses the default.
-    inference_layout = "decode" if dtype == torch.float32 else "default"
+    model = RetNetLM(config).eval()
+    non_embedding = model.num_parameters(embeddings=False)  # before int8 makes them buffers
+    if quantization is not None:
+        quantize(model, quantization)
+        name = f"retnet-{quantization}"
+    else:
+        model = model.to(dtype)
+        name = "retnet" if dtype == torch.float32 else f"retnet-{str(dtype).split('.')[-1]}"
 
     def decode_setup(batch: int, context: int) -> Callable[[], None]:
-        set_weight_layout(model, inference_layout)
+        use_inference_layout(model)
         state = _random_state(model, batch, context)
         holder = {"out": state.empty_like(),
                   "token": torch.randint(0, config.vocab_size, (batch,))}
@@ -73,7 +92,7 @@ def retnet_backend(config: RetNetConfig, dtype: torch.dtype = torch.float32) -> 
         return step
 
     def do_prefill(ids: torch.Tensor) -> None:
-        set_weight_layout(model, inference_layout)
+        use_inference_layout(model)
         prefill(model, ids, form=BENCH_FORM)
 
     def train_step(ids: torch.Tensor, mode: str) -> None:
@@ -84,11 +103,12 @@ def retnet_backend(config: RetNetConfig, dtype: torch.dtype = torch.float32) -> 
         model.zero_grad(set_to_none=True)
         model.eval()
 
-    return Backend(name, model, {**config.to_dict(), "inference_weight_layout": inference_layout},
-                   model.num_parameters(embeddings=False),
-                   decode_setup, do_prefill, train_step if dtype == torch.float32 else None,
+    trains = dtype == torch.float32 and quantization is None
+    return Backend(name, model, {**config.to_dict(), "decode_path": decode_path(model)},
+                   non_embedding,
+                   decode_setup, do_prefill, train_step if trains else None,
                    lambda b, c: b * config.state_bytes_per_sequence,
-                   train_modes=tuple(TRAIN_FORMS))
+                   train_modes=tuple(TRAIN_FORMS), weight_bytes=step_weight_bytes(model))
 
 
 def llama_backends(config: RetNetConfig) -> list[Backend]:
@@ -204,7 +224,8 @@ def build_backends(config: RetNetConfig, skipped: dict[str, str], bf16: bool = T
     """Every backend that can run here; `skipped` receives the others with the reason."""
     backends = [retnet_backend(config)]
     if bf16:
-        backends.append(retnet_backend(config, torch.bfloat16))
+        backends += [retnet_backend(config, torch.bfloat16), retnet_backend(config,
+                                                                             quantization="int8")]
     try:
         backends += llama_backends(config)
     except ImportError as err:

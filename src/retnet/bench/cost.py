@@ -31,6 +31,7 @@ from retnet.memory import PeakMemory, keep_freed_memory, reset_peak, rss_mib
 from retnet.model import RetNetConfig
 from retnet.options import opt
 
+PHASES = ("decode", "prefill", "train")
 KV_LIMIT = 8 * 2**30  # decode cells whose KV cache would exceed this are skipped
 
 
@@ -51,6 +52,8 @@ class BenchConfig:
     out: str = opt("benchmarks/results/cost", "folder for results.json, report.md and plots")
     quick: bool = opt(False, "tiny sizes, one repeat: a smoke run")
     memory_cap_gib: float = opt(20.0, "an allocation beyond this is recorded as out of memory")
+    only: list[str] = opt(help="run only these phases (decode, prefill, train); default: all",
+                          factory=list, choices=PHASES)
     torchscale_python: str = opt(
         "", "an interpreter whose environment has torchscale (it cannot import beside this "
         "torch): its RetNetDecoder is then measured in a separate process after the others",
@@ -176,11 +179,12 @@ def _meta(cfg: BenchConfig, config: RetNetConfig, backends: list[Backend],
     """What was run, where and how: the results file's "meta"."""
     return {**describe_machine(), "command": "retnet bench " + " ".join(sys.argv[2:]),
             "bench_config": asdict(cfg), "retnet_config": config.to_dict(),
-            "dtype": "float32 (retnet-bfloat16: bf16 weights, float32 state)",
+            "dtype": "float32 (retnet-bfloat16: bf16 weights; retnet-int8: weight-only int8; "
+                     "float32 state and activations in both)",
             "threads": torch.get_num_threads(), "skipped": skipped,
             "allocator": _allocator(), "chunk_size": BENCH_FORM.chunk_size,
-            "backends": {b.name: {"config": b.config, "non_embedding": b.non_embedding}
-                         for b in backends},
+            "backends": {b.name: {"config": b.config, "non_embedding": b.non_embedding,
+                                  "weight_bytes": b.weight_bytes} for b in backends},
             "weight_bytes": weight_bytes}
 
 
@@ -196,19 +200,24 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
         skipped["torchscale"] = (f"not run: {WHY_NOT_HERE}; pass --torchscale-python PATH "
                                  "(an interpreter with torchscale) to measure it in a separate "
                                  "process")
-    total = (len(cfg.batches) * len(cfg.contexts) + len(cfg.prefill_lengths)
-             + len(cfg.train_lengths) + 1)
+    phases = cfg.only or list(PHASES)
+    total = 1 + sum(n for phase, n in (("decode", len(cfg.batches) * len(cfg.contexts)),
+                                       ("prefill", len(cfg.prefill_lengths)),
+                                       ("train", len(cfg.train_lengths))) if phase in phases)
     with tqdm(total=total, desc="bench", unit="cell") as bar:
-        weight_bytes = sum(p.numel() * 4 for p in backends[0].model.parameters())
+        weight_bytes = backends[0].weight_bytes
         limits = measure_limits(weight_bytes, quick=cfg.quick)
         bar.update(1)
         results = {"meta": _meta(cfg, config, backends, skipped, weight_bytes),
-                   "limits": limits}
+                   "limits": limits, "decode": [], "prefill": [], "train": []}
         keep_freed_memory(False)  # decode: caches of up to 8 GiB come and go between cells
-        results["decode"] = bench_decode(backends, cfg, bar)
+        if "decode" in phases:
+            results["decode"] = bench_decode(backends, cfg, bar)
         keep_freed_memory(True)
-        results["prefill"] = bench_prefill(backends, cfg, config.vocab_size, bar)
-        results["train"] = bench_train(backends, cfg, config.vocab_size, bar)
+        if "prefill" in phases:
+            results["prefill"] = bench_prefill(backends, cfg, config.vocab_size, bar)
+        if "train" in phases:
+            results["train"] = bench_train(backends, cfg, config.vocab_size, bar)
     if cfg.torchscale_python:
         job = torchscale_job(config, cfg, torch.get_num_threads(), KV_LIMIT)
         run_torchscale(cfg.torchscale_python, job, results)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import platform
-import statistics
 import sys
 
 import torch
@@ -40,13 +39,15 @@ def describe_machine() -> dict:
 
 
 def measure_limits(weight_bytes: int, quick: bool = False) -> dict:
-    """Median float32 matmul FLOP/s (n × n × n) and copy bandwidth (read + write bytes/s)."""
+    """The best of several float32 matmuls (n × n × n, FLOP/s) and of several copies of a
+    buffer at least the weights' size (read + write bytes/s): the machine's peaks, measured
+    the same way in every run (the best, since a shared machine only ever slows a round)."""
     n, rounds = (512, 3) if quick else (2048, 10)
     a, b = torch.randn(n, n), torch.randn(n, n)
-    matmul_s = statistics.median(repeat_timed(lambda: a @ b, rounds, warmup=0))
+    matmul_s = min(repeat_timed(lambda: a @ b, rounds, warmup=1))
     size = max(weight_bytes, 64 << 20) // 4
     src, dst = torch.randn(size), torch.empty(size)
-    copy_s = statistics.median(repeat_timed(lambda: dst.copy_(src), rounds, warmup=0))
+    copy_s = min(repeat_timed(lambda: dst.copy_(src), rounds, warmup=1))
     return {"matmul_flops": 2 * n**3 / matmul_s, "matmul_n": n,
             "copy_bytes_per_s": 2 * size * 4 / copy_s, "copy_buffer_bytes": size * 4}
 

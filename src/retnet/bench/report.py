@@ -28,12 +28,36 @@ def _state_bytes(results: dict) -> int:
     return RetNetConfig.from_dict(results["meta"]["retnet_config"]).state_bytes_per_sequence
 
 
-def decode_floor_ms(results: dict, batch: int, context: int) -> float:
-    """(weight bytes + 2 × state bytes) / copy bandwidth: every weight read once, the state
-    read and written once."""
+RETNET_FORMATS = ("retnet", "retnet-bfloat16", "retnet-int8")  # float32, bf16, int8 weights
+
+
+def decode_floor_ms(results: dict, batch: int, context: int, name: str = "retnet") -> float:
+    """(weight bytes in backend `name`'s format + 2 × float32 state bytes) / copy bandwidth:
+    every weight read once (the tied table whole, as the LM head), the state read and written
+    once."""
     state = batch * _state_bytes(results)
-    weights = results["meta"]["weight_bytes"]
+    info = results["meta"]["backends"].get(name, {})
+    weights = info.get("weight_bytes") or results["meta"]["weight_bytes"]
     return 1e3 * (weights + 2 * state) / results["limits"]["copy_bytes_per_s"]
+
+
+def _decode_entry(results: dict, decode: dict, batch: int, probe: int, contexts: list[int],
+                  name: str) -> dict[str, Any]:
+    """One format's figures at one batch: its floor, the peers' speed-ups, flatness."""
+    cell = decode[(batch, probe)]
+    ours = _ms(cell, name)
+    entry = {"context": probe, f"{name}_ms": ours,
+             "floor_ms": decode_floor_ms(results, batch, probe, name)}
+    entry["over_floor"] = ours / entry["floor_ms"] if ours else None
+    for other in ("llama-dynamic", "llama-static", "yet-another-retnet", "torchscale"):
+        theirs = _ms(cell, other)
+        entry[f"{other}_ms"] = theirs
+        entry[f"speedup_vs_{other}"] = theirs / ours if theirs and ours else None
+        entry[f"step_ratio_vs_{other}"] = ours / theirs if theirs and ours else None
+    lo, hi = (_ms(decode[(batch, c)], name) for c in (contexts[0], contexts[-1]))
+    entry["flatness"] = hi / lo if hi and lo else None
+    entry["flatness_contexts"] = (contexts[0], contexts[-1])
+    return entry
 
 
 def derived(results: dict) -> dict[str, Any]:
@@ -44,26 +68,20 @@ def derived(results: dict) -> dict[str, Any]:
     decode = {(c["batch"], c["context"]): c for c in results["decode"]}
     contexts = sorted({c for _, c in decode})
     out: dict[str, Any] = {}
-    probe = 8192 if 8192 in contexts else contexts[-1]
+    probe = 8192 if 8192 in contexts else (contexts[-1] if contexts else None)
     for batch in sorted({b for b, _ in decode}):
-        cell = decode[(batch, probe)]
-        ours = _ms(cell, "retnet")
-        entry = {"context": probe, "retnet_ms": ours,
-                 "floor_ms": decode_floor_ms(results, batch, probe)}
-        entry["over_floor"] = ours / entry["floor_ms"] if ours else None
-        for other in ("retnet-bfloat16", "llama-dynamic", "llama-static", "yet-another-retnet",
-                      "torchscale"):
-            theirs = _ms(cell, other)
-            entry[f"{other}_ms"] = theirs
-            entry[f"speedup_vs_{other}"] = theirs / ours if theirs and ours else None
-        lo, hi = _ms(decode[(batch, contexts[0])], "retnet"), _ms(decode[(batch, contexts[-1])],
-                                                                  "retnet")
-        entry["flatness"] = hi / lo if hi and lo else None
-        entry["flatness_contexts"] = (contexts[0], contexts[-1])
-        crossover = next((c for c in contexts if (_ms(decode[(batch, c)], "llama-dynamic") or 0)
-                          > (_ms(decode[(batch, c)], "retnet") or float("inf"))), None)
-        entry["crossover_context_vs_llama_dynamic"] = crossover
-        out[f"decode_batch_{batch}"] = entry
+        if (batch, probe) not in decode:
+            continue
+        for name in RETNET_FORMATS:
+            suffix = name.removeprefix("retnet").removeprefix("-")
+            key = f"decode_batch_{batch}" + (f"_{suffix}" if suffix else "")
+            if _ms(decode[(batch, probe)], name) is not None:
+                out[key] = _decode_entry(results, decode, batch, probe, contexts, name)
+        if f"decode_batch_{batch}" in out:
+            crossover = next((c for c in contexts
+                              if (_ms(decode[(batch, c)], "llama-dynamic") or 0)
+                              > (_ms(decode[(batch, c)], "retnet") or float("inf"))), None)
+            out[f"decode_batch_{batch}"]["crossover_context_vs_llama_dynamic"] = crossover
     for cell in results["prefill"]:
         r = {k: _ms(cell, k) for k in cell["results"]}
         ours = r.get("retnet")
@@ -172,9 +190,9 @@ def write_report(results: dict, out: Path) -> Path:
             cells.append(_fmt(_ms(c, b)) + (f" ({1e3 * r['min_s']:.1f}–{1e3 * r['max_s']:.1f})"
                                             if _ms(c, b) else " " + r.get("status", "")))
         lines.append(f"| {c['batch']} | {c['context']} | " + " | ".join(cells) + " |")
+    prefill_names = sorted(results["prefill"][0]["results"]) if results["prefill"] else []
     lines += ["", "## Prefill: seconds to read T tokens (state/cache and last logits only)", "",
-              "| T | " + " | ".join(sorted(results["prefill"][0]["results"])) + " |",
-              "|---|" + "---|" * len(results["prefill"][0]["results"])]
+              "| T | " + " | ".join(prefill_names) + " |", "|---|" + "---|" * len(prefill_names)]
     for c in results["prefill"]:
         lines.append(f"| {c['T']} | " + " | ".join(
             _fmt(c["results"][k].get("median_s"), 3) for k in sorted(c["results"])) + " |")
@@ -186,7 +204,7 @@ def write_report(results: dict, out: Path) -> Path:
                          f"{_fmt(r.get('tokens_per_s'), 0) if r['status'] == 'ok' else r['status']}"
                          f" | {_fmt(r.get('peak_mib'), 0)} |")
     lines += ["", "## Derived figures", "", "```", *(f"{k}: {v}" for k, v in d.items()), "```"]
-    plots = _plots(results, out)
+    plots = _plots(results, out) if results["decode"] else []
     lines += ["", *(f"![{p}]({p})" for p in plots)]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
