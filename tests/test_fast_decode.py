@@ -153,3 +153,35 @@ def test_decode_path_says_which_code_runs():
         assert fused_step(model, torch.tensor([[1]]), model.init_state(1), None, None) is None
         set_weight_layout(model, "default")
         assert fused_step(model, torch.tensor([[1]]), model.init_state(1), None, None)
+
+
+def test_cached_plan_follows_the_weights():
+    """The kernel's cached arguments follow re-stores (`.to`), in-place writes (an optimiser
+    step, `load_state_dict`; bf16 norm vectors are float32 copies in the plan) and
+    quantisation: after each, the fused step equals the PyTorch path on the new weights."""
+    model = _model(torch.float32)
+    state, ids = _state(model), torch.tensor([[5], [90], [33]])
+
+    def check(tol: float):
+        with torch.no_grad():
+            fused = fused_step(model, ids, state, None, None)
+            kernels.set_enabled(False)
+            try:
+                want = model(ids, state=state, mode="recurrent").logits
+            finally:
+                kernels.set_enabled(None)
+        assert fused is not None and _rel(fused.logits.float(), want.float()) < tol
+
+    check(LOGITS_TOL)
+    model.to(torch.bfloat16)  # new tensors: the cached plan's are the float32 ones
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)
+    check(2e-2)
+    with torch.no_grad():
+        model.blocks[0].norm1.weight.mul_(-2.0)  # a bf16 vector: the plan holds a copy
+    check(2e-2)
+    model.load_state_dict(_model(torch.bfloat16, decays="multiscale").state_dict())
+    check(2e-2)
+    quantize(model.float(), "int8")
+    check(LOGITS_TOL)

@@ -19,6 +19,7 @@ from retnet.modules.layout import set_weight_layout
 from retnet.modules.quant import weight_scales
 from retnet.ops.rotary import inverse_frequencies
 
+NORM_TYPES = (torch.nn.LayerNorm, torch.nn.RMSNorm, torch.nn.GroupNorm)
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.int8)  # int8: retnet.modules.quant
 NORM_CODES = {"layer": 0, "rms": 1}
 HEAD_NORM_CODES = {"group": 0, "rms": 1, "none": 2}
@@ -46,12 +47,22 @@ def _scales(layer) -> Tensor:
     return torch.empty(0) if scales is None else scales.float().contiguous()
 
 
+PLAN = "_fused_decode_plan"  # the model attribute that caches the kernel's arguments
+
+
+def _stamp(sources: list[Tensor]) -> list[tuple[int, int]]:
+    """Where each source tensor lives and how often it was written in place: any re-store
+    (`.to()`, a layout change) or in-place update (`load_state_dict`) changes it."""
+    return [(t.data_ptr(), t._version) for t in sources]
+
+
 def _plan(model: lm.RetNetLM) -> dict | None:
-    """The kernel's arguments for `model`, cached on it until any parameter is re-stored."""
-    key = tuple((t.data_ptr(), t.dtype) for t in (*model.parameters(), *model.buffers()))
-    cached = model.__dict__.get("_fused_decode_plan")
-    if cached is not None and cached[0] == key:
-        return cached[1]
+    """The kernel's arguments for `model`, cached on it until one of the tensors they come
+    from is re-stored or written (`retnet.modules.quant.quantize` drops the cache: it replaces
+    modules)."""
+    cached = model.__dict__.get(PLAN)
+    if cached is not None and _stamp(cached[0]) == cached[1]:
+        return cached[2]
     layers, vectors = [], []
     for block in model.blocks:
         w, v = _layer(block)
@@ -74,7 +85,12 @@ def _plan(model: lm.RetNetLM) -> dict | None:
                          HEAD_NORM_CODES[c.head_norm], FFN_CODES[c.ffn], int(c.use_gate),
                          int(c.ffn.startswith("glu"))],
                 "floats": [c.norm_eps, math.sqrt(c.d_model) if c.scale_embeddings else 1.0]}
-    model.__dict__["_fused_decode_plan"] = (key, plan)
+    sources = [t for layer in (*layers, model.embed) for t in (layer.weight,
+                                                               weight_scales(layer))
+               if t is not None]
+    sources += [t for m in model.modules() if isinstance(m, NORM_TYPES) for t in
+                (m.weight, getattr(m, "bias", None)) if t is not None]
+    model.__dict__[PLAN] = (sources, _stamp(sources), plan)
     return plan
 
 

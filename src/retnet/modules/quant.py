@@ -67,6 +67,7 @@ def quantize(model: nn.Module, method: str = "int8") -> nn.Module:
             if isinstance(child, (Linear, nn.Embedding)):
                 kind = Int8Linear if isinstance(child, Linear) else Int8Embedding
                 setattr(parent, name, kind(*quantize_rows(child.weight)))
+    model.__dict__.pop("_fused_decode_plan", None)  # it points at the float weights
     return model
 
 

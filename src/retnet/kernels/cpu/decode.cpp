@@ -53,26 +53,55 @@ void norm(const float* x, float* out, int64_t D, int64_t kind, const float* w, c
   }
 }
 
-float gelu(float x) { return 0.5f * x * (1.f + std::erf(x * 0.70710678118654752f)); }
-float silu(float x) { return x / (1.f + std::exp(-x)); }
-
 const float* ptr(const at::Tensor& t) { return t.numel() ? t.data_ptr<float>() : nullptr; }
 
-// Rotate q and k of one row at position p (interleaved pairs; retnet/ops/rotary.py), scale k by
-// K^-1/2 and mask it. qk: [2, H, K] in place; inv_freq [K/2].
-void rotate(float* qk, int64_t H, int64_t K, int64_t p, const float* inv_freq, float mask) {
+// What every layer needs from the positions, computed once per step (as the reference's
+// Positions): the rotation's cos and sin [B, K/2] (angles formed in float32, then ATen's own
+// cos/sin), γ^m and √c_n per (row, head) [B, H].
+struct PositionTables {
+  at::Tensor cos, sin;
+  std::vector<float> decay, sqrt_c;
+};
+
+PositionTables position_tables(const std::vector<int64_t>& pos, const std::vector<float>& mask,
+                               const at::Tensor& inv_freq, const float* log_decay, int64_t H) {
+  const int64_t B = static_cast<int64_t>(pos.size());
+  auto p = at::empty({B, 1}, inv_freq.options());
+  for (int64_t b = 0; b < B; ++b) p.data_ptr<float>()[b] = static_cast<float>(pos[b]);
+  auto angles = p * inv_freq.view({1, -1});  // [B, K/2]
+  PositionTables t{angles.cos(), angles.sin(), std::vector<float>(B * H),
+                   std::vector<float>(B * H)};
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h) {
+      float lg = log_decay[h], p1 = static_cast<float>(pos[b] + 1);
+      t.decay[b * H + h] = std::exp(mask[b] * lg);
+      // c_n, the decay row sum at this position (retnet/ops/decay.py), in float32
+      float c = lg == 0.f ? p1 : std::expm1(p1 * lg) / std::expm1(lg);
+      t.sqrt_c[b * H + h] = std::sqrt(c);
+    }
+  return t;
+}
+
+// Rotate q and k of row b (interleaved pairs; retnet/ops/rotary.py), scale k by K^-1/2 and
+// mask it. qk: [2, H, K] in place.
+void rotate(float* qk, int64_t H, int64_t K, const PositionTables& t, int64_t b, float mask) {
   float scale = 1.f / std::sqrt(static_cast<float>(K));
-  for (int64_t i = 0; i < K / 2; ++i) {
-    float angle = static_cast<float>(p) * inv_freq[i];  // formed in float32, as the reference
-    float c = std::cos(angle), s = std::sin(angle);
-    for (int64_t h = 0; h < 2 * H; ++h) {
-      float* x = qk + h * K + 2 * i;
-      float x0 = x[0], x1 = x[1];
-      float f = h >= H ? scale * mask : 1.f;
-      x[0] = (x0 * c - x1 * s) * f;
-      x[1] = (x1 * c + x0 * s) * f;
+  const float* cs = t.cos.data_ptr<float>() + b * (K / 2);
+  const float* sn = t.sin.data_ptr<float>() + b * (K / 2);
+  for (int64_t h = 0; h < 2 * H; ++h) {
+    float* x = qk + h * K;
+    float f = h >= H ? scale * mask : 1.f;
+    for (int64_t i = 0; i < K / 2; ++i) {
+      float x0 = x[2 * i], x1 = x[2 * i + 1];
+      x[2 * i] = (x0 * cs[i] - x1 * sn[i]) * f;
+      x[2 * i + 1] = (x1 * cs[i] + x0 * sn[i]) * f;
     }
   }
+}
+
+// A [rows, cols] view (rows `ld` apart) of a float buffer, for ATen's vectorised activations.
+at::Tensor view(float* p, int64_t rows, int64_t cols, int64_t ld) {
+  return at::from_blob(p, {rows, cols}, {ld, 1}, at::TensorOptions().dtype(at::kFloat));
 }
 
 // One pass over rows [k0, k1) of one head's state [K, V+1]: S' = γ S + k_i [v, m] into `out`
@@ -100,11 +129,14 @@ void state_rows(const float* S, float* out, const float* q, const float* k, cons
 // Retention for all B rows of one layer: qkvg [B, 2HK + (1 + gated) HV] (q, k rotated in
 // place), the state in → out, the gated and head-normalised output into o [B, H·V].
 void retention(const Dims& d, float* qkvg, int64_t ld, const float* S, float* Sout,
-               const int64_t* pos, const float* mask, const float* log_decay,
-               const float* inv_freq, const float* gn_w, const float* gn_b, float* o,
-               int64_t B) {
+               const PositionTables& pt, const float* mask, const float* gn_w,
+               const float* gn_b, float* o, int64_t B) {
   const int64_t H = d.H, K = d.K, V = d.V, W = V + 1;
-  for (int64_t b = 0; b < B; ++b) rotate(qkvg + b * ld, H, K, pos[b], inv_freq, mask[b]);
+  for (int64_t b = 0; b < B; ++b) rotate(qkvg + b * ld, H, K, pt, b, mask[b]);
+  if (d.gated) {
+    auto gate = view(qkvg + 2 * H * K + H * V, B, H * V, ld);
+    at::silu_(gate);  // in place: the gate's columns of qkvg now hold silu(g)
+  }
   // Split each head's K rows so both cores have work at batch 1; partial read-outs are summed.
   const int64_t threads = at::get_num_threads();
   int64_t splits = std::max<int64_t>(1, std::min<int64_t>(K / 8, (4 * threads + B * H - 1) /
@@ -114,7 +146,7 @@ void retention(const Dims& d, float* qkvg, int64_t ld, const float* S, float* So
     for (int64_t t = begin; t < end; ++t) {
       int64_t bh = t / splits, part = t % splits, b = bh / H, h = bh % H;
       const float* row = qkvg + b * ld;
-      float decay = std::exp(mask[b] * log_decay[h]);
+      float decay = pt.decay[bh];
       int64_t k0 = K * part / splits, k1 = K * (part + 1) / splits;
       state_rows(S + bh * K * W, Sout + bh * K * W, row + h * K, row + (H + h) * K,
                  row + 2 * H * K + h * V, mask[b], decay, k0, k1, V, partial.data() + t * W);
@@ -125,10 +157,7 @@ void retention(const Dims& d, float* qkvg, int64_t ld, const float* S, float* So
     float* acc = partial.data() + bh * splits * W;
     for (int64_t p = 1; p < splits; ++p)
       for (int64_t j = 0; j < W; ++j) acc[j] += acc[p * W + j];
-    // √c_n, the decay row sum at this position (retnet/ops/decay.py), in float32
-    float p1 = static_cast<float>(pos[b] + 1), lg = log_decay[h];
-    float c = lg == 0.f ? p1 : std::expm1(p1 * lg) / std::expm1(lg);
-    float denom = std::max(std::abs(acc[V]), std::sqrt(c));
+    float denom = std::max(std::abs(acc[V]), pt.sqrt_c[bh]);
     float* out = o + b * H * V + h * V;
     double mean = 0, sq = 0;
     for (int64_t j = 0; j < V; ++j) mean += out[j] = acc[j] / denom;
@@ -140,7 +169,7 @@ void retention(const Dims& d, float* qkvg, int64_t ld, const float* S, float* So
     for (int64_t j = 0; j < V; ++j) {
       float x = d.head_norm == kNone ? out[j] : (out[j] - static_cast<float>(mean)) * inv;
       if (d.head_norm == kGroup) x = x * gn_w[h * V + j] + gn_b[h * V + j];
-      out[j] = d.gated ? silu(gate[j]) * x : x;
+      out[j] = d.gated ? gate[j] * x : x;  // gate holds silu(g)
     }
   }
 }
@@ -194,6 +223,7 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& mask, const at::
     pos[b] = std::max<int64_t>(offset.data_ptr<int64_t>()[b] + mask_p[b] - 1, 0);
     offset_out.data_ptr<int64_t>()[b] = offset.data_ptr<int64_t>()[b] + mask_p[b];
   }
+  const PositionTables pt = position_tables(pos, m, inv_freq, log_decay.data_ptr<float>(), H);
   const int64_t D = d.D, qkvg_w = 2 * HK + (1 + d.gated) * HV, ffn_w = (1 + d.glu) * d.F;
   std::vector<float> x(B * D), h(B * D), tmp(B * D), qkvg(B * qkvg_w), o(B * HV), f(B * ffn_w);
   for (int64_t b = 0; b < B; ++b) {
@@ -226,8 +256,7 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& mask, const at::
     }
     products(h.data(), B, D, D, in);
     retention(d, qkvg.data(), qkvg_w, kv_in[l].data_ptr<float>(), kv_out[l].data_ptr<float>(),
-              pos.data(), m.data(), log_decay.data_ptr<float>(), inv_freq.data_ptr<float>(),
-              ptr(vec[2]), ptr(vec[3]), o.data(), B);
+              pt, m.data(), ptr(vec[2]), ptr(vec[3]), o.data(), B);
     int64_t j = 3 + d.gated;
     products(o.data(), B, HV, HV, {matrix(W[j], Sc[j], tmp.data(), D)});
     residual(x.data());
@@ -237,12 +266,11 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& mask, const at::
     std::vector<Matrix> up = {matrix(W[j + 1], Sc[j + 1], f.data(), ffn_w)};
     if (d.glu) up.push_back(matrix(W[j + 2], Sc[j + 2], f.data() + d.F, ffn_w));
     products(h.data(), B, D, D, up);
-    for (int64_t b = 0; b < B; ++b) {
+    auto act = view(f.data(), B, d.F, ffn_w);
+    d.ffn == kGluSwish ? at::silu_(act) : act.copy_(at::gelu(act));  // ATen's kernels, as F.*
+    for (int64_t b = 0; d.glu && b < B; ++b) {
       float* fb = f.data() + b * ffn_w;
-      for (int64_t i = 0; i < d.F; ++i) {
-        float a = d.ffn == kGluSwish ? silu(fb[i]) : gelu(fb[i]);
-        fb[i] = d.glu ? a * fb[d.F + i] : a;
-      }
+      for (int64_t i = 0; i < d.F; ++i) fb[i] *= fb[d.F + i];
     }
     int64_t down = j + 1 + 1 + d.glu;
     products(f.data(), B, ffn_w, d.F, {matrix(W[down], Sc[down], tmp.data(), D)});
