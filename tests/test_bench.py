@@ -268,7 +268,8 @@ def test_a_profiled_decode_step_is_the_next_tokens_logits_every_time():
     torch.testing.assert_close(second, first, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("script", ["forms", "decode", "gemv", "serve_load", "profile_steps"])
+@pytest.mark.parametrize("script", ["forms", "decode", "gemv", "gemv_streams", "serve_load",
+                                    "profile_steps"])
 def test_each_benchmark_script_is_an_entry_point_with_help(script, monkeypatch, capsys):
     import runpy
     from pathlib import Path

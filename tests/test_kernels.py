@@ -36,7 +36,7 @@ def _weight(fmt: str, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor | None
 
 
 @pytest.mark.parametrize("fmt", ["float32", "bfloat16", "int8"])
-@pytest.mark.parametrize("m", [1, 3, 8, 32])
+@pytest.mark.parametrize("m", [1, 3, 6, 8, 32])
 @pytest.mark.parametrize("k", [16, 37, 512, 1029])
 def test_linear_matches_float64(fast, fmt, m, k):
     torch.manual_seed(m * 1000 + k)

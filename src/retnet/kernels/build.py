@@ -57,7 +57,7 @@ def _key(compiler: str) -> str:
     return h.hexdigest()[:16]
 
 
-def _command(compiler: str, source: Path, target: Path) -> list[str]:
+def command(compiler: str, source: Path, target: Path) -> list[str]:
     from torch.utils.cpp_extension import include_paths, library_paths
 
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
@@ -94,7 +94,7 @@ def build(quiet: bool = False) -> Path:
                   file=sys.stderr)
         source = Path(str(files("retnet.kernels").joinpath("cpu", "decode.cpp")))
         tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-        done = subprocess.run(_command(compiler, source, tmp), capture_output=True, text=True)
+        done = subprocess.run(command(compiler, source, tmp), capture_output=True, text=True)
         if done.returncode != 0:
             tmp.unlink(missing_ok=True)
             first = next((line for line in done.stderr.splitlines() if "error" in line),

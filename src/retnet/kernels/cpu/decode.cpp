@@ -104,6 +104,34 @@ at::Tensor view(float* p, int64_t rows, int64_t cols, int64_t ld) {
   return at::from_blob(p, {rows, cols}, {ld, 1}, at::TensorOptions().dtype(at::kFloat));
 }
 
+// out[j] = decay · s[j] + ki · v[j] and acc[j] += qi · out[j] for j < n. With AVX-512 the new
+// state is written with streaming stores from the first 64-byte boundary on: it is not read
+// again this step, and skipping the read-for-ownership saves a third of the state's traffic.
+void state_row(const float* s, float* out, const float* v, float ki, float qi, float decay,
+               int64_t n, float* acc) {
+  int64_t j = 0;
+#ifdef RETNET_AVX512
+  const int64_t head = ((64 - reinterpret_cast<uintptr_t>(out) % 64) % 64) / sizeof(float);
+  if (reinterpret_cast<uintptr_t>(out) % sizeof(float) == 0) {
+    for (; j < std::min(head, n); ++j) {
+      out[j] = decay * s[j] + ki * v[j];
+      acc[j] += qi * out[j];
+    }
+    const __m512 d = _mm512_set1_ps(decay), kv = _mm512_set1_ps(ki), qv = _mm512_set1_ps(qi);
+    for (; j + 16 <= n; j += 16) {
+      __m512 x = _mm512_fmadd_ps(d, _mm512_loadu_ps(s + j),
+                                 _mm512_mul_ps(kv, _mm512_loadu_ps(v + j)));
+      _mm512_stream_ps(out + j, x);
+      _mm512_storeu_ps(acc + j, _mm512_fmadd_ps(qv, x, _mm512_loadu_ps(acc + j)));
+    }
+  }
+#endif
+  for (; j < n; ++j) {
+    out[j] = decay * s[j] + ki * v[j];
+    acc[j] += qi * out[j];
+  }
+}
+
 // One pass over rows [k0, k1) of one head's state [K, V+1]: S' = γ S + k_i [v, m] into `out`
 // and acc += q_i S'_i (the read-out, V+1 values with the score sum last).
 void state_rows(const float* S, float* out, const float* q, const float* k, const float* v,
@@ -113,17 +141,14 @@ void state_rows(const float* S, float* out, const float* q, const float* k, cons
   for (int64_t i = k0; i < k1; ++i) {
     const float* s = S + i * W;
     float* o = out + i * W;
-    float ki = k[i], qi = q[i];
-#pragma omp simd
-    for (int64_t j = 0; j < V; ++j) {
-      float n = decay * s[j] + ki * v[j];
-      o[j] = n;
-      acc[j] += qi * n;
-    }
-    float n = decay * s[V] + ki * mask;
+    state_row(s, o, v, k[i], q[i], decay, V, acc);
+    float n = decay * s[V] + k[i] * mask;
     o[V] = n;
-    acc[V] += qi * n;
+    acc[V] += q[i] * n;
   }
+#ifdef RETNET_AVX512
+  _mm_sfence();  // the streaming stores are visible before the region's barrier
+#endif
 }
 
 // Retention for all B rows of one layer: qkvg [B, 2HK + (1 + gated) HV] (q, k rotated in

@@ -1,16 +1,17 @@
 // Weight-streaming products for decoding: y[m, n] = scale[n] · Σ_k x[m, k] · W[n, k] for a few
 // rows m (M ≤ 32 in decoding) and weights W [N, K] in float32, bf16 or int8 (row-major: the
 // nn.Linear layout). A one-token step is bound by how fast the weights stream from memory, so
-// each weight is read exactly once: a block of NR weight rows is loaded (and widened to float32)
-// once per 16 columns and multiplied into MR rows of x that stay in L1. The activations stay
-// float32: bf16 and int8 are weight-only formats.
+// each weight is read exactly once, widened to float32 in registers and multiplied into the rows
+// of x, which stay in L1. The activations stay float32: bf16 and int8 are weight-only formats.
 #pragma once
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -33,11 +34,19 @@ struct Matrix {
   int64_t ldy;
 };
 
+// One weight row of a product, where its M outputs go (m-th at y + m · ldy), and its scale.
+struct Row {
+  const void* w;
+  float* y;
+  int64_t ldy;
+  float scale;
+};
+
+// S weight rows read in lockstep, far apart (each stream walks its own quarter of the thread's
+// share), so the hardware prefetcher follows S streams per core and keeps more misses in
+// flight: benchmarks/gemv_streams.py measures this at the copy's bandwidth, where four
+// adjacent rows (one stream, four loads apart) reach about two thirds of it.
 #ifdef RETNET_AVX512
-#ifndef RETNET_PREFETCH
-#define RETNET_PREFETCH 4096
-#endif
-constexpr int64_t kPrefetch = RETNET_PREFETCH;  // bytes ahead of each weight row's reads
 inline __m512 widen(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 widen(const c10::BFloat16* p) {
   // bf16 is the high half of a float32: zero-extend to 32 bits and shift into place.
@@ -57,115 +66,231 @@ inline __m512 widen(const int8_t* p, __mmask16 m) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p)));
 }
 
-// MR rows of x times NR rows of W (nr ≤ NR of them real; the others repeat row 0 and are
-// not stored). 16 accumulators at most, so everything lives in registers.
-template <typename T, int MR, int NR>
-inline void block(const float* x, int64_t ldx, const T* w, int64_t K, int nr, float* y,
-                  int64_t ldy, const float* scale) {
-  __m512 acc[MR][NR];
-  const T* row[NR];
+// A value the compiler must keep in a register: left alone, GCC folds the load of x into every
+// FMA that uses it, S loads where one suffices, and the loop becomes bound by loads.
+inline __m512 in_register(__m512 v) {
+  asm("" : "+v"(v));
+  return v;
+}
+
+// With several passes of x rows over the same weight rows (M > 4), the passes after the first
+// read L1 and leave the memory system idle: the first pass fetches the stream's next rows.
+template <typename T>
+inline void prefetch_ahead(const T* w, int64_t K) {
+  _mm_prefetch(reinterpret_cast<const char*>(w + 2 * K), _MM_HINT_T0);
+}
+
+// bf16 rows without a widening pass: in each 32-bit lane of 32 loaded bf16 values, a shift
+// left by 16 is the even element as a float32 and masking off the low half is the odd one. x is
+// handed over permuted to match (`pair_order`: per 32 columns, the 16 even then the 16 odd).
+template <int MR, int S, bool PF>
+inline void lockstep_bf16(const float* x, int64_t ldx, int64_t K, const Row* row, int64_t m0) {
+  __m512 acc[MR][S];
+  const c10::BFloat16* w[S];
+  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+#pragma GCC unroll 4
+  for (int s = 0; s < S; ++s) {
+    w[s] = static_cast<const c10::BFloat16*>(row[s].w);
 #pragma GCC unroll 8
-  for (int r = 0; r < NR; ++r) {
-    row[r] = w + (r < nr ? r : 0) * K;
+    for (int m = 0; m < MR; ++m) acc[m][s] = _mm512_setzero_ps();
+  }
+  auto step = [&](int64_t k, __mmask32 mask) {
+    __m512 even[S], odd[S];
+#pragma GCC unroll 4
+    for (int s = 0; s < S; ++s) {
+      if (PF) prefetch_ahead(w[s] + k, K);
+      __m512i raw = mask == ~static_cast<__mmask32>(0)
+                        ? _mm512_loadu_si512(w[s] + k)
+                        : _mm512_maskz_loadu_epi16(mask, w[s] + k);
+      even[s] = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
+      odd[s] = _mm512_castsi512_ps(_mm512_and_si512(raw, high));
+    }
 #pragma GCC unroll 8
-    for (int m = 0; m < MR; ++m) acc[m][r] = _mm512_setzero_ps();
+    for (int m = 0; m < MR; ++m) {
+      __m512 xe = in_register(_mm512_loadu_ps(x + m * ldx + k));
+      __m512 xo = in_register(_mm512_loadu_ps(x + m * ldx + k + 16));
+#pragma GCC unroll 4
+      for (int s = 0; s < S; ++s)
+        acc[m][s] = _mm512_fmadd_ps(xo, odd[s], _mm512_fmadd_ps(xe, even[s], acc[m][s]));
+    }
+  };
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) step(k, ~static_cast<__mmask32>(0));
+  if (k < K) step(k, static_cast<__mmask32>((1ull << (K - k)) - 1));  // x is zero-padded
+  for (int s = 0; s < S; ++s)
+    for (int m = 0; m < MR; ++m)
+      row[s].y[(m0 + m) * row[s].ldy] = _mm512_reduce_add_ps(acc[m][s]) * row[s].scale;
+}
+
+// x [M, K] (ldx apart) in the column order lockstep_bf16 reads, zero-padded to 32 columns.
+inline std::vector<float> pair_order(const float* x, int64_t M, int64_t ldx, int64_t K,
+                                     int64_t Kp) {
+  std::vector<float> out(M * Kp, 0.f);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) {
+      int64_t j = k % 32;
+      out[m * Kp + k - j + (j % 2 ? 16 + j / 2 : j / 2)] = x[m * ldx + k];
+    }
+  return out;
+}
+
+// MR ≤ 8 rows of x (from row m0) times S ≤ 4 weight rows: MR × S ≤ 16 accumulators.
+template <typename T, int MR, int S, bool PF = false>
+inline void lockstep(const float* x, int64_t ldx, int64_t K, const Row* row, int64_t m0) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    lockstep_bf16<MR, S, PF>(x, ldx, K, row, m0);
+    return;
+  }
+  __m512 acc[MR][S];
+  const T* w[S];
+#pragma GCC unroll 4
+  for (int s = 0; s < S; ++s) {
+    w[s] = static_cast<const T*>(row[s].w);
+#pragma GCC unroll 4
+    for (int m = 0; m < MR; ++m) acc[m][s] = _mm512_setzero_ps();
   }
   int64_t k = 0;
   for (; k + 16 <= K; k += 16) {
-    __m512 wv[NR];
-#pragma GCC unroll 8
-    for (int r = 0; r < NR; ++r) {
-      _mm_prefetch(reinterpret_cast<const char*>(row[r] + k) + kPrefetch, _MM_HINT_T0);
-      wv[r] = widen(row[r] + k);
+    __m512 wv[S];
+#pragma GCC unroll 4
+    for (int s = 0; s < S; ++s) {
+      if (PF && k % (64 / sizeof(T)) == 0) prefetch_ahead(w[s] + k, K);
+      wv[s] = widen(w[s] + k);
     }
-#pragma GCC unroll 8
+#pragma GCC unroll 4
     for (int m = 0; m < MR; ++m) {
-      __m512 xv = _mm512_loadu_ps(x + m * ldx + k);
-#pragma GCC unroll 8
-      for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_fmadd_ps(xv, wv[r], acc[m][r]);
+      __m512 xv = in_register(_mm512_loadu_ps(x + m * ldx + k));
+#pragma GCC unroll 4
+      for (int s = 0; s < S; ++s) acc[m][s] = _mm512_fmadd_ps(xv, wv[s], acc[m][s]);
     }
   }
-  if (k < K) {  // the last K % 16 columns, through masked loads
-    __mmask16 mask = static_cast<__mmask16>((1u << (K - k)) - 1);
-    __m512 wv[NR];
-    for (int r = 0; r < NR; ++r) wv[r] = widen(row[r] + k, mask);
+  if (k < K) {  // the last K % 16 columns through masked loads
+    const __mmask16 mask = static_cast<__mmask16>((1u << (K - k)) - 1);
+    __m512 wv[S];
+    for (int s = 0; s < S; ++s) wv[s] = widen(w[s] + k, mask);
     for (int m = 0; m < MR; ++m) {
       __m512 xv = _mm512_maskz_loadu_ps(mask, x + m * ldx + k);
-      for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_fmadd_ps(xv, wv[r], acc[m][r]);
+      for (int s = 0; s < S; ++s) acc[m][s] = _mm512_fmadd_ps(xv, wv[s], acc[m][s]);
     }
   }
-  for (int m = 0; m < MR; ++m)
-    for (int r = 0; r < nr; ++r) {
-      float s = _mm512_reduce_add_ps(acc[m][r]);
-      y[m * ldy + r] = scale ? s * scale[r] : s;
-    }
-}
-
-// All M rows of x against nr ≤ 4 rows of W: blocks of 8 rows × 2 weight rows, then 4 × 4, … .
-template <typename T>
-inline void rows(const float* x, int64_t M, int64_t ldx, const T* w, int64_t K, int nr,
-                 float* y, int64_t ldy, const float* scale) {
-  int64_t m = 0;
-  for (; m + 8 <= M; m += 8)
-    for (int r = 0; r < nr; r += 2)
-      block<T, 8, 2>(x + m * ldx, ldx, w + r * K, K, std::min(2, nr - r), y + m * ldy + r, ldy,
-                     scale ? scale + r : nullptr);
-  const float* xm = x + m * ldx;
-  float* ym = y + m * ldy;
-  switch (M - m) {
-    case 0: break;
-    case 1: block<T, 1, 4>(xm, ldx, w, K, nr, ym, ldy, scale); break;
-    case 2: block<T, 2, 4>(xm, ldx, w, K, nr, ym, ldy, scale); break;
-    case 3: block<T, 3, 4>(xm, ldx, w, K, nr, ym, ldy, scale); break;
-    case 4: block<T, 4, 4>(xm, ldx, w, K, nr, ym, ldy, scale); break;
-    default:  // 5 to 7 rows: four, then the rest
-      block<T, 4, 4>(xm, ldx, w, K, nr, ym, ldy, scale);
-      rows(xm + 4 * ldx, M - m - 4, ldx, w, K, nr, ym + 4 * ldy, ldy, scale);
-  }
+  for (int s = 0; s < S; ++s)
+    for (int m = 0; m < MR; ++m)
+      row[s].y[(m0 + m) * row[s].ldy] = _mm512_reduce_add_ps(acc[m][s]) * row[s].scale;
 }
 #else
 // Portable fallback (no AVX-512 at build time): plain loops the compiler vectorises.
-template <typename T>
-inline void rows(const float* x, int64_t M, int64_t ldx, const T* w, int64_t K, int nr,
-                 float* y, int64_t ldy, const float* scale) {
-  for (int r = 0; r < nr; ++r)
-    for (int64_t m = 0; m < M; ++m) {
-      float s = 0.f;
-      for (int64_t k = 0; k < K; ++k) s += x[m * ldx + k] * static_cast<float>(w[r * K + k]);
-      y[m * ldy + r] = scale ? s * scale[r] : s;
+template <typename T, int MR, int S, bool PF = false>
+inline void lockstep(const float* x, int64_t ldx, int64_t K, const Row* row, int64_t m0) {
+  for (int s = 0; s < S; ++s)
+    for (int m = 0; m < MR; ++m) {
+      const T* w = static_cast<const T*>(row[s].w);
+      float acc = 0.f;
+      for (int64_t k = 0; k < K; ++k) acc += x[m * ldx + k] * static_cast<float>(w[k]);
+      row[s].y[(m0 + m) * row[s].ldy] = acc * row[s].scale;
     }
 }
 #endif
 
-constexpr int kRowBlock = 4;  // weight rows per unit of work
+// All M rows of x times S weight rows, min(8, 16 / S) rows of x at a time (the weight rows
+// stay in L1 between them).
+template <typename T, int S>
+inline void group(const float* x, int64_t M, int64_t ldx, int64_t K, const Row* row) {
+  constexpr int64_t MR = S >= 2 ? 16 / S : 8;
+  int64_t m0 = 0;
+  if (M > MR) {  // the first of several passes fetches ahead
+    lockstep<T, MR, S, true>(x, ldx, K, row, 0);
+    m0 = MR;
+  }
+  for (; m0 < M; m0 += MR) {
+    const float* xm = x + m0 * ldx;
+    switch (std::min<int64_t>(MR, M - m0)) {
+      case 1: lockstep<T, 1, S>(xm, ldx, K, row, m0); break;
+      case 2: lockstep<T, 2, S>(xm, ldx, K, row, m0); break;
+      case 3: lockstep<T, 3, S>(xm, ldx, K, row, m0); break;
+      case 4: lockstep<T, 4, S>(xm, ldx, K, row, m0); break;
+      case 5: lockstep<T, 5 <= MR ? 5 : 1, S>(xm, ldx, K, row, m0); break;
+      case 6: lockstep<T, 6 <= MR ? 6 : 1, S>(xm, ldx, K, row, m0); break;
+      case 7: lockstep<T, 7 <= MR ? 7 : 1, S>(xm, ldx, K, row, m0); break;
+      default: lockstep<T, MR, S>(xm, ldx, K, row, m0); break;
+    }
+  }
+}
 
-// Every matrix in `mats` times the same x [M, K] (ldx apart), in one parallel region over all
-// their rows: each thread streams one contiguous share of the weights.
+// Walks the rows of several matrices in order, from a global row index on.
+class Cursor {
+ public:
+  Cursor(const std::vector<Matrix>& mats, const std::vector<int64_t>& first, int64_t g,
+         int64_t K)
+      : mats_(mats), K_(K) {
+    i_ = std::upper_bound(first.begin(), first.end(), g) - first.begin() - 1;
+    r_ = g - first[i_];
+  }
+  template <typename T>
+  Row next() {
+    while (r_ == mats_[i_].rows) ++i_, r_ = 0;
+    const Matrix& m = mats_[i_];
+    Row row{static_cast<const T*>(m.w) + r_ * K_, m.y + r_, m.ldy,
+            m.scale ? m.scale[r_] : 1.f};
+    ++r_;
+    return row;
+  }
+
+ private:
+  const std::vector<Matrix>& mats_;
+  int64_t K_;
+  size_t i_;
+  int64_t r_;
+};
+
+constexpr int kStreams = 4;  // weight rows read in lockstep per core
+
+// Global rows [g0, g1) in S parts walked side by side, then the few left over.
+template <typename T, int S = kStreams>
+void share(const float* x, int64_t M, int64_t ldx, int64_t K, const std::vector<Matrix>& mats,
+           const std::vector<int64_t>& first, int64_t g0, int64_t g1) {
+  const int64_t q = (g1 - g0) / S;
+  std::vector<Cursor> cursors;
+  for (int s = 0; s < S; ++s) cursors.emplace_back(mats, first, g0 + s * q, K);
+  Row row[S];
+  for (int64_t j = 0; j < q; ++j) {
+    for (int s = 0; s < S; ++s) row[s] = cursors[s].next<T>();
+    group<T, S>(x, M, ldx, K, row);
+  }
+  Cursor rest(mats, first, g0 + S * q, K);
+  for (int64_t g = g0 + S * q; g < g1; ++g) {
+    row[0] = rest.next<T>();
+    group<T, 1>(x, M, ldx, K, row);
+  }
+}
+
+// Four weight rows in lockstep per core while the product is bound by memory; from 8 rows of x
+// on it is bound by arithmetic, and two rows × 8 rows of x widen each weight once.
+// Every matrix in `mats` (one weight format) times the same x [M, K] (ldx apart), in one
+// parallel region: each thread streams one contiguous share of all their rows.
 inline void products(const float* x, int64_t M, int64_t ldx, int64_t K,
                      const std::vector<Matrix>& mats) {
-  std::vector<int64_t> first(mats.size() + 1, 0);  // first block of each matrix
-  for (size_t i = 0; i < mats.size(); ++i)
-    first[i + 1] = first[i] + (mats[i].rows + kRowBlock - 1) / kRowBlock;
-  at::parallel_for(0, first.back(), 1, [&](int64_t begin, int64_t end) {
-    size_t i = std::upper_bound(first.begin(), first.end(), begin) - first.begin() - 1;
-    for (int64_t b = begin; b < end; ++b) {
-      while (b >= first[i + 1]) ++i;
-      const Matrix& mat = mats[i];
-      int64_t r0 = (b - first[i]) * kRowBlock;
-      int nr = static_cast<int>(std::min<int64_t>(kRowBlock, mat.rows - r0));
-      const float* scale = mat.scale ? mat.scale + r0 : nullptr;
-      float* y = mat.y + r0;
-      switch (mat.format) {
-        case WFormat::f32:
-          rows(x, M, ldx, static_cast<const float*>(mat.w) + r0 * K, K, nr, y, mat.ldy, scale);
-          break;
-        case WFormat::bf16:
-          rows(x, M, ldx, static_cast<const c10::BFloat16*>(mat.w) + r0 * K, K, nr, y, mat.ldy,
-               scale);
-          break;
-        case WFormat::i8:
-          rows(x, M, ldx, static_cast<const int8_t*>(mat.w) + r0 * K, K, nr, y, mat.ldy, scale);
-          break;
+  std::vector<int64_t> first(mats.size() + 1, 0);  // first global row of each matrix
+  for (size_t i = 0; i < mats.size(); ++i) {
+    TORCH_CHECK(mats[i].format == mats[0].format, "products: one weight format per call");
+    first[i + 1] = first[i] + mats[i].rows;
+  }
+#ifdef RETNET_AVX512
+  std::vector<float> paired;
+  if (mats[0].format == WFormat::bf16) {
+    const int64_t Kp = (K + 31) / 32 * 32;
+    paired = pair_order(x, M, ldx, K, Kp);
+    x = paired.data();
+    ldx = Kp;
+  }
+#endif
+  const int64_t total = first.back(), threads = at::get_num_threads();
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t g0 = total * t / threads, g1 = total * (t + 1) / threads;
+      switch (mats[0].format) {
+        case WFormat::f32: share<float>(x, M, ldx, K, mats, first, g0, g1); break;
+        case WFormat::bf16: share<c10::BFloat16>(x, M, ldx, K, mats, first, g0, g1); break;
+        case WFormat::i8: share<int8_t>(x, M, ldx, K, mats, first, g0, g1); break;
       }
     }
   });
