@@ -50,6 +50,19 @@ def test_only_decode_runs_just_its_cells_with_a_floor_per_format(tmp_path):
     floors = [d[f"decode_batch_1{s}"]["floor_ms"] for s in ("", "_bfloat16", "_int8")]
     assert floors[0] > floors[1] > floors[2] > 0
     assert all(d[f"decode_batch_1{s}"]["over_floor"] > 0 for s in ("", "_bfloat16", "_int8"))
+    # the compute floor: 2 FLOPs per weight of every product, 4 per state element, per row
+    from retnet.model import RetNetConfig
+
+    config = RetNetConfig.from_dict(results["meta"]["retnet_config"])
+    weights = results["meta"]["backends"]["retnet"]["non_embedding"] + (
+        config.vocab_size * config.d_model)
+    flops = 2 * weights + config.state_bytes_per_sequence
+    compute = d["decode_batch_1"]["compute_floor_ms"]
+    assert compute == pytest.approx(1e3 * flops / results["limits"]["matmul_flops"])
+    assert d["decode_batch_1"]["over_max_floor"] == pytest.approx(
+        d["decode_batch_1"]["retnet_ms"] / max(floors[0], compute))
+    report = (tmp_path / "report.md").read_text()
+    assert "against the floors" in report and "| int8, 1 |" in report
     assert "fused CPU kernel (int8 weights" in results["meta"]["backends"]["retnet-int8"][
         "config"]["decode_path"]
 
@@ -57,7 +70,8 @@ def test_only_decode_runs_just_its_cells_with_a_floor_per_format(tmp_path):
 STUB = '''import json, sys
 if sys.argv[1] == "-c":  # the import probe
     sys.exit(0)
-job = json.loads(sys.argv[2])
+assert sys.argv[1] == "-I"  # isolated: bench/profile.py must not shadow the stdlib's
+job = json.loads(sys.argv[-1])
 ok = {"status": "ok", "median_s": 0.01, "min_s": 0.01, "max_s": 0.01, "raw_s": [0.01]}
 print("progress goes to stderr", file=sys.stderr)
 print(json.dumps({
@@ -268,8 +282,8 @@ def test_a_profiled_decode_step_is_the_next_tokens_logits_every_time():
     torch.testing.assert_close(second, first, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("script", ["forms", "decode", "gemv", "gemv_streams", "serve_load",
-                                    "profile_steps"])
+@pytest.mark.parametrize("script", ["forms", "decode", "gemv", "gemv_streams", "quality",
+                                    "serve_load", "profile_steps"])
 def test_each_benchmark_script_is_an_entry_point_with_help(script, monkeypatch, capsys):
     import runpy
     from pathlib import Path
@@ -294,3 +308,36 @@ def test_bench_options_carry_their_help_and_parse_lists_as_integers():
     values = given(parser.parse_args(["--contexts", "16", "32", "--batches", "2"]), BenchConfig)
     cfg = BenchConfig(**values)
     assert (cfg.contexts, cfg.batches, cfg.preset) == ([16, 32], [2], "small")
+
+
+def test_quality_compares_decoded_logits_with_float32():
+    """benchmarks/quality.py's figures: zero error, zero KL and full agreement against itself;
+    a perturbed step shows in all three; the perplexity is that of the targets."""
+    import torch
+
+    from retnet.bench.quality import compare
+
+    torch.manual_seed(0)
+    ref, targets = torch.randn(6, 11), torch.randint(0, 11, (6,))
+    same = compare(ref, ref, targets)
+    assert same["logits_rel_error"] == 0 and abs(same["max_step_kl"]) < 1e-6
+    assert same["argmax_agreement"] == 1
+    nll = -ref.log_softmax(-1).gather(1, targets[:, None]).mean()
+    assert abs(same["decoded_perplexity"] - nll.exp().item()) < 1e-5
+    moved = ref.clone()
+    moved[2] = -moved[2]  # one step's argmax flips
+    other = compare(moved, ref, targets)
+    assert other["logits_rel_error"] > 0.1 and other["max_step_kl"] > 0.1
+    assert other["argmax_agreement"] == pytest.approx(5 / 6)
+
+
+def test_torchscale_job_runs_only_the_chosen_phases():
+    from retnet.bench.cost import BenchConfig
+    from retnet.bench.peers import torchscale_job
+    from retnet.model import RetNetConfig
+
+    config = RetNetConfig.from_preset("tiny")
+    job = torchscale_job(config, BenchConfig(only=["decode"]), 2, 1 << 30)
+    assert job["batches"] and job["prefill_lengths"] == [] and job["train_lengths"] == []
+    every = torchscale_job(config, BenchConfig(), 2, 1 << 30)
+    assert every["batches"] and every["prefill_lengths"] and every["train_lengths"]

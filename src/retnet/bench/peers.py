@@ -34,12 +34,16 @@ def check_torchscale_python(python: str) -> None:
 
 def torchscale_job(config: RetNetConfig, cfg: Any, threads: int, kv_limit: int) -> dict:
     """The worker's job. torchscale's FFN is a GLU (three d × f matrices): f is chosen so its
-    FFN has the parameters of ours (two d × ffn_dim matrices); retention is the same 8d²."""
+    FFN has the parameters of ours (two d × ffn_dim matrices); retention is the same 8d².
+    Phases left out by --only have no cells."""
+    phases = cfg.only or ("decode", "prefill", "train")
+    runs = {phase: phase in phases for phase in ("decode", "prefill", "train")}
     return {"d_model": config.d_model, "n_layers": config.n_layers, "n_heads": config.n_heads,
             "value_dim": config.value_dim, "ffn_dim": round(2 * config.ffn_dim / 3),
             "vocab_size": config.vocab_size, "chunk_size": BENCH_FORM.chunk_size,
-            "contexts": cfg.contexts, "batches": cfg.batches,
-            "prefill_lengths": cfg.prefill_lengths, "train_lengths": cfg.train_lengths,
+            "contexts": cfg.contexts, "batches": cfg.batches if runs["decode"] else [],
+            "prefill_lengths": cfg.prefill_lengths if runs["prefill"] else [],
+            "train_lengths": cfg.train_lengths if runs["train"] else [],
             "train_tokens": cfg.train_tokens, "repeats": cfg.repeats, "threads": threads,
             "memory_cap_gib": cfg.memory_cap_gib, "kv_limit": kv_limit,
             "keep_freed_memory": keep_freed_memory()}
@@ -48,7 +52,9 @@ def torchscale_job(config: RetNetConfig, cfg: Any, threads: int, kv_limit: int) 
 def run_torchscale(python: str, job: dict, results: dict) -> None:
     """Run the worker and merge its cells into `results` (or record why it was skipped)."""
     meta = results["meta"]
-    proc = subprocess.run([python, str(WORKER), json.dumps(job)], stdout=subprocess.PIPE,
+    # -I: the worker's folder is not put on sys.path, where retnet/bench/profile.py would
+    # shadow the standard library's profile (torch._dynamo imports cProfile, which needs it)
+    proc = subprocess.run([python, "-I", str(WORKER), json.dumps(job)], stdout=subprocess.PIPE,
                           text=True)  # stderr (its progress) goes to the terminal
     if proc.returncode:
         meta["skipped"]["torchscale"] = (f"the worker under {python} failed with exit code "
