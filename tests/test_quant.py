@@ -43,3 +43,33 @@ def test_quantize_replaces_every_matrix(tied):
 def test_unknown_method_is_refused():
     with pytest.raises(ValueError, match="unknown quantization 'int4'; use one of int8"):
         retnet.quantize(RetNetLM(RetNetConfig.from_preset("tiny", vocab_size=61)), "int4")
+
+
+def test_eval_perplexity_in_each_weight_format(corpus, tmp_path, monkeypatch, capsys):
+    """`retnet eval --dtype/--quantization` loads the weights as generate does: each format's
+    perplexity is near float32's but not equal to it (the weights really changed); a
+    quantization over bf16 weights is one line and exit 2."""
+    import json
+
+    from retnet.cli import main
+    from retnet.train import TrainConfig, train
+
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    train(TrainConfig(preset="tiny", data=str(corpus), out=str(run), steps=2, batch_size=2,
+                      seq_len=16, eval_every=2))
+    ppl = {}
+    for name, flags in {"float32": [], "bfloat16": ["--dtype", "bfloat16"],
+                        "int8": ["--quantization", "int8"]}.items():
+        out = tmp_path / f"{name}.json"
+        assert main(["eval", "--checkpoint", str(run), "--perplexity", str(corpus),
+                     "--out", str(out), *flags]) == 0
+        ppl[name] = json.loads(out.read_text())["perplexity"]["perplexity"]
+    for name in ("bfloat16", "int8"):
+        assert ppl[name] != ppl["float32"]
+        assert abs(ppl[name] / ppl["float32"] - 1) < 0.05
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(run), "--perplexity", "--dtype", "bfloat16",
+                 "--quantization", "int8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--quantization int8 quantises float32 weights" in err[0]

@@ -8,7 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from retnet.options import opt, require
+from retnet.generation.command import DTYPES, check_quantization
+from retnet.modules.quant import QUANTIZATIONS
+from retnet.options import opt, require, short
 
 
 @dataclass
@@ -27,8 +29,16 @@ class EvalOptions:
                                  "DATA (alone, or `stdlib`: the stdlib corpus)", metavar="DATA",
                                  const="stdlib")
     out: str | None = opt(None, "write the results as JSON here")
+    dtype: str = opt("float32", "the weights' dtype (the state stays float32)",
+                     choices=tuple(DTYPES))
+    quantization: str | None = opt(None, "int8: weight-only int8 with one scale per output "
+                                   "channel, as `retnet generate` loads it",
+                                   choices=QUANTIZATIONS)
 
     def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"invalid --dtype {short(self.dtype)}; use {', '.join(DTYPES)}")
+        check_quantization(self.quantization, self.dtype)
         if not self.tasks and self.perplexity is None:
             raise ValueError("nothing to do: pass --tasks and/or --perplexity")
         if self.tasks:
@@ -61,8 +71,11 @@ def _tasks(model, tok, opts: EvalOptions) -> dict[str, Any]:
 
 def command(opts: EvalOptions) -> int:
     from retnet.loading import load
+    from retnet.modules.quant import quantize
 
-    model, tok = load(opts.checkpoint)
+    model, tok = load(opts.checkpoint, dtype=DTYPES[opts.dtype])
+    if opts.quantization is not None:
+        quantize(model, opts.quantization)
     results: dict[str, Any] = {}
     if opts.perplexity is not None:
         results["perplexity"] = _perplexity(model, tok, opts.perplexity)
