@@ -45,7 +45,7 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, int64_t variant) {
 
 // The sum of a float32 buffer read as S streams per thread (S = 1 or 4): a read with no
 // arithmetic to speak of, the fastest this core can pull the bytes in.
-at::Tensor read(const at::Tensor& buf, int64_t streams) {
+at::Tensor read_sum(const at::Tensor& buf, int64_t streams) {
   const int64_t n = buf.numel(), T = at::get_num_threads();
   const float* p = buf.data_ptr<float>();
   std::vector<float> part(T, 0.f);
@@ -74,5 +74,5 @@ TORCH_LIBRARY(gemv_streams, m) {
 }
 TORCH_LIBRARY_IMPL(gemv_streams, CPU, m) {
   m.impl("gemv", &gemv);
-  m.impl("read", &read);
+  m.impl("read", &read_sum);
 }

@@ -44,8 +44,8 @@ struct Row {
 
 // S weight rows read in lockstep, far apart (each stream walks its own quarter of the thread's
 // share), so the hardware prefetcher follows S streams per core and keeps more misses in
-// flight: benchmarks/gemv_streams.py measures this at the copy's bandwidth, where four
-// adjacent rows (one stream, four loads apart) reach about two thirds of it.
+// flight: benchmarks/gemv_streams.py measures this as fast as a plain read, where four
+// adjacent rows (one stream, four loads apart) reach little more than half of it.
 #ifdef RETNET_AVX512
 inline __m512 widen(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 widen(const c10::BFloat16* p) {
