@@ -69,14 +69,21 @@ def run(checkpoint: str, decode_tokens: int, formats: Sequence[str] = tuple(FORM
     texts = [d.text for d in val]
     ids = torch.tensor([t for text in texts for t in [tok.eos_id, *tok.encode(text)]]
                        [:decode_tokens + 1])
+    from tqdm import tqdm
+
     results, reference = {}, None
-    for name in formats:
-        model = load_format(checkpoint, name)
-        entry = {"decode_path": decode_path(model), **perplexity(model, tok, texts)}
-        steps = teacher_forced_logits(model, ids)
-        reference = steps if reference is None else reference
-        entry.update(compare(steps, reference, ids[1:]))
-        results[name] = entry
+    with tqdm(total=2 * len(formats), desc="quality", unit="pass") as bar:
+        for name in formats:
+            bar.set_postfix_str(f"{name} perplexity")
+            model = load_format(checkpoint, name)
+            entry = {"decode_path": decode_path(model), **perplexity(model, tok, texts)}
+            bar.update(1)
+            bar.set_postfix_str(f"{name} decode")
+            steps = teacher_forced_logits(model, ids)
+            bar.update(1)
+            reference = steps if reference is None else reference
+            entry.update(compare(steps, reference, ids[1:]))
+            results[name] = entry
     base = results[formats[0]]["perplexity"]
     for entry in results.values():
         entry["perplexity_vs_float32"] = entry["perplexity"] / base - 1
