@@ -48,20 +48,11 @@ struct Row {
 // adjacent rows (one stream, four loads apart) reach little more than half of it.
 #ifdef RETNET_AVX512
 inline __m512 widen(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 widen(const c10::BFloat16* p) {
-  // bf16 is the high half of a float32: zero-extend to 32 bits and shift into place.
-  __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
-}
 inline __m512 widen(const int8_t* p) {
   return _mm512_cvtepi32_ps(
       _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
 inline __m512 widen(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-inline __m512 widen(const c10::BFloat16* p, __mmask16 m) {
-  __m512i h = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
-}
 inline __m512 widen(const int8_t* p, __mmask16 m) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p)));
 }
@@ -139,43 +130,43 @@ template <typename T, int MR, int S, bool PF = false>
 inline void lockstep(const float* x, int64_t ldx, int64_t K, const Row* row, int64_t m0) {
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     lockstep_bf16<MR, S, PF>(x, ldx, K, row, m0);
-    return;
-  }
-  __m512 acc[MR][S];
-  const T* w[S];
-#pragma GCC unroll 4
-  for (int s = 0; s < S; ++s) {
-    w[s] = static_cast<const T*>(row[s].w);
-#pragma GCC unroll 4
-    for (int m = 0; m < MR; ++m) acc[m][s] = _mm512_setzero_ps();
-  }
-  int64_t k = 0;
-  for (; k + 16 <= K; k += 16) {
-    __m512 wv[S];
+  } else {  // float32 and int8 rows, widened to float32 16 at a time
+    __m512 acc[MR][S];
+    const T* w[S];
 #pragma GCC unroll 4
     for (int s = 0; s < S; ++s) {
-      if (PF && k % (64 / sizeof(T)) == 0) prefetch_ahead(w[s] + k, K);
-      wv[s] = widen(w[s] + k);
-    }
+      w[s] = static_cast<const T*>(row[s].w);
 #pragma GCC unroll 4
-    for (int m = 0; m < MR; ++m) {
-      __m512 xv = in_register(_mm512_loadu_ps(x + m * ldx + k));
+      for (int m = 0; m < MR; ++m) acc[m][s] = _mm512_setzero_ps();
+    }
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+      __m512 wv[S];
 #pragma GCC unroll 4
-      for (int s = 0; s < S; ++s) acc[m][s] = _mm512_fmadd_ps(xv, wv[s], acc[m][s]);
+      for (int s = 0; s < S; ++s) {
+        if (PF && k % (64 / sizeof(T)) == 0) prefetch_ahead(w[s] + k, K);
+        wv[s] = widen(w[s] + k);
+      }
+#pragma GCC unroll 4
+      for (int m = 0; m < MR; ++m) {
+        __m512 xv = in_register(_mm512_loadu_ps(x + m * ldx + k));
+#pragma GCC unroll 4
+        for (int s = 0; s < S; ++s) acc[m][s] = _mm512_fmadd_ps(xv, wv[s], acc[m][s]);
+      }
     }
-  }
-  if (k < K) {  // the last K % 16 columns through masked loads
-    const __mmask16 mask = static_cast<__mmask16>((1u << (K - k)) - 1);
-    __m512 wv[S];
-    for (int s = 0; s < S; ++s) wv[s] = widen(w[s] + k, mask);
-    for (int m = 0; m < MR; ++m) {
-      __m512 xv = _mm512_maskz_loadu_ps(mask, x + m * ldx + k);
-      for (int s = 0; s < S; ++s) acc[m][s] = _mm512_fmadd_ps(xv, wv[s], acc[m][s]);
+    if (k < K) {  // the last K % 16 columns through masked loads
+      const __mmask16 mask = static_cast<__mmask16>((1u << (K - k)) - 1);
+      __m512 wv[S];
+      for (int s = 0; s < S; ++s) wv[s] = widen(w[s] + k, mask);
+      for (int m = 0; m < MR; ++m) {
+        __m512 xv = _mm512_maskz_loadu_ps(mask, x + m * ldx + k);
+        for (int s = 0; s < S; ++s) acc[m][s] = _mm512_fmadd_ps(xv, wv[s], acc[m][s]);
+      }
     }
+    for (int s = 0; s < S; ++s)
+      for (int m = 0; m < MR; ++m)
+        row[s].y[(m0 + m) * row[s].ldy] = _mm512_reduce_add_ps(acc[m][s]) * row[s].scale;
   }
-  for (int s = 0; s < S; ++s)
-    for (int m = 0; m < MR; ++m)
-      row[s].y[(m0 + m) * row[s].ldy] = _mm512_reduce_add_ps(acc[m][s]) * row[s].scale;
 }
 #else
 // Portable fallback (no AVX-512 at build time): plain loops the compiler vectorises.
