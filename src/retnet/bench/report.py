@@ -12,14 +12,10 @@ from retnet.bench.measure import BENCH_FORM
 MiB = 2**20
 
 
-def _ms(cell: dict, name: str) -> float | None:
+def _ms(cell: dict, name: str, stat: str = "median_s") -> float | None:
+    """Backend `name`'s time in `cell` in ms: its median, or another summary (min_s: best)."""
     r = cell["results"].get(name, {})
-    return 1e3 * r["median_s"] if r.get("status") == "ok" and "median_s" in r else None
-
-
-def _best_ms(cell: dict, name: str) -> float | None:
-    r = cell["results"].get(name, {})
-    return 1e3 * r["min_s"] if r.get("status") == "ok" and "min_s" in r else None
+    return 1e3 * r[stat] if r.get("status") == "ok" and stat in r else None
 
 
 def _fmt(x: float | None, digits: int = 2) -> str:
@@ -64,11 +60,11 @@ def _decode_entry(results: dict, decode: dict, batch: int, probe: int, contexts:
     """One format's figures at one batch: its floor, the peers' speed-ups, flatness."""
     cell = decode[(batch, probe)]
     ours = _ms(cell, name)
-    entry = {"context": probe, f"{name}_ms": ours,
+    entry = {"backend": name, "batch": batch, "context": probe, f"{name}_ms": ours,
              "floor_ms": decode_floor_ms(results, batch, probe, name)}
     entry["over_floor"] = ours / entry["floor_ms"] if ours else None
     # the limits are bests (a shared machine only ever slows a round): the best step beside them
-    best = _best_ms(cell, name)
+    best = _ms(cell, name, "min_s")
     entry[f"{name}_best_ms"] = best
     entry["over_floor_best"] = best / entry["floor_ms"] if best else None
     entry["compute_floor_ms"] = decode_compute_floor_ms(results, batch)
@@ -81,7 +77,7 @@ def _decode_entry(results: dict, decode: dict, batch: int, probe: int, contexts:
         entry[f"step_ratio_vs_{other}"] = ours / theirs if theirs and ours else None
     lo, hi = (_ms(decode[(batch, c)], name) for c in (contexts[0], contexts[-1]))
     entry["flatness"] = hi / lo if hi and lo else None
-    lo, hi = (_best_ms(decode[(batch, c)], name) for c in (contexts[0], contexts[-1]))
+    lo, hi = (_ms(decode[(batch, c)], name, "min_s") for c in (contexts[0], contexts[-1]))
     entry["flatness_best"] = hi / lo if hi and lo else None
     entry["flatness_contexts"] = (contexts[0], contexts[-1])
     return entry
@@ -187,21 +183,20 @@ def _plots(results: dict, out: Path) -> list[str]:
 
 def _floor_lines(d: dict) -> list[str]:
     """The decode targets' table: each format and batch against its floors and the others."""
-    entries = [(k, e) for k, e in d.items() if k.startswith("decode_batch_")]
+    entries = [e for k, e in d.items() if k.startswith("decode_batch_")]
     if not entries:
         return []
-    lines = ["", f"## Decode after {entries[0][1]['context']} tokens against the floors", "",
+    lines = ["", f"## Decode after {entries[0]['context']} tokens against the floors", "",
              "Medians, and in brackets the best repeat (the limits are the best of several).",
              "", "| format, batch | ms | floor ms | × floor | compute floor ms | × max floor | "
              "× faster than llama dynamic / static | step vs yet-another-retnet / "
              "torchscale | flatness |", "|---|---|---|---|---|---|---|---|---|"]
-    for key, e in entries:
-        name = key.removeprefix("decode_batch_").split("_", 1)
-        fmt = name[1] if len(name) > 1 else "float32"
-        ours = e.get(next(k for k in e if k.startswith("retnet") and k.endswith("_ms")))
-        best = e.get(next(k for k in e if k.startswith("retnet") and k.endswith("_best_ms")))
+    for e in entries:
+        name = e["backend"]
+        fmt = name.removeprefix("retnet").removeprefix("-") or "float32"
         lines.append(
-            f"| {fmt}, {name[0]} | {_fmt(ours)} ({_fmt(best)}) | {_fmt(e['floor_ms'])} | "
+            f"| {fmt}, {e['batch']} | {_fmt(e[f'{name}_ms'])} ({_fmt(e[f'{name}_best_ms'])}) | "
+            f"{_fmt(e['floor_ms'])} | "
             f"{_fmt(e['over_floor'])} ({_fmt(e['over_floor_best'])}) | "
             f"{_fmt(e['compute_floor_ms'])} | "
             f"{_fmt(e['over_max_floor'])} | {_fmt(e['speedup_vs_llama-dynamic'], 1)} / "
