@@ -11,18 +11,20 @@ from pathlib import Path
 import torch
 
 from retnet.model import RetNetConfig, RetNetLM
+from retnet.modules.quant import quantize
 from retnet.tokenizer import Tokenizer, load_tokenizer
 
 
 def load(path: str | Path, device: torch.device | str | None = None,
-         dtype: torch.dtype | None = None) -> tuple[RetNetLM, Tokenizer]:
+         dtype: torch.dtype | None = None,
+         quantization: str | None = None) -> tuple[RetNetLM, Tokenizer]:
     """(model in eval mode, tokenizer) from `path`:
 
         model, tok = retnet.load("runs/demo")      # a run (its latest checkpoint)
         model, tok = retnet.load("hf/demo")        # a `retnet export --hf` folder
 
     Checkpoints are verified against their manifest; dtype converts the weights (the state
-    stays float32)."""
+    stays float32); quantization="int8" then makes them weight-only int8 (`retnet.quantize`)."""
     path = Path(path)
     if (path / "config.json").is_file() and (path / "generation_config.json").is_file():
         model, tok = _load_hf_folder(path)
@@ -31,7 +33,10 @@ def load(path: str | Path, device: torch.device | str | None = None,
 
         ckpt = load_checkpoint(path)
         model, tok = ckpt.build_model(), ckpt.tokenizer
-    return model.to(device=device, dtype=dtype).eval(), tok
+    model = model.to(device=device, dtype=dtype).eval()
+    if quantization is not None:
+        quantize(model, quantization)
+    return model, tok
 
 
 def _load_hf_folder(path: Path) -> tuple[RetNetLM, Tokenizer]:

@@ -26,13 +26,9 @@ FORMATS = {"float32": (torch.float32, None), "bfloat16": (torch.bfloat16, None),
 def load_format(checkpoint: str, name: str) -> RetNetLM:
     """The checkpoint's model in format `name`, laid out as `retnet generate` decodes it."""
     from retnet.loading import load
-    from retnet.modules.quant import quantize
 
     dtype, quantization = FORMATS[name]
-    model, _ = load(checkpoint, dtype=dtype)
-    if quantization is not None:
-        quantize(model, quantization)
-    return use_inference_layout(model)
+    return use_inference_layout(load(checkpoint, dtype=dtype, quantization=quantization)[0])
 
 
 @torch.no_grad()
@@ -60,6 +56,8 @@ def compare(steps: torch.Tensor, reference: torch.Tensor, targets: torch.Tensor)
 
 def run(checkpoint: str, decode_tokens: int, formats: Sequence[str] = tuple(FORMATS)) -> dict:
     """Every format's validation perplexity and teacher-forced decode, against float32."""
+    from tqdm import tqdm
+
     from retnet.data import load_documents, split_documents
     from retnet.eval.scoring import perplexity
     from retnet.loading import load
@@ -69,8 +67,6 @@ def run(checkpoint: str, decode_tokens: int, formats: Sequence[str] = tuple(FORM
     texts = [d.text for d in val]
     ids = torch.tensor([t for text in texts for t in [tok.eos_id, *tok.encode(text)]]
                        [:decode_tokens + 1])
-    from tqdm import tqdm
-
     results, reference = {}, None
     with tqdm(total=2 * len(formats), desc="quality", unit="pass") as bar:
         for name in formats:

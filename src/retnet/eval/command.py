@@ -71,11 +71,8 @@ def _tasks(model, tok, opts: EvalOptions) -> dict[str, Any]:
 
 def command(opts: EvalOptions) -> int:
     from retnet.loading import load
-    from retnet.modules.quant import quantize
 
-    model, tok = load(opts.checkpoint, dtype=DTYPES[opts.dtype])
-    if opts.quantization is not None:
-        quantize(model, opts.quantization)
+    model, tok = load(opts.checkpoint, dtype=DTYPES[opts.dtype], quantization=opts.quantization)
     results: dict[str, Any] = {}
     if opts.perplexity is not None:
         results["perplexity"] = _perplexity(model, tok, opts.perplexity)
