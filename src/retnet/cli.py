@@ -42,7 +42,7 @@ COMMANDS: dict[str, Command] = {
                         "retnet.generation.command:command"),
     "serve": Command("an OpenAI-compatible HTTP server with continuous batching",
                      "retnet.serve:ServeConfig", "retnet.serve:command", "serve",
-                     ("fastapi", "uvicorn")),
+                     ("fastapi", "uvicorn", "prometheus_client")),
     "convert": Command("convert weights from microsoft/torchscale", "retnet.convert:ConvertOptions",
                        "retnet.convert:command"),
     "export": Command("export a checkpoint for Hugging Face transformers",

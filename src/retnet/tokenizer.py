@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import string
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Protocol
@@ -136,12 +137,47 @@ def save_chat_template(folder: str | Path, template: dict[str, str] | None = Non
 
 def load_chat_template(folder: str | Path) -> dict[str, str]:
     path = Path(folder) / CHAT_TEMPLATE_FILE
-    if not path.is_file():
-        return dict(DEFAULT_CHAT_TEMPLATE)
-    template = json.loads(path.read_text())
-    if not {"message", "generation_prompt"} <= set(template):
-        raise ValueError(f"{path} needs 'message' and 'generation_prompt' entries")
+    return read_chat_template(path) if path.is_file() else dict(DEFAULT_CHAT_TEMPLATE)
+
+
+def read_chat_template(path: str | Path) -> dict[str, str]:
+    """A chat template file: JSON {"message": "...{role}...{content}...", "generation_prompt":
+    "..."}. Each message is rendered on its own, so token counts at message ends are exact
+    (the server caches states there); a Jinja template over the whole conversation cannot
+    promise that and is refused."""
+    try:
+        template = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"cannot read chat template {path}: {err}; it must be JSON with "
+                         "'message' and 'generation_prompt' strings (Jinja is not "
+                         "supported)") from None
+    if not (isinstance(template, dict) and {"message", "generation_prompt"} <= set(template)
+            and all(isinstance(template[k], str) for k in ("message", "generation_prompt"))):
+        raise ValueError(f"{path} needs 'message' and 'generation_prompt' strings")
+    chat_template_jinja(template)  # the message may use only {role} and {content}
     return template
+
+
+def chat_template_jinja(template: dict[str, str]) -> str:
+    """retnet's chat template (`message` formats each message with str.format fields {role}
+    and {content}; `generation_prompt` is literal text) as the Jinja string that transformers'
+    apply_chat_template renders to the same text. Literals become quoted Jinja strings, so no
+    character in them is read as Jinja and no newline is trimmed."""
+    pieces = []
+    for literal, field, spec, conversion in string.Formatter().parse(template["message"]):
+        if literal:
+            pieces.append(json.dumps(literal))
+        if field is None:
+            continue
+        if field not in ("role", "content") or spec or conversion:
+            raise ValueError(f"chat template field {{{field}}} cannot be exported: the message "
+                             "template may use only {role} and {content}")
+        pieces.append(f"message['{field}']")
+    message = "{{ " + " + ".join(pieces) + " }}" if pieces else ""
+    prompt = template["generation_prompt"]
+    prompt = "{{ " + json.dumps(prompt) + " }}" if prompt else ""
+    return ("{% for message in messages %}" + message + "{% endfor %}"
+            "{% if add_generation_prompt %}" + prompt + "{% endif %}")
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

@@ -107,7 +107,7 @@ def run_context(args: argparse.Namespace, ckpt: Path, context: int) -> dict:
         start = time.perf_counter()
         results = asyncio.run(load(url, prompts, args.clients, args.max_tokens))
         wall = time.perf_counter() - start
-        metrics = httpx.get(url + "/metrics", timeout=10).json()
+        metrics = httpx.get(url + "/metrics?format=json", timeout=10).json()
         peak = rss_mib("VmHWM", server.pid)
         after = rss_mib(pid=server.pid)
     finally:

@@ -1,6 +1,6 @@
 """Sampling, apart from the loop: the parameters, top-k / top-p filtering, CTRL's repetition
-penalty and inverse-CDF draws from one random generator per row (so a seeded row samples the
-same tokens whatever else is in its batch)."""
+penalty, OpenAI's presence / frequency penalties and inverse-CDF draws from one random
+generator per row (so a seeded row samples the same tokens whatever else is in its batch)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ class SamplingParams:
     top_k: int | None = None
     top_p: float | None = None
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from every token already drawn
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted once per time a token was drawn
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -27,6 +29,14 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1]; got {self.top_p}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0; got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2]; got {getattr(self, name)}")
+
+    @property
+    def counts_tokens(self) -> bool:
+        """Whether sampling needs the count of each token drawn so far."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0
 
 
 def filter_logits(logits: Tensor, top_k: int | None, top_p: float | None) -> Tensor:
@@ -53,12 +63,22 @@ def penalise_repetition(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
     return torch.where(seen, scaled, logits)
 
 
+def penalise_counts(logits: Tensor, counts: Tensor, presence: float, frequency: float) -> Tensor:
+    """OpenAI's penalties: logit − frequency · count − presence · [count > 0], where counts
+    [B, V] are the times each token was drawn so far (the completion's, not the prompt's)."""
+    return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
+
+
 def sample(logits: Tensor, params: SamplingParams, generators: Sequence[torch.Generator] | None,
-           seen: Tensor | None = None) -> Tensor:
-    """One token per row from logits [B, V]; greedy at temperature 0. Returns [B] int64."""
+           seen: Tensor | None = None, counts: Tensor | None = None) -> Tensor:
+    """One token per row from logits [B, V]; greedy at temperature 0. Returns [B] int64.
+    seen [B, V] bool: CTRL's repetition penalty; counts [B, V]: the presence / frequency ones."""
     logits = logits.float()
     if seen is not None:
         logits = penalise_repetition(logits, seen, params.repetition_penalty)
+    if counts is not None:
+        logits = penalise_counts(logits, counts, params.presence_penalty,
+                                 params.frequency_penalty)
     if params.temperature == 0:
         return logits.argmax(-1)
     logits = filter_logits(logits / params.temperature, params.top_k, params.top_p)

@@ -6,7 +6,6 @@ the self-contained remote code (`retnet.hf.bundle`), a tokenizer with the chat t
 from __future__ import annotations
 
 import json
-import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,6 +18,7 @@ from retnet.tokenizer import (
     BPETokenizer,
     ByteTokenizer,
     Tokenizer,
+    chat_template_jinja,
     load_chat_template,
 )
 
@@ -68,28 +68,6 @@ def hf_tokenizer(tokenizer: Tokenizer):
     pad = PAD if inner.token_to_id(PAD) is not None else EOS
     return PreTrainedTokenizerFast(tokenizer_object=inner, eos_token=EOS, pad_token=pad,
                                    bos_token=EOS, padding_side="left")
-
-
-def chat_template_jinja(template: dict[str, str]) -> str:
-    """retnet's chat template (`message` formats each message with str.format fields {role}
-    and {content}; `generation_prompt` is literal text) as the Jinja string that transformers'
-    apply_chat_template renders to the same text. Literals become quoted Jinja strings, so no
-    character in them is read as Jinja and no newline is trimmed."""
-    pieces = []
-    for literal, field, spec, conversion in string.Formatter().parse(template["message"]):
-        if literal:
-            pieces.append(json.dumps(literal))
-        if field is None:
-            continue
-        if field not in ("role", "content") or spec or conversion:
-            raise ValueError(f"chat template field {{{field}}} cannot be exported: the message "
-                             "template may use only {role} and {content}")
-        pieces.append(f"message['{field}']")
-    message = "{{ " + " + ".join(pieces) + " }}" if pieces else ""
-    prompt = template["generation_prompt"]
-    prompt = "{{ " + json.dumps(prompt) + " }}" if prompt else ""
-    return ("{% for message in messages %}" + message + "{% endfor %}"
-            "{% if add_generation_prompt %}" + prompt + "{% endif %}")
 
 
 def save_hf_tokenizer(tokenizer: Tokenizer, folder: str | Path,

@@ -13,6 +13,7 @@ from retnet.generation.command import DTYPES, check_quantization
 from retnet.modules.quant import QUANTIZATIONS
 from retnet.options import check_types, opt, short
 from retnet.serve.guard import is_loopback
+from retnet.tokenizer import read_chat_template
 
 # FastAPI and uvicorn (the [serve] extra) are imported only when a server is built, so that
 # `retnet --help` works without them.
@@ -41,7 +42,12 @@ class ServeConfig:
     max_batch: int = opt(32, "sequences decoded together", aliases=("--max-num-seqs",))
     max_queue: int = opt(64, "requests waiting for a slot; beyond that: 429")
     cache_mib: int = opt(1024, "prefix-state cache size (MiB)")
-    max_prompt_tokens: int = opt(8192, "longest prompt accepted, in tokens")
+    max_prompt_tokens: int = opt(8192, "longest prompt accepted, in tokens (RetNet has no "
+                                 "context window: this bounds work, not memory)",
+                                 aliases=("--max-model-len",))
+    chat_template: str | None = opt(None, "a JSON chat template {\"message\": "
+                                    "\"...{role}...{content}...\", \"generation_prompt\": "
+                                    "\"...\"} (default: the run's)", metavar="FILE")
     max_tokens: int = opt(1024, "upper bound on a request's max_tokens")
     max_request_kib: int = opt(1024, "largest request body accepted (KiB)")
     drain_s: float = opt(10.0, "on SIGTERM, seconds given to in-flight requests before they "
@@ -77,6 +83,8 @@ class ServeConfig:
                 raise ValueError(f"invalid --{name.replace('_', '-')} "
                                  f"{short(getattr(self, name))}; see `retnet serve --help`")
         check_device(self.device)
+        if self.chat_template is not None:
+            read_chat_template(self.chat_template)  # a bad file fails before the model loads
         if self.api_key == "":
             self.api_key = None
         if not (is_loopback(self.host) or self.api_key or self.allow_insecure_no_auth):
@@ -101,8 +109,9 @@ def build_app(cfg: ServeConfig):
     name = cfg.model_name or ckpt.path.parent.parent.name or "retnet"
     limits = Limits(max_prompt_tokens=cfg.max_prompt_tokens, max_tokens=cfg.max_tokens,
                     max_request_bytes=cfg.max_request_kib << 10)
-    api = Api(engine, ckpt.tokenizer, name, limits,
-              ckpt.chat_template or dict(DEFAULT_CHAT_TEMPLATE))  # verified by load_checkpoint
+    template = (read_chat_template(cfg.chat_template) if cfg.chat_template else
+                ckpt.chat_template or dict(DEFAULT_CHAT_TEMPLATE))  # verified by load_checkpoint
+    api = Api(engine, ckpt.tokenizer, name, limits, template)
     app = create_app(api, on_shutdown=lambda: engine.shutdown(cfg.drain_s),
                      api_key=cfg.api_key, allowed_hosts=allowed_hosts(cfg.host, cfg.allowed_host))
     return app, engine, name

@@ -1,6 +1,8 @@
 """OpenAI-compatible HTTP API over the engine: /v1/completions, /v1/chat/completions (with
-server-sent events), /v1/models, /health, /metrics. Every request is read within its size
-limit and validated whole before it is queued; errors use OpenAI's {"error": {...}} shape."""
+server-sent events), /v1/models, /health, /metrics (Prometheus text), and vLLM's /tokenize,
+/detokenize and /tokenizer_info (lm_eval's remote tokenizer). Every request is read within its
+size limit and validated whole before it is queued; errors use OpenAI's {"error": {...}}
+shape."""
 
 from __future__ import annotations
 
@@ -19,10 +21,11 @@ from retnet.serve import validate as v
 from retnet.serve.chat import render_chat
 from retnet.serve.engine import Engine
 from retnet.serve.guard import Guard
+from retnet.serve.metrics import CONTENT_TYPE, prometheus_text, registry
 from retnet.serve.request import Request as EngineRequest
-from retnet.serve.respond import Run, draining, state_not_found
+from retnet.serve.respond import Run, draining, respond_all, state_not_found
 from retnet.serve.validate import ApiError, Limits, error_body
-from retnet.tokenizer import Tokenizer
+from retnet.tokenizer import EOS, PAD, Tokenizer, chat_template_jinja
 
 Disconnected = Callable[[], Awaitable[bool]]
 
@@ -55,7 +58,9 @@ class Api:
             raise ApiError(400, "user must be a string", "user")
         params = SamplingParams(temperature=v.number(body, "temperature", 1.0, 0.0, 2.0),
                                 top_p=v.number(body, "top_p", 1.0, 1e-6, 1.0),
-                                top_k=v.number(body, "top_k", None, 1, 10**6, int))
+                                top_k=v.number(body, "top_k", None, 1, 10**6, int),
+                                presence_penalty=v.number(body, "presence_penalty", 0.0, -2, 2),
+                                frequency_penalty=v.number(body, "frequency_penalty", 0.0, -2, 2))
         state_id = v.state_id(body)
         if state_id is not None and state_id not in self.engine.saved:
             raise state_not_found(state_id)
@@ -67,9 +72,19 @@ class Api:
                              save_state=v.flag(body, "save_state"),
                              ignore_eos=v.flag(body, "ignore_eos"))
 
+    async def _prompts(self, prompt: Any) -> list[list[int]]:
+        """OpenAI's prompt: a string, a list of token ids, or a non-empty list of either (one
+        completion each); the token ids of each."""
+        many = isinstance(prompt, list) and bool(prompt) and all(
+            isinstance(p, (str, list)) for p in prompt)
+        prompts = prompt if many else [prompt]
+        if len(prompts) > self.limits.max_prompts:
+            raise ApiError(400, f"{len(prompts)} prompts in one request; at most "
+                           f"{self.limits.max_prompts}", "prompt")
+        self._check_chars(sum(len(p) for p in prompts if isinstance(p, str)))
+        return [await self._prompt_ids(p) for p in prompts]
+
     async def _prompt_ids(self, prompt: Any) -> list[int]:
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
         if prompt is None or isinstance(prompt, str):
             self._check_chars(len(prompt or ""))
             # In a worker thread: a long prompt must not stall the event loop (other streams).
@@ -80,16 +95,59 @@ class Api:
             if any(not 0 <= t < self.tok.vocab_size for t in ids):
                 raise ApiError(400, "prompt token ids must be in [0, vocab size)", "prompt")
         else:
-            raise ApiError(400, "prompt must be a string or a list of token ids", "prompt")
+            raise ApiError(400, "prompt must be a string, a list of token ids, or a list of "
+                           "those", "prompt")
         return ids or [self.tok.eos_id]
 
     async def completions(self, body: dict, disconnected: Disconnected) -> Response:
         v.check_keys(body, v.COMPLETION_KEYS, self.name)
         usage = v.stream_usage(body)
-        run = Run(self.engine, self.tok, self.name, chat=False)
-        req = self._common(body, await self._prompt_ids(body.get("prompt")), run)
-        req.logprobs = v.number(body, "logprobs", None, 0, self.limits.max_logprobs, int)
-        return await run.respond(req, usage, disconnected)
+        prompts = await self._prompts(body.get("prompt"))
+        echo = v.flag(body, "echo")
+        if usage is not None and (echo or len(prompts) > 1):
+            raise ApiError(400, "echo and a list of prompts need stream false", "stream")
+        if len(prompts) > 1 and v.flag(body, "save_state"):
+            raise ApiError(400, "save_state takes one prompt, not a list", "save_state")
+        runs = []
+        for ids in prompts:  # every prompt validated before any is queued
+            run = Run(self.engine, self.tok, self.name, chat=False)
+            req = self._common(body, ids, run)
+            req.logprobs = v.number(body, "logprobs", None, 0, self.limits.max_logprobs, int)
+            req.echo = echo
+            runs.append((run, req))
+        if len(runs) == 1:
+            return await run.respond(req, usage, disconnected)
+        return await respond_all(runs, disconnected)
+
+    def tokenizer_info(self) -> dict:
+        """vLLM's /tokenizer_info: what a client needs to tokenise as the server does."""
+        return {"tokenizer_class": type(self.tok).__name__, "eos_token": EOS,
+                "bos_token": None, "pad_token": PAD if self.tok.pad_id != self.tok.eos_id else EOS,
+                "chat_template": chat_template_jinja(self.chat_template),
+                "model_max_length": self.limits.max_prompt_tokens}
+
+    async def tokenize(self, body: dict) -> dict:
+        """vLLM's /tokenize of {"prompt"}: the ids /v1/completions reads for that string.
+        The end-of-text token's own text maps to its id (that is how clients learn it)."""
+        v.check_keys(_named(body, self.name), {"prompt", "add_special_tokens", "model"},
+                     self.name)
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str):
+            raise ApiError(400, "prompt must be a string", "prompt")
+        v.flag(body, "add_special_tokens")  # accepted for vLLM clients; there are none to add
+        self._check_chars(len(prompt))
+        ids = [self.tok.eos_id] if prompt == EOS else await asyncio.to_thread(
+            self.tok.encode, prompt)
+        return {"tokens": ids, "count": len(ids), "max_model_len": self.limits.max_prompt_tokens}
+
+    def detokenize(self, body: dict) -> dict:
+        v.check_keys(_named(body, self.name), {"tokens", "model"}, self.name)
+        ids = body.get("tokens")
+        if not (isinstance(ids, list) and len(ids) <= self.limits.max_prompt_tokens
+                and all(type(t) is int and 0 <= t < self.tok.vocab_size for t in ids)):
+            raise ApiError(400, f"tokens must be a list of up to {self.limits.max_prompt_tokens}"
+                           " token ids in [0, vocab size)", "tokens")
+        return {"prompt": self.tok.decode(ids)}
 
     async def chat(self, body: dict, disconnected: Disconnected) -> Response:
         v.check_keys(body, v.CHAT_KEYS, self.name)
@@ -103,6 +161,11 @@ class Api:
         if v.flag(body, "logprobs"):
             req.logprobs = max(1, top)
         return await run.respond(req, usage, disconnected)
+
+
+def _named(body: dict, name: str) -> dict:
+    """The tokenizer endpoints' body: "model" is optional there (lm_eval sends none)."""
+    return body if "model" in body else {**body, "model": name}
 
 
 async def read_body(request: Request, limit: int) -> dict:
@@ -171,8 +234,26 @@ def create_app(api: Api, on_shutdown=None, api_key: str | None = None,
         return JSONResponse({"status": "ok" if ok else "draining"},
                             status_code=200 if ok else 503)
 
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        return await api.tokenize(await read_body(request, api.limits.max_request_bytes))
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        return api.detokenize(await read_body(request, api.limits.max_request_bytes))
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        return api.tokenizer_info()
+
+    prometheus = registry(api.engine.snapshot, api.name)
+
     @app.get("/metrics")
-    async def metrics():
-        return api.engine.snapshot()
+    async def metrics(format: str = "prometheus"):
+        if format == "json":  # the same counters as one object (benchmarks/serve_load.py)
+            return api.engine.snapshot()
+        if format != "prometheus":
+            raise ApiError(400, "format must be prometheus (the default) or json", "format")
+        return Response(prometheus_text(prometheus), media_type=CONTENT_TYPE)
 
     return app

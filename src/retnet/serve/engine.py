@@ -231,7 +231,10 @@ class Engine:
         device = self.model.embed.weight.device
         self.metrics["prompt_tokens"] += len(ids)
         points = boundaries(len(ids), request.message_ends)
-        if request.state_id is not None:  # a saved conversation: the prompt continues it
+        scoring = request.echo and request.logprobs is not None
+        if scoring:  # every position's logits are needed: no cached prefix skips any
+            request.prompt_logprobs = [(ids[0], None, None)]
+        if request.state_id is not None or scoring:  # a saved conversation continues its state
             done, state, logits, cache = 0, request.initial_state, None, False
         else:
             done, entry = self.cache.longest(ids, points)
@@ -243,9 +246,15 @@ class Engine:
         for end in points:
             if end <= done:
                 continue
-            out, state = prefill(self.model, torch.tensor([ids[done:end]], device=device),
-                                 state=state, form=self.form)
-            logits = out[0]
+            segment = torch.tensor([ids[done:end]], device=device)
+            if scoring:
+                out = self.model(segment, state=state, mode=self.form)
+                state, logits = out.state, out.logits[0, -1]
+                request.prompt_logprobs += _prompt_logprobs(out.logits[0], ids[done + 1:end + 1],
+                                                            request.logprobs)
+            else:
+                out, state = prefill(self.model, segment, state=state, form=self.form)
+                logits = out[0]
             self.metrics["prefilled_tokens"] += end - done
             if cache:
                 self.cache.put(ids[:end], Entry(state, logits))
@@ -267,10 +276,15 @@ class Engine:
         m["step_s_sum"] += time.perf_counter() - start
 
     def _emit_tokens(self, rows: list[Row], logits: torch.Tensor) -> None:
-        logprobs = logits.float().log_softmax(-1)
+        logprobs = _log_softmax(logits)
         for row, row_logits, row_lp in zip(rows, logits, logprobs):
             req = row.request
-            token = int(sample(row_logits[None], req.params, [row.generator])[0])
+            if req.params.counts_tokens and row.counts is None:
+                row.counts = row_logits.new_zeros(1, row_logits.shape[-1], dtype=torch.float32)
+            token = int(sample(row_logits[None], req.params, [row.generator],
+                               counts=row.counts)[0])
+            if row.counts is not None:
+                row.counts[0, token] += 1
             row.last = token
             self.metrics["generated_tokens"] += 1
             req.completion_tokens += 1
@@ -326,3 +340,24 @@ class Engine:
             if row.request.cancelled.is_set() and row.index >= 0:
                 self._finish(row, "cancelled")
         self._remove_finished()
+
+
+def _prompt_logprobs(logits: torch.Tensor, targets: list[int], top: int
+                     ) -> list[tuple[int, float, list[tuple[int, float]] | None]]:
+    """Each prompt token's log-probability given the tokens before it, with the `top` most
+    likely alternatives: logits [T, V] of a segment, targets the T (or T − 1, at the prompt's
+    end) tokens that follow its positions."""
+    logprobs = _log_softmax(logits[:len(targets)])  # [T', V]
+    picked = logprobs.gather(1, torch.tensor(targets, device=logits.device)[:, None])[:, 0]
+    alternatives = logprobs.topk(top, -1) if top else None
+    out = []
+    for i, token in enumerate(targets):
+        alts = (list(zip(alternatives.indices[i].tolist(), alternatives.values[i].tolist()))
+                if alternatives is not None else None)
+        out.append((token, float(picked[i]), alts))
+    return out
+
+
+def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """In float32 at least, float64 for a float64 model (exact comparisons in tests)."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)

@@ -49,6 +49,7 @@ class Request:
     seed: int | None = None
     n: int = 1
     logprobs: int | None = None  # number of top alternatives; None: no logprobs
+    echo: bool = False  # the completion starts with the prompt (and its logprobs, if asked)
     message_ends: list[int] = field(default_factory=list)
     state_id: str | None = None  # continue from a saved conversation state
     save_state: bool = False
@@ -58,6 +59,9 @@ class Request:
     # filled by the engine
     initial_state: RetNetState | None = None  # the saved state of state_id, taken at submit
     cached_tokens: int = 0
+    # echo with logprobs: (token, logprob, top alternatives) per prompt token; the first
+    # token's are None (nothing predicts it), as in OpenAI's API
+    prompt_logprobs: list[tuple[int, float | None, list[tuple[int, float]] | None]] | None = None
     completion_tokens: int = 0
     open_rows: int = 0
     closed: bool = False  # its last event was emitted (or it was dropped): no longer in flight
@@ -72,3 +76,4 @@ class Row:
     generator: torch.Generator
     last: int  # the newest token, not yet consumed by the state
     text: TextStream  # its tokens so far, and the part of their text already emitted
+    counts: torch.Tensor | None = None  # [1, V] times each token was drawn (penalties only)

@@ -44,9 +44,8 @@ class Run:
     def emit(self, event: Event) -> None:  # called from the engine thread
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
-    async def respond(self, req: EngineRequest, usage: bool | None,
-                      disconnected: Callable[[], Awaitable[bool]]) -> Response:
-        """usage None: one JSON body; else a stream (ending with a usage chunk if True).
+    def submit(self, req: EngineRequest) -> None:
+        """Queue req, or raise the HTTP error that says why not.
 
         Everything about the request was validated before this: once submitted, nothing but
         the client or the engine ends it."""
@@ -60,17 +59,15 @@ class Run:
         except Busy as err:
             raise ApiError(429, f"{err}; retry shortly", code="rate_limit_exceeded",
                            headers={"Retry-After": "1"}) from None
+
+    async def respond(self, req: EngineRequest, usage: bool | None,
+                      disconnected: Callable[[], Awaitable[bool]]) -> Response:
+        """usage None: one JSON body; else a stream (ending with a usage chunk if True)."""
+        self.submit(req)
         if usage is not None:
             return StreamingResponse(self._sse(usage), media_type="text/event-stream")
-        collect = asyncio.ensure_future(self._collect())
-        try:
-            while not (await asyncio.wait({collect}, timeout=DISCONNECT_POLL_S))[0]:
-                if await disconnected():
-                    return Response(status_code=499)  # nobody reads it: nginx's "closed"
-            return JSONResponse(collect.result())
-        finally:
-            collect.cancel()
-            req.cancelled.set()  # no-op when finished; frees the slot if the client left
+        bodies = await _gather([self], disconnected)
+        return Response(status_code=499) if bodies is None else JSONResponse(bodies[0])
 
     def _head(self) -> dict:
         kind = "chat.completion" if self.chat else "text_completion"
@@ -113,6 +110,10 @@ class Run:
             state_id = ev.state_id or state_id
             if ev.token is not None and self.req.logprobs is not None:
                 lps[ev.index].append(self._logprob_entry(ev))
+        if self.req.echo:  # each choice starts with the prompt, as OpenAI's echo does
+            prompt = self.tok.decode(self.req.prompt_ids)
+            texts = [prompt + t for t in texts]
+            lps = [self._prompt_entries() + e for e in lps]
         choices = []
         for i in range(n):
             choice: dict[str, Any] = {"index": i, "finish_reason": reasons[i]}
@@ -128,6 +129,18 @@ class Run:
         if state_id:
             out["state_id"] = state_id
         return out
+
+    def _prompt_entries(self) -> list[dict]:
+        """The prompt's logprob entries (completions with echo and logprobs): the first token
+        has none, as nothing predicts it."""
+        if self.req.prompt_logprobs is None:
+            return []
+        entries = []
+        for token, logprob, top in self.req.prompt_logprobs:
+            alternatives = None if top is None else {self.tok.decode([t]): lp for t, lp in top}
+            entries.append({"tokens": [self.tok.decode([token])], "token_logprobs": [logprob],
+                            "top_logprobs": [alternatives], "text_offset": [0]})
+        return entries
 
     def _chunk(self, ev: Event) -> dict:
         head = self._head()
@@ -157,6 +170,52 @@ class Run:
             yield "data: [DONE]\n\n"
         finally:
             self.req.cancelled.set()  # a disconnect lands here: the engine frees the row
+
+
+async def _gather(runs: list[Run], disconnected: Callable[[], Awaitable[bool]]
+                  ) -> list[dict] | None:
+    """Each submitted run's JSON body, or None if the client left first. On the way out every
+    run's request is cancelled (a no-op once finished; frees the rows of a client that left)."""
+    tasks = [asyncio.ensure_future(run._collect()) for run in runs]
+    try:
+        pending = set(tasks)
+        while pending:
+            _, pending = await asyncio.wait(pending, timeout=DISCONNECT_POLL_S)
+            if pending and await disconnected():
+                return None
+        return [task.result() for task in tasks]
+    finally:
+        for task in tasks:
+            task.cancel()
+        for run in runs:
+            run.req.cancelled.set()
+
+
+async def respond_all(runs: list[tuple[Run, EngineRequest]],
+                      disconnected: Callable[[], Awaitable[bool]]) -> Response:
+    """A completions request with a list of prompts: one engine request each, answered as one
+    body whose choice i·n + j is prompt i's choice j (OpenAI's order), usage summed."""
+    submitted: list[Run] = []
+    try:
+        for run, req in runs:
+            run.submit(req)
+            submitted.append(run)
+    except ApiError:  # all or nothing: the queued ones leave again
+        for run in submitted:
+            run.req.cancelled.set()
+        raise
+    bodies = await _gather(submitted, disconnected)
+    if bodies is None:
+        return Response(status_code=499)
+    out = dict(bodies[0])
+    n = len(bodies[0]["choices"])
+    out["choices"] = [{**choice, "index": i * n + choice["index"]}
+                      for i, body in enumerate(bodies) for choice in body["choices"]]
+    usage = out["usage"] = {key: sum(b["usage"][key] for b in bodies)
+                            for key in ("prompt_tokens", "completion_tokens", "total_tokens")}
+    usage["prompt_tokens_details"] = {"cached_tokens": sum(
+        b["usage"]["prompt_tokens_details"]["cached_tokens"] for b in bodies)}
+    return JSONResponse(out)
 
 
 def _data(obj: dict) -> str:

@@ -21,6 +21,7 @@ class Limits:
     max_request_bytes: int = 1 << 20
     max_stop: int = 4
     max_logprobs: int = 5
+    max_prompts: int = 32  # prompts in one completions request (a list of prompts)
 
 
 class ApiError(Exception):
@@ -46,8 +47,7 @@ COMPLETION_KEYS = COMMON | {"prompt", "logprobs", "echo", "best_of", "frequency_
 CHAT_KEYS = COMMON | {"messages", "logprobs", "top_logprobs", "max_completion_tokens",
                       "frequency_penalty", "presence_penalty", "logit_bias"}
 # Accepted only at their neutral values, compared with their types (0 is not false).
-NEUTRAL = {"echo": (False, None), "best_of": (1, None), "frequency_penalty": (0, 0.0, None),
-           "presence_penalty": (0, 0.0, None), "logit_bias": ({}, None), "suffix": ("", None)}
+NEUTRAL = {"best_of": (1, None), "logit_bias": ({}, None), "suffix": ("", None)}
 # Saved-state ids are uuid4 hex; anything else (paths, lists, 500 KB strings) is a 400.
 STATE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # Every valid integer field is below 2**62 (19 digits). Bounded while parsing: int() of a

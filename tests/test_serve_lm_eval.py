@@ -1,0 +1,52 @@
+"""lm-evaluation-harness's own API client (`local-completions`, with its remote tokenizer)
+against a running `retnet serve` scores like the in-process adapter `retnet eval` uses: same
+log-likelihoods per request (float64 model), same metrics."""
+
+import pytest
+
+from recall import save_recall_run
+from test_serve import start_server, stop_server
+
+LIMIT = 6
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory):
+    run = save_recall_run(tmp_path_factory.mktemp("serve_lm_eval") / "run")
+    s = start_server(run, max_batch=4)
+    yield s
+    stop_server(s)
+
+
+def evaluate(model, **kwargs) -> dict:
+    # lm-eval's own models: its lazy import of them is skipped once any model (our "retnet")
+    # is registered
+    import lm_eval.models  # noqa: F401
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from retnet.eval.tasks import shipped_tasks
+
+    return simple_evaluate(model=model, tasks=["retnet_mc"], limit=LIMIT, log_samples=True,
+                           task_manager=TaskManager(include_path=[str(shipped_tasks())]),
+                           **kwargs)
+
+
+def loglikelihoods(out: dict) -> list[tuple[float, bool]]:
+    samples = sorted(out["samples"]["retnet_mc"], key=lambda s: s["doc_id"])
+    return [tuple(r[0]) for s in samples for r in s["resps"]]
+
+
+def test_local_completions_against_the_server_scores_like_retnet_eval(srv):
+    from retnet.eval.harness import RetNetHarnessLM
+
+    args = (f"base_url={srv.url}/v1/completions,model={srv.name},tokenizer_backend=remote,"
+            "tokenized_requests=True,batch_size=3,max_retries=1")
+    served = evaluate("local-completions", model_args=args)
+    local = evaluate(RetNetHarnessLM(model=srv.model, tokenizer=srv.tok, batch_size=4))
+    got, expected = loglikelihoods(served), loglikelihoods(local)
+    assert len(got) == len(expected) >= 2 * LIMIT
+    for (lp, greedy), (ref_lp, ref_greedy) in zip(got, expected):
+        assert lp == pytest.approx(ref_lp, abs=1e-8) and greedy == ref_greedy
+    for metric in ("acc,none", "acc_norm,none"):
+        assert served["results"]["retnet_mc"][metric] == local["results"]["retnet_mc"][metric]
