@@ -47,9 +47,11 @@ def test_echo_returns_the_prompt_and_its_logprobs(srv):
     prompt = history_prompt(0, 14)
     ids = srv.tok.encode(prompt)
     assert len(ids) > 300
+    # First without echo: its states at the 256-token points are cached, and echo must not
+    # skip the positions they cover.
+    plain = completion(srv, prompt=prompt, max_tokens=3)["choices"][0]["text"]
     out = completion(srv, prompt=prompt, max_tokens=3, logprobs=2, echo=True)
     choice = out["choices"][0]
-    plain = completion(srv, prompt=prompt, max_tokens=3)["choices"][0]["text"]
     assert choice["text"] == prompt + plain
     lp = choice["logprobs"]
     assert len(lp["tokens"]) == len(ids) + 3
