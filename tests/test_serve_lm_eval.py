@@ -1,6 +1,7 @@
-"""lm-evaluation-harness's own API client (`local-completions`, with its remote tokenizer)
-against a running `retnet serve` scores like the in-process adapter `retnet eval` uses: same
-log-likelihoods per request (float64 model), same metrics."""
+"""lm-evaluation-harness's own API clients against a running `retnet serve`: `local-completions`
+(with its remote tokenizer) scores like the in-process adapter `retnet eval` uses (same
+log-likelihoods per request with a float64 model, same metrics), and `local-chat-completions`
+generates what the chat template and greedy generate() give."""
 
 import pytest
 
@@ -27,7 +28,8 @@ def evaluate(model, **kwargs) -> dict:
 
     from retnet.eval.tasks import shipped_tasks
 
-    return simple_evaluate(model=model, tasks=["retnet_mc"], limit=LIMIT, log_samples=True,
+    kwargs.setdefault("tasks", ["retnet_mc"])
+    return simple_evaluate(model=model, limit=LIMIT, log_samples=True,
                            task_manager=TaskManager(include_path=[str(shipped_tasks())]),
                            **kwargs)
 
@@ -50,3 +52,23 @@ def test_local_completions_against_the_server_scores_like_retnet_eval(srv):
         assert lp == pytest.approx(ref_lp, abs=1e-8) and greedy == ref_greedy
     for metric in ("acc,none", "acc_norm,none"):
         assert served["results"]["retnet_mc"][metric] == local["results"]["retnet_mc"][metric]
+
+
+def test_local_chat_completions_generates_what_the_chat_template_prompts(srv):
+    """lm-eval's chat client on a generate-until task: each answer equals greedy generate()
+    on the prompt rendered with the server's chat template, cut at the task's stop string."""
+    import json
+
+    from retnet.serve.chat import render_chat
+    from retnet.tokenizer import DEFAULT_CHAT_TEMPLATE
+    from test_serve import reference
+
+    out = evaluate("local-chat-completions", tasks=["retnet_gen"], apply_chat_template=True,
+                   model_args=f"base_url={srv.url}/v1/chat/completions,model={srv.name},"
+                              "max_retries=1")
+    samples = out["samples"]["retnet_gen"]
+    assert len(samples) == min(LIMIT, 4)
+    for sample in samples:
+        messages = json.loads(sample["arguments"][0][0][0])  # a JsonChatStr (prompt,)
+        ids, _ = render_chat(messages, srv.tok, DEFAULT_CHAT_TEMPLATE)
+        assert sample["resps"][0][0] == reference(srv, ids, 8).split("\n")[0]
