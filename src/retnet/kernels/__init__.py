@@ -4,11 +4,17 @@
 
 The PyTorch forms in `retnet.ops` stay the reference; a fast path is used only where it is
 available (built here, the right device and dtype) and enabled, and otherwise the reference
-runs, after a one-line notice on stderr saying why (once per reason).
+runs, after a one-line notice on stderr saying why (once per reason). The fast paths:
+
+- CPU decode (on by default): `torch.ops.retnet`, compiled from `kernels/cpu` (`cpu_kernels`).
+- GPU retention (opt-in: `Form("chunkwise" | "recurrent", backend="triton")`): the Triton
+  kernels of `kernels/triton_retention.py`, on CUDA tensors, or on CPU tensors under
+  TRITON_INTERPRET=1 (`triton_path`).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 
@@ -56,6 +62,24 @@ def cpu_kernels() -> bool:
             notice(f"CPU kernels unavailable ({err})")
             _cpu = False
     return _cpu
+
+
+def triton_path(x: Tensor) -> bool:
+    """Whether the Triton retention kernels may run on x (else a notice says why not)."""
+    if not enabled():
+        return False
+    interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if not (x.is_cuda or (x.device.type == "cpu" and interpreted)):
+        notice(f"the Triton kernels need CUDA tensors, not {x.device.type} "
+               "(TRITON_INTERPRET=1 runs them on the CPU, slowly)")
+        return False
+    if x.dtype == torch.float64:
+        notice("the Triton kernels compute in float32, not float64")
+        return False
+    if importlib.util.find_spec("triton") is None:
+        notice("triton is not installed (pip install 'retnet-exact[triton]')")
+        return False
+    return True
 
 
 def linear(x: Tensor, weight: Tensor, scale: Tensor | None = None) -> Tensor:

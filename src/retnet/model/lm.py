@@ -135,7 +135,9 @@ class RetNetLM(nn.Module):
         state = self.init_state(B, input_ids.device) if state is None else state
         form = Form.of(mode, chunk_size)
         forms = self._forms(form, state, state_out)
-        if form.mode == "recurrent" and hidden_out is None and targets is None:
+        # The fused CPU step serves the default backend; an explicit one is honoured.
+        if (form.mode == "recurrent" and form.backend == "torch" and hidden_out is None
+                and targets is None):
             for fast in FAST_STEPS:
                 out = fast(self, input_ids, state, attention_mask, state_out)
                 if out is not None:

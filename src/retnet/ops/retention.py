@@ -30,6 +30,8 @@ from torch import Tensor
 
 Mode = Literal["parallel", "recurrent", "chunkwise"]
 MODES: tuple[str, ...] = ("parallel", "recurrent", "chunkwise")
+Backend = Literal["torch", "triton"]
+BACKENDS: tuple[str, ...] = ("torch", "triton")
 DEFAULT_CHUNK_SIZE = 64  # tokens per chunk unless a caller says otherwise (the one default)
 
 
@@ -238,10 +240,18 @@ class Form:
 
     mode: Mode = "parallel"
     chunk_size: int = DEFAULT_CHUNK_SIZE  # used by "chunkwise" only
+    # "triton": the fused GPU kernels (chunkwise or recurrent; opt-in), where
+    # retnet.kernels.triton_path allows them, else this PyTorch form after a notice
+    backend: Backend = "torch"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}; use one of {', '.join(MODES)}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}; use one of {', '.join(BACKENDS)}")
+        if self.backend == "triton" and self.mode == "parallel":
+            raise ValueError("backend='triton' has chunkwise and recurrent kernels; the "
+                             "parallel form is PyTorch only")
         if (not isinstance(self.chunk_size, int) or isinstance(self.chunk_size, bool)
                 or self.chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive integer; got {self.chunk_size!r}")
@@ -261,12 +271,46 @@ class Form:
         """out: buffers that receive the new state (recurrent form only)."""
         if out is not None and self.mode != "recurrent":
             raise ValueError("out= (a state buffer to write into) needs mode='recurrent'")
+        if self.backend == "triton" and _triton_ok(q, self.mode, (q, k, v, log_decay, state)):
+            from retnet.kernels import triton_retention as kernels
+
+            _check_shapes(q, k, v, log_decay, state, mask)
+
+            if self.mode == "chunkwise":
+                return kernels.chunkwise_retention(q, k, v, log_decay, state, mask,
+                                                   chunk_size=self.chunk_size)
+            return _triton_recurrent(kernels, q, k, v, log_decay, state, mask, out)
         if self.mode == "chunkwise":
             return retention_chunkwise(q, k, v, log_decay, state, mask,
                                        chunk_size=self.chunk_size)
         if self.mode == "recurrent":
             return retention_recurrent(q, k, v, log_decay, state, mask, out=out)
         return retention_parallel(q, k, v, log_decay, state, mask)
+
+
+def _triton_ok(q: Tensor, mode: str, tensors: tuple) -> bool:
+    from retnet.kernels import notice, triton_path
+
+    if not triton_path(q):
+        return False
+    if mode == "recurrent" and torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in tensors):
+        notice("the Triton recurrent step has no backward (train with the chunkwise form)")
+        return False
+    return True
+
+
+def _triton_recurrent(kernels, q, k, v, log_decay, state, mask, out):
+    """The recurrent form as one fused step kernel per token (no autograd)."""
+    B, T, H, K = q.shape
+    state = q.new_zeros(B, H, K, v.shape[-1], dtype=torch.float32) if state is None else state
+    outputs = []
+    for t in range(T):
+        o, state = kernels.retention_step(q[:, t], k[:, t], v[:, t], log_decay, state.float(),
+                                          None if mask is None else mask[:, t],
+                                          out=out if t == T - 1 else None)
+        outputs.append(o)
+    return torch.stack(outputs, dim=1), state
 
 
 PARALLEL, RECURRENT, CHUNKWISE = Form("parallel"), Form("recurrent"), Form("chunkwise")
