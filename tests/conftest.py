@@ -6,6 +6,9 @@ from pathlib import Path
 # Offline, and Hugging Face caches out of the user's home (set before anything imports them).
 os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                   HF_HOME=tempfile.mkdtemp(prefix="retnet-hf-"), TOKENIZERS_PARALLELISM="false")
+# The Triton kernels run on CPU tensors in Triton's interpreter; the variable is read when a
+# kernel is defined, so it is set before any test module imports one.
+os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest
 import torch

@@ -7,10 +7,6 @@ through Form(backend="triton") and its fallbacks; a model trained and decoded th
 Tolerances: the kernels compute in float32 (IEEE products here: the interpreter has no TF32),
 so each result is held to 1e-5 of its largest magnitude against float64."""
 
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are defined (first import)
-
 import pytest
 import torch
 

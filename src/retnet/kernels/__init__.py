@@ -21,6 +21,9 @@ import sys
 import torch
 from torch import Tensor
 
+from retnet.ops.retention import FAST_FORMS
+from retnet.ops.retention import _check_shapes as check_shapes
+
 ENV = "RETNET_KERNELS"  # "0", "off" or "false" turns every fast path off
 _override: bool | None = None
 _noticed: set[str] = set()
@@ -91,3 +94,31 @@ def linear(x: Tensor, weight: Tensor, scale: Tensor | None = None) -> Tensor:
         return torch.ops.retnet.linear(x.contiguous(), weight.contiguous(), scale)
     y = x @ weight.to(x.dtype).t()
     return y * scale if scale.numel() else y
+
+
+def _triton_form(form, q, k, v, log_decay, state, mask, out):
+    """Form(backend="triton"): the fused kernels where they may run, else None (the PyTorch
+    form runs)."""
+    if not triton_path(q):
+        return None
+    if form.mode == "recurrent" and torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (q, k, v, log_decay, state)):
+        notice("the Triton recurrent step has no backward (train with the chunkwise form)")
+        return None
+    from retnet.kernels import triton_retention as tr
+
+    check_shapes(q, k, v, log_decay, state, mask)
+    if form.mode == "chunkwise":
+        return tr.chunkwise_retention(q, k, v, log_decay, state, mask, chunk_size=form.chunk_size)
+    B, T, H, K = q.shape
+    state = q.new_zeros(B, H, K, v.shape[-1], dtype=torch.float32) if state is None else state
+    outputs = []
+    for t in range(T):  # the recurrent form: one fused step kernel per token
+        o, state = tr.retention_step(q[:, t], k[:, t], v[:, t], log_decay, state.float(),
+                                     None if mask is None else mask[:, t],
+                                     out=out if t == T - 1 else None)
+        outputs.append(o)
+    return torch.stack(outputs, dim=1), state
+
+
+FAST_FORMS["triton"] = _triton_form

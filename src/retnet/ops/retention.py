@@ -22,6 +22,7 @@ the output in that dtype: callers decide when to round to a lower precision.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -32,6 +33,10 @@ Mode = Literal["parallel", "recurrent", "chunkwise"]
 MODES: tuple[str, ...] = ("parallel", "recurrent", "chunkwise")
 Backend = Literal["torch", "triton"]
 BACKENDS: tuple[str, ...] = ("torch", "triton")
+# Fused implementations of a Form by backend: (form, q, k, v, log_decay, state, mask, out) ->
+# (o, state), or None to decline (then this module's form runs). retnet.kernels registers
+# "triton"; this module imports no other retnet module (the HF export bundles it alone).
+FAST_FORMS: dict[str, Callable[..., tuple[Tensor, Tensor] | None]] = {}
 DEFAULT_CHUNK_SIZE = 64  # tokens per chunk unless a caller says otherwise (the one default)
 
 
@@ -271,46 +276,16 @@ class Form:
         """out: buffers that receive the new state (recurrent form only)."""
         if out is not None and self.mode != "recurrent":
             raise ValueError("out= (a state buffer to write into) needs mode='recurrent'")
-        if self.backend == "triton" and _triton_ok(q, self.mode, (q, k, v, log_decay, state)):
-            from retnet.kernels import triton_retention as kernels
-
-            _check_shapes(q, k, v, log_decay, state, mask)
-
-            if self.mode == "chunkwise":
-                return kernels.chunkwise_retention(q, k, v, log_decay, state, mask,
-                                                   chunk_size=self.chunk_size)
-            return _triton_recurrent(kernels, q, k, v, log_decay, state, mask, out)
+        fast = FAST_FORMS.get(self.backend)
+        result = None if fast is None else fast(self, q, k, v, log_decay, state, mask, out)
+        if result is not None:
+            return result
         if self.mode == "chunkwise":
             return retention_chunkwise(q, k, v, log_decay, state, mask,
                                        chunk_size=self.chunk_size)
         if self.mode == "recurrent":
             return retention_recurrent(q, k, v, log_decay, state, mask, out=out)
         return retention_parallel(q, k, v, log_decay, state, mask)
-
-
-def _triton_ok(q: Tensor, mode: str, tensors: tuple) -> bool:
-    from retnet.kernels import notice, triton_path
-
-    if not triton_path(q):
-        return False
-    if mode == "recurrent" and torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in tensors):
-        notice("the Triton recurrent step has no backward (train with the chunkwise form)")
-        return False
-    return True
-
-
-def _triton_recurrent(kernels, q, k, v, log_decay, state, mask, out):
-    """The recurrent form as one fused step kernel per token (no autograd)."""
-    B, T, H, K = q.shape
-    state = q.new_zeros(B, H, K, v.shape[-1], dtype=torch.float32) if state is None else state
-    outputs = []
-    for t in range(T):
-        o, state = kernels.retention_step(q[:, t], k[:, t], v[:, t], log_decay, state.float(),
-                                          None if mask is None else mask[:, t],
-                                          out=out if t == T - 1 else None)
-        outputs.append(o)
-    return torch.stack(outputs, dim=1), state
 
 
 PARALLEL, RECURRENT, CHUNKWISE = Form("parallel"), Form("recurrent"), Form("chunkwise")
