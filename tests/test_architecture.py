@@ -11,7 +11,8 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 # Lower layers first. A module belongs to the first prefix that matches it.
 LAYERS: list[tuple[str, ...]] = [
-    ("retnet.options", "retnet.memory", "retnet.device"),  # no retnet imports but these
+    # no retnet imports but these
+    ("retnet.options", "retnet.memory", "retnet.device", "retnet.files"),
     ("retnet.ops", "retnet.kernels"),
     ("retnet.modules",),
     ("retnet.model",),

@@ -102,6 +102,8 @@ def test_the_prompt_from_standard_input(run, model, monkeypatch, capsys):
     (["--stop", ""], "--stop needs non-empty"),
     (["--device", "quantum"], "invalid device 'quantum'"),
     (["--top-p", "0"], "top_p must be in (0, 1]"),
+    (["--num-samples", "0"], "--num-samples must be in 1..256"),
+    (["-n", "2", "--state-out", "s.safetensors"], "--state-out saves one state"),
 ])
 def test_bad_options_exit_2_with_one_line_before_the_model_loads(run, tmp_path, monkeypatch,
                                                                   capsys, args, message):
@@ -132,3 +134,19 @@ def test_int8_needs_float32_weights(run, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["retnet generate: error: --quantization int8 quantises float32 weights: leave "
                    "--dtype at float32 (got bfloat16)"]
+
+
+def test_num_samples_are_the_runs_of_successive_seeds(run, capsys):
+    """-n 4 decodes four rows together; sample i is the text a run alone with --seed 7+i
+    prints (each row has its own generator), and the samples differ."""
+    args = ["--checkpoint", str(run), "--prompt", "ab", "--temperature", "1.5", "--stop", "|"]
+    assert generate_cli(*args, "-n", "4", "--seed", "7") == 0
+    out = capsys.readouterr().out
+    assert out.startswith("ab\n--- sample 0 ---\n")
+    samples = [part.split("\n", 1)[1] for part in out.rstrip("\n").split("--- sample ")[1:]]
+    alone = []
+    for i in range(4):
+        assert generate_cli(*args, "--seed", str(7 + i)) == 0
+        alone.append(capsys.readouterr().out.removeprefix("ab").removesuffix("\n"))
+    assert [s.rstrip("\n") for s in samples] == [a.rstrip("\n") for a in alone]
+    assert len(set(alone)) > 1

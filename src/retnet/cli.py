@@ -23,7 +23,7 @@ from retnet.options import add_options, given, require
 @dataclass(frozen=True)
 class Command:
     help: str
-    options: str  # "module:OptionsClass"
+    options: str | None  # "module:OptionsClass"; None: the arguments pass through unparsed
     run: str  # "module:function", called with the options; returns the exit status
     extra: str | None = None  # the pip extra that provides `needs`
     needs: tuple[str, ...] = ()  # modules checked before any work (one-line error if missing)
@@ -50,6 +50,9 @@ COMMANDS: dict[str, Command] = {
                       ("transformers", "tokenizers")),
     "eval": Command("lm-evaluation-harness tasks and perplexity of a checkpoint",
                     "retnet.eval.command:EvalOptions", "retnet.eval.command:command"),
+    "lm-eval": Command("lm-evaluation-harness's own command line with --model retnet and the "
+                       "shipped tasks (every flag passes through: retnet lm-eval --help)",
+                       None, "retnet.eval.lm_eval_command:command", "eval", ("lm_eval",)),
     "bench": Command("decode/prefill/training cost against a matched Transformer and peers",
                      "retnet.bench.cost:BenchConfig", "retnet.bench.cost:command", "bench",
                      ("transformers", "matplotlib")),
@@ -80,7 +83,7 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, command in COMMANDS.items():
         p = sub.add_parser(name, help=command.help, description=command.help)
-        if name == selected:
+        if name == selected and command.options is not None:
             add_options(p, _resolve(command.options))
     return parser
 
@@ -100,6 +103,9 @@ def _one_line(err: Exception) -> str:
 
 def _run(name: str, argv: Sequence[str]) -> int:
     command = COMMANDS[name]
+    if command.options is None:  # another tool's command line: its own parser reads the rest
+        require(command.extra or "", *command.needs)
+        return _resolve(command.run)(argv[argv.index(name) + 1:])
     try:
         cls = _resolve(command.options)  # an options module may itself need the extra
     except ImportError:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from retnet.options import opt
 from retnet.tokenizer import Tokenizer
@@ -122,6 +123,31 @@ def cache_dir() -> Path:
     return Path(os.environ.get("RETNET_CACHE", Path.home() / ".cache" / "retnet"))
 
 
+BAR_ABOVE_CHARS = 1 << 20  # inputs smaller than this finish before a bar would say anything
+GROUP_CHARS = 1 << 22  # texts encoded per call: the bar moves, batches stay large
+
+
+def encode_all(texts: list[str], tokenizer: Tokenizer, desc: str) -> list[list[int]]:
+    """Every text's ids, in groups of ~4 M characters (each one `encode_batch` call, which a
+    BPE tokenizer runs on every core) under a progress bar with rate and ETA."""
+    encode_batch = getattr(tokenizer, "encode_batch", None)
+    total = sum(map(len, texts))
+    ids: list[list[int]] = []
+    with tqdm(total=total, desc=desc, unit="char", unit_scale=True, dynamic_ncols=True,
+              disable=total < BAR_ABOVE_CHARS) as bar:
+        start = 0
+        while start < len(texts):
+            end, size = start, 0
+            while end < len(texts) and (size < GROUP_CHARS or end == start):
+                size += len(texts[end])
+                end += 1
+            group = texts[start:end]
+            ids += encode_batch(group) if encode_batch else [tokenizer.encode(t) for t in group]
+            bar.update(size)
+            start = end
+    return ids
+
+
 def tokenize(docs: list[Document], tokenizer: Tokenizer, name: str) -> tuple[np.ndarray, dict]:
     """All documents as one token array, each followed by <|endoftext|>; cached on disk as a
     memory map keyed by the text and the tokenizer, so a second run starts at once."""
@@ -133,8 +159,7 @@ def tokenize(docs: list[Document], tokenizer: Tokenizer, name: str) -> tuple[np.
         return np.memmap(bin_path, dtype=meta["dtype"], mode="r", shape=(meta["tokens"],)), meta
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
     texts = [d.text for d in docs]
-    encode_batch = getattr(tokenizer, "encode_batch", None)
-    ids = encode_batch(texts) if encode_batch else [tokenizer.encode(t) for t in texts]
+    ids = encode_all(texts, tokenizer, f"tokenizing {name}")
     arrays = [np.asarray([*x, tokenizer.eos_id], dtype=dtype) for x in ids]
     tokens = np.concatenate(arrays) if arrays else np.zeros(0, dtype=dtype)
     meta = {"tokens": int(tokens.size), "dtype": np.dtype(dtype).name, "documents": len(docs),

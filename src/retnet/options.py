@@ -127,9 +127,10 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
         elif annotation.startswith("list"):  # repeatable: --x 1 2 --x 3
             parser.add_argument(*names, dest=f.name, action="extend", nargs="+",
                                 type=_scalar(annotation), default=None, **kwargs)
-        elif annotation.startswith("dict"):  # KEY=VALUE pairs, values read as JSON
+        elif annotation.startswith("dict"):  # KEY=VALUE pairs (--x a=1 b=2 --x c=3), JSON values
             kwargs["metavar"] = kwargs["metavar"] or "KEY=VALUE"
-            parser.add_argument(*names, dest=f.name, action="append", default=None, **kwargs)
+            parser.add_argument(*names, dest=f.name, action="extend", nargs="+", default=None,
+                                **kwargs)
         elif meta.get("const") is not None:  # --flag [VALUE]
             parser.add_argument(*names, dest=f.name, type=_scalar(annotation), default=None,
                                 nargs="?", const=meta["const"], **kwargs)

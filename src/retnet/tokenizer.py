@@ -7,11 +7,12 @@ Both expose encode / decode / vocab_size / eos_id / pad_id / save, and both are 
 from __future__ import annotations
 
 import json
-import os
 import string
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Protocol
+
+from retnet.files import atomic_write_text
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -44,7 +45,7 @@ class ByteTokenizer:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
     def save(self, path: str | Path) -> None:
-        _atomic_write_text(Path(path), json.dumps({"type": BYTE_MARKER, "version": 1}))
+        atomic_write_text(Path(path), json.dumps({"type": BYTE_MARKER, "version": 1}))
 
     def fingerprint(self) -> str:
         return "byte-v1"
@@ -76,7 +77,7 @@ class BPETokenizer:
         return self.tok.decode(list(ids), skip_special_tokens=True)
 
     def save(self, path: str | Path) -> None:
-        _atomic_write_text(Path(path), self.tok.to_str())
+        atomic_write_text(Path(path), self.tok.to_str())
 
     def fingerprint(self) -> str:
         import hashlib
@@ -131,7 +132,7 @@ CHAT_TEMPLATE_FILE = "chat_template.json"
 
 
 def save_chat_template(folder: str | Path, template: dict[str, str] | None = None) -> None:
-    _atomic_write_text(Path(folder) / CHAT_TEMPLATE_FILE,
+    atomic_write_text(Path(folder) / CHAT_TEMPLATE_FILE,
                        json.dumps(template or DEFAULT_CHAT_TEMPLATE, indent=1))
 
 
@@ -180,8 +181,3 @@ def chat_template_jinja(template: dict[str, str]) -> str:
             "{% if add_generation_prompt %}" + prompt + "{% endif %}")
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -38,6 +37,7 @@ import torch
 
 from retnet.bench import gpu_cells as cells
 from retnet.bench.measure import table
+from retnet.files import atomic_write_text
 
 SECTIONS = ("check", "ops", "train", "decode")
 OPS = ("retnet-triton", "retnet-torch", "fla-chunk_retention", "fla-chunk_simple_gla")
@@ -123,8 +123,8 @@ class Run:
         return row
 
     def write(self) -> None:
-        atomic_write(self.out, json.dumps(self.data, indent=1))
-        atomic_write(self.out.with_suffix(".md"), "\n".join(summary(self.data)) + "\n")
+        atomic_write_text(self.out, json.dumps(self.data, indent=1))
+        atomic_write_text(self.out.with_suffix(".md"), "\n".join(summary(self.data)) + "\n")
 
 
 def attempt(run: Callable[[], dict]) -> dict[str, Any]:
@@ -136,13 +136,6 @@ def attempt(run: Callable[[], dict]) -> dict[str, Any]:
     except Exception as err:  # every failure, OOM included, is its cell's result
         first = (str(err).strip().splitlines() or [""])[0][:300]
         return {"status": f"error: {type(err).__name__}: {first}"}
-
-
-def atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # The report ---------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from retnet.device import check_device
 from retnet.generation.command import DTYPES, check_quantization
 from retnet.modules.quant import QUANTIZATIONS
 from retnet.options import opt, require, short
@@ -25,10 +26,20 @@ class EvalOptions:
     num_fewshot: int | None = opt(None, "examples in each prompt (lm-eval's default: 0)")
     limit: float | None = opt(None, "documents per task (a fraction below 1)")
     batch_size: int = opt(8, "sequences scored together")
-    perplexity: str | None = opt(None, "also report perplexity on the validation split of "
-                                 "DATA (alone, or `stdlib`: the stdlib corpus)", metavar="DATA",
+    perplexity: str | None = opt(None, "also report document perplexity (each document whole, "
+                                 "with its full context) on the validation split of DATA "
+                                 "(alone, or `stdlib`: the stdlib corpus)", metavar="DATA",
                                  const="stdlib")
-    out: str | None = opt(None, "write the results as JSON here")
+    output_path: str | None = opt(None, "write the results as JSON here (with --log-samples, "
+                                  "also each task's samples as JSONL beside it)",
+                                  aliases=("--output_path", "--out"), metavar="FILE")
+    log_samples: bool = opt(False, "keep every request, response and score (needs "
+                            "--output-path)", aliases=("--log_samples",))
+    gen_kwargs: dict = opt(help="generation arguments of generate-until tasks, as lm-eval's "
+                           "--gen_kwargs (e.g. max_gen_toks=64 temperature=0.7 do_sample=true)",
+                           factory=dict, aliases=("--gen_kwargs",))
+    device: str | None = opt(None, "cpu, cuda, cuda:N or mps (default: cuda if available, "
+                             "else cpu)")
     dtype: str = opt("float32", "the weights' dtype (the state stays float32)",
                      choices=tuple(DTYPES))
     quantization: str | None = opt(None, "int8: weight-only int8 with one scale per output "
@@ -39,6 +50,11 @@ class EvalOptions:
         if self.dtype not in DTYPES:
             raise ValueError(f"invalid --dtype {short(self.dtype)}; use {', '.join(DTYPES)}")
         check_quantization(self.quantization, self.dtype)
+        check_device(self.device)
+        if self.log_samples and not self.output_path:
+            raise ValueError("--log-samples writes its samples beside --output-path: give one")
+        if self.gen_kwargs and not self.tasks:
+            raise ValueError("--gen-kwargs applies to --tasks; none given")
         if not self.tasks and self.perplexity is None:
             raise ValueError("nothing to do: pass --tasks and/or --perplexity")
         if self.tasks:
@@ -51,33 +67,49 @@ def _perplexity(model, tok, data: str) -> dict[str, Any]:
 
     _, val = split_documents(load_documents(None if data == "stdlib" else data))
     result = perplexity(model, tok, [d.text for d in val])
-    print(f"perplexity {result['perplexity']:.3f}, bits per byte "
-          f"{result['bits_per_byte']:.4f} over {result['tokens']:,} tokens")
+    print(f"document perplexity {result['perplexity']:.3f}, bits per byte "
+          f"{result['bits_per_byte']:.4f} over {result['tokens']:,} tokens (each validation "
+          "document whole, from BOS with the state carried; training's window perplexity "
+          "differs, see docs/implementation-notes.md)")
     return result
 
 
-def _tasks(model, tok, opts: EvalOptions) -> dict[str, Any]:
-    from retnet.eval.tasks import run_tasks
+def _tasks(model, tok, opts: EvalOptions) -> tuple[dict[str, Any], dict[str, list]]:
+    from retnet.eval.tasks import evaluate_tasks
 
-    results = run_tasks(model, tok, opts.tasks.split(","), include_path=opts.include_path,
-                        num_fewshot=opts.num_fewshot, limit=opts.limit,
-                        batch_size=opts.batch_size)
-    for task, metrics in results.items():
+    out = evaluate_tasks(model, tok, opts.tasks.split(","), include_path=opts.include_path,
+                         num_fewshot=opts.num_fewshot, limit=opts.limit,
+                         batch_size=opts.batch_size, log_samples=opts.log_samples,
+                         gen_kwargs=opts.gen_kwargs or None)
+    for task, metrics in out["results"].items():
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
                           if isinstance(v, float) and "stderr" not in k)
         print(f"{task}: {shown}")
-    return results
+    return out["results"], out.get("samples") or {}
+
+
+def _write(path: Path, results: dict[str, Any], samples: dict[str, list]) -> None:
+    """The results as JSON at `path`; each task's samples as `<stem>_samples_<task>.jsonl`
+    beside it (lm-eval's own record of a sample: request, responses, filtered, metrics)."""
+    from retnet.files import atomic_write_text
+
+    atomic_write_text(path, json.dumps(results, indent=1, default=str))
+    for task, rows in samples.items():
+        lines = (json.dumps(row, default=str, ensure_ascii=False) + "\n" for row in rows)
+        atomic_write_text(path.with_name(f"{path.stem}_samples_{task}.jsonl"), "".join(lines))
 
 
 def command(opts: EvalOptions) -> int:
     from retnet.loading import load
 
-    model, tok = load(opts.checkpoint, dtype=DTYPES[opts.dtype], quantization=opts.quantization)
+    model, tok = load(opts.checkpoint, device=opts.device, dtype=DTYPES[opts.dtype],
+                      quantization=opts.quantization)
     results: dict[str, Any] = {}
+    samples: dict[str, list] = {}
     if opts.perplexity is not None:
         results["perplexity"] = _perplexity(model, tok, opts.perplexity)
     if opts.tasks:
-        results["tasks"] = _tasks(model, tok, opts)
-    if opts.out:
-        Path(opts.out).write_text(json.dumps(results, indent=1, default=str))
+        results["tasks"], samples = _tasks(model, tok, opts)
+    if opts.output_path:
+        _write(Path(opts.output_path), results, samples)
     return 0

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 from typing import Any
 
+# lm-eval's own models before ours: it imports them only while its registry is empty, so
+# registering "retnet" first would hide `hf` and `local-completions` in the same process.
+import lm_eval.models  # noqa: F401
 import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model

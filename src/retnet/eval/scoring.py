@@ -73,15 +73,22 @@ def document_logprob(model: RetNetLM, ids: list[int], bos_id: int, segment: int 
 
 def perplexity(model: RetNetLM, tokenizer: Tokenizer, texts: Sequence[str],
                form: Form = CHUNKWISE) -> dict[str, float]:
-    """Token perplexity and bits per byte of texts, each read as one whole document."""
+    """Token perplexity and bits per byte of texts, each read as one whole document from BOS
+    with the state carried (see docs/implementation-notes.md: not training's validation loss),
+    under a progress bar over the texts' bytes."""
+    from tqdm import tqdm
+
     logprob, tokens, nbytes = 0.0, 0, 0
-    for text in texts:
-        ids = tokenizer.encode(text)
-        if not ids:
-            continue
-        logprob += document_logprob(model, ids, tokenizer.eos_id, form=form)
-        tokens += len(ids)
-        nbytes += len(text.encode("utf-8"))
+    sizes = [len(text.encode("utf-8")) for text in texts]
+    with tqdm(total=sum(sizes), desc="perplexity", unit="B", unit_scale=True,
+              dynamic_ncols=True, disable=len(texts) < 2) as bar:
+        for text, size in zip(texts, sizes):
+            ids = tokenizer.encode(text)
+            if ids:
+                logprob += document_logprob(model, ids, tokenizer.eos_id, form=form)
+                tokens, nbytes = tokens + len(ids), nbytes + size
+                bar.set_postfix(ppl=f"{math.exp(-logprob / tokens):.2f}", refresh=False)
+            bar.update(size)
     if tokens == 0:
         raise ValueError("no text to evaluate")
     return {"tokens": tokens, "bytes": nbytes, "nll_per_token": -logprob / tokens,

@@ -28,11 +28,13 @@ def shipped_tasks() -> Path:
     return folder
 
 
-def run_tasks(model: torch.nn.Module, tokenizer, tasks: Sequence[str], *,
-              include_path: str | None = None, num_fewshot: int | None = None,
-              limit: float | None = None, batch_size: int = 8) -> dict[str, dict[str, Any]]:
-    """lm-eval's results per task for a RetNetLM (or anything with its call signature, such
-    as compare's transformers shim); the shipped tasks are always available by name."""
+def evaluate_tasks(model: torch.nn.Module, tokenizer, tasks: Sequence[str], *,
+                   include_path: str | None = None, num_fewshot: int | None = None,
+                   limit: float | None = None, batch_size: int = 8, log_samples: bool = False,
+                   gen_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """lm-eval's whole output (`results`, `samples` with log_samples, `config`, ...) for a
+    RetNetLM (or anything with its call signature, such as compare's transformers shim); the
+    shipped tasks are always available by name."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
@@ -40,6 +42,12 @@ def run_tasks(model: torch.nn.Module, tokenizer, tasks: Sequence[str], *,
 
     paths = [str(shipped_tasks())] + ([include_path] if include_path else [])
     lm = RetNetHarnessLM(model=model, tokenizer=tokenizer, batch_size=batch_size)
-    out = simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
-                          task_manager=TaskManager(include_path=paths))
-    return out["results"]
+    return simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
+                           task_manager=TaskManager(include_path=paths),
+                           log_samples=log_samples, gen_kwargs=gen_kwargs)
+
+
+def run_tasks(model: torch.nn.Module, tokenizer, tasks: Sequence[str],
+              **kwargs: Any) -> dict[str, dict[str, Any]]:
+    """lm-eval's results per task (`evaluate_tasks`'s `results`)."""
+    return evaluate_tasks(model, tokenizer, tasks, **kwargs)["results"]

@@ -20,6 +20,7 @@ from retnet.modules.quant import QUANTIZATIONS, quantize
 from retnet.options import check_types, opt, short
 from retnet.tokenizer import Tokenizer
 
+MAX_SAMPLES = 256  # rows decoded together: each holds its own state and sampler
 # The dtypes a command may load the weights in (the state stays float32, float64 for float64).
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -39,7 +40,9 @@ class GenerateOptions:
     top_p: float = opt(0.95, "sample among the most likely tokens whose probabilities reach "
                        "p (1: all)")
     repetition_penalty: float = opt(1.0, "CTRL's penalty on tokens already seen (1: none)")
-    seed: int = opt(0, "seed of the sampler's random generator")
+    seed: int = opt(0, "seed of the sampler's random generator (sample i: seed + i)")
+    num_samples: int = opt(1, "continuations of the same prompt, decoded together as a batch "
+                           "and printed one after another once all are done", aliases=("-n",))
     stop: list[str] = opt(help="stop once the text holds this string (not printed); "
                           "several may be given", factory=list, metavar="TEXT")
     state_in: str | None = opt(None, "continue from a state saved by --state-out",
@@ -60,6 +63,10 @@ class GenerateOptions:
                                       for f in dataclasses.fields(self)})
         if self.max_new_tokens < 0:
             raise ValueError(f"--max-new-tokens must be ≥ 0; got {self.max_new_tokens}")
+        if not 1 <= self.num_samples <= MAX_SAMPLES:
+            raise ValueError(f"--num-samples must be in 1..{MAX_SAMPLES}; got {self.num_samples}")
+        if self.num_samples > 1 and self.state_out:
+            raise ValueError("--state-out saves one state: use it with --num-samples 1")
         SamplingParams(self.temperature, self.top_k, self.top_p, self.repetition_penalty)
         if self.prompt is not None and self.prompt_file is not None:
             raise ValueError("pass the prompt with --prompt or --prompt-file, not both")
@@ -113,6 +120,9 @@ def command(opts: GenerateOptions) -> int:
     if opts.prompt_file is None:  # a document read from a file is not echoed back (#17)
         sys.stdout.write(prompt)
     print(f"decode: {decode_path(model)}", file=sys.stderr)
+    if opts.num_samples > 1:
+        _samples(model, tok, torch.tensor([ids] * opts.num_samples, device=device), state, opts)
+        return 0
     state = _stream(model, tok, torch.tensor([ids], device=device), state, opts)
     if opts.state_out:
         save_state(opts.state_out, state, fingerprint)
@@ -121,15 +131,19 @@ def command(opts: GenerateOptions) -> int:
     return 0
 
 
+def _sampling(opts: GenerateOptions, tok: Tokenizer) -> dict:
+    """generate_stream's arguments from the options (all but the ids, seed and state)."""
+    return dict(max_new_tokens=opts.max_new_tokens, temperature=opts.temperature,
+                top_k=opts.top_k, top_p=opts.top_p, repetition_penalty=opts.repetition_penalty,
+                eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, stop=opts.stop or None,
+                tokenizer=tok)
+
+
 def _stream(model: RetNetLM, tok: Tokenizer, ids: torch.Tensor, state: RetNetState | None,
             opts: GenerateOptions) -> RetNetState:
     """Generate after ids [1, T], printing the text as TextStream releases it; returns the
     state after every token (a stop string's tokens included)."""
-    stream = generate_stream(
-        model, ids, opts.max_new_tokens, temperature=opts.temperature, top_k=opts.top_k,
-        top_p=opts.top_p, repetition_penalty=opts.repetition_penalty, eos_token_id=tok.eos_id,
-        pad_token_id=tok.pad_id, stop=opts.stop or None, tokenizer=tok, seed=opts.seed,
-        state=state)
+    stream = generate_stream(model, ids, seed=opts.seed, state=state, **_sampling(opts, tok))
     text = TextStream(tok, opts.stop)
     for token, final in stream:
         if final is not None:
@@ -139,6 +153,27 @@ def _stream(model: RetNetLM, tok: Tokenizer, ids: torch.Tensor, state: RetNetSta
             sys.stdout.flush()
     sys.stdout.write(text.finish() + "\n")
     return state
+
+
+def _samples(model: RetNetLM, tok: Tokenizer, ids: torch.Tensor, state: RetNetState | None,
+             opts: GenerateOptions) -> None:
+    """--num-samples N: N rows of the prompt ids [N, T] decoded together, row i with its own
+    generator seeded seed + i (so sample i is what `--seed seed+i` alone gives); each is
+    printed after the prompt under a `--- sample i ---` line once every row has finished."""
+    if state is not None:  # one saved state, read by every row
+        state = state.select([0] * ids.shape[0])
+    seeds = [opts.seed + i for i in range(ids.shape[0])]
+    stream = generate_stream(model, ids, seed=seeds, state=state, **_sampling(opts, tok))
+    streams = [TextStream(tok, opts.stop) for _ in range(ids.shape[0])]
+    texts, done = [""] * ids.shape[0], [False] * ids.shape[0]
+    for token, final in stream:
+        for row, t in enumerate(token.tolist() if final is None else []):
+            done[row] = done[row] or t == tok.eos_id  # then pads follow
+            if not done[row]:
+                texts[row] += streams[row].push(t)
+    for row, (text, rest) in enumerate(zip(texts, streams)):
+        sys.stdout.write(f"\n--- sample {row} ---\n{text}{rest.finish()}")
+    sys.stdout.write("\n")
 
 
 def _check_paths(opts: GenerateOptions) -> None:

@@ -66,7 +66,9 @@ def command(opts: DemoOptions) -> int:
                    seed=0, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
     print(f"\ntrained {steps} steps ({steps * cfg.batch_size * cfg.seq_len:,} tokens) in "
           f"{minutes:.1f} min: validation loss {result['val_loss']:.3f} nats/token, perplexity "
-          f"{result['val_ppl']:.1f}, {result['val_bpb']:.3f} bits per byte")
+          f"{result['val_ppl']:.1f}, {result['val_bpb']:.3f} bits per byte (window "
+          f"perplexity: {cfg.seq_len}-token windows from a zero state; `retnet eval "
+          f"--perplexity` reads whole documents)")
     print(f"checkpoint, metrics.jsonl and loss.png in {run}/")
     print(f"sample (temperature 0.8, top-p 0.95):\n---\n{tok.decode(ids[0].tolist())}\n---")
     return 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,6 +108,22 @@ def _prepare(cfg: TrainConfig, ctx: dist.Context) -> _Run:
     return _Run(model, wrapped, loss_of, optimizer,
                 tokenizer, train, val.evaluation_batches(cfg.batch_size, cfg.eval_batches),
                 bits, start, meta)
+
+
+def startup_summary(run: _Run, cfg: TrainConfig, ctx: dist.Context,
+                    amp: torch.dtype | None) -> str:
+    """One line before the first step: what trains, where, on how much, for how long."""
+    params = sum(p.numel() for p in run.model.parameters())
+    per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * ctx.world
+    epochs = per_step * (cfg.steps - run.start_step) / max(run.train.tokens.size, 1)
+    where = f"{ctx.device}" + (f" × {ctx.world} processes ({cfg.parallel})" if ctx.world > 1
+                               else "")
+    start = f"resuming at step {run.start_step}" if run.start_step else "from step 0"
+    return (f"train: {params / 1e6:.2f}M parameters ({cfg.preset}, {cfg.mode} form) on {where}, "
+            f"{'bfloat16 autocast' if amp is not None else 'float32'}; "
+            f"{run.meta['documents']:,} documents, {run.meta['train_tokens']:,} train + "
+            f"{run.meta['val_tokens']:,} validation tokens; {cfg.steps:,} steps of "
+            f"{per_step:,} tokens ({epochs:.2f} epochs), {start}; writing {cfg.out}")
 
 
 def _corpus_record(cfg: TrainConfig, docs) -> dict[str, Any]:
@@ -217,6 +234,8 @@ def _train(cfg: TrainConfig, ctx: dist.Context) -> dict[str, float]:
     run = _prepare(cfg, ctx)
     amp = cfg.amp(ctx.device)
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * ctx.world
+    if ctx.is_main:
+        print(startup_summary(run, cfg, ctx, amp), file=sys.stderr, flush=True)
     bar = tqdm(total=cfg.steps, initial=run.start_step, disable=not ctx.is_main, unit="step",
                dynamic_ncols=True)
     result: dict[str, float] = {}
