@@ -110,11 +110,11 @@ def _prepare(cfg: TrainConfig, ctx: dist.Context) -> _Run:
                 bits, start, meta)
 
 
-def startup_summary(run: _Run, cfg: TrainConfig, ctx: dist.Context,
-                    amp: torch.dtype | None) -> str:
-    """One line before the first step: what trains, where, on how much, for how long."""
+def startup_summary(run: _Run, cfg: TrainConfig, ctx: dist.Context, amp: torch.dtype | None,
+                    per_step: int) -> str:
+    """One line before the first step: what trains, where, on how much (per_step: tokens per
+    optimiser step over every process), for how long."""
     params = sum(p.numel() for p in run.model.parameters())
-    per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * ctx.world
     epochs = per_step * (cfg.steps - run.start_step) / max(run.train.tokens.size, 1)
     where = f"{ctx.device}" + (f" × {ctx.world} processes ({cfg.parallel})" if ctx.world > 1
                                else "")
@@ -235,7 +235,8 @@ def _train(cfg: TrainConfig, ctx: dist.Context) -> dict[str, float]:
     amp = cfg.amp(ctx.device)
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * ctx.world
     if ctx.is_main:
-        print(startup_summary(run, cfg, ctx, amp), file=sys.stderr, flush=True)
+        print(startup_summary(run, cfg, ctx, amp, tokens_per_step), file=sys.stderr,
+              flush=True)
     bar = tqdm(total=cfg.steps, initial=run.start_step, disable=not ctx.is_main, unit="step",
                dynamic_ncols=True)
     result: dict[str, float] = {}
