@@ -24,6 +24,9 @@ VARIANTS = {
     "untied-swish": dict(tie_embeddings=False, ffn="glu-swish", decays="single"),
     "ablations": dict(head_norm="none", use_gate=False, decays="none"),
     "values": dict(value_dim=96, ffn_dim=80, n_heads=4, decays="multiscale"),
+    # 512 key rows per head: the state pass's four-row streams (rows of 73 values, not a
+    # multiple of 16) and the rows left over
+    "wide-keys": dict(d_model=512, n_heads=1, value_dim=72, ffn_dim=64, n_layers=1),
 }
 
 

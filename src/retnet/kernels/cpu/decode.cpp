@@ -132,13 +132,66 @@ void state_row(const float* s, float* out, const float* v, float ki, float qi, f
   }
 }
 
+// state_row for four rows at once, `stride` rows apart (a multiple of 16: rows of V + 1 floats
+// 16 apart share their 64-byte alignment, so one loop streams all four): four streams per core
+// keep more of the state's reads in flight than one, and v and acc are loaded once per four
+// rows. The score-sum column V is left to the caller.
+void state_row4(const float* S, float* out, const float* v, const float* k, const float* q,
+                float decay, int64_t i0, int64_t stride, int64_t V, float* acc) {
+  const int64_t W = V + 1;
+  const float* s[4];
+  float* o[4];
+  float ki[4], qi[4];
+  for (int r = 0; r < 4; ++r) {
+    const int64_t i = i0 + r * stride;
+    s[r] = S + i * W, o[r] = out + i * W, ki[r] = k[i], qi[r] = q[i];
+  }
+  auto scalar = [&](int64_t j) {
+    for (int r = 0; r < 4; ++r) {
+      o[r][j] = decay * s[r][j] + ki[r] * v[j];
+      acc[j] += qi[r] * o[r][j];
+    }
+  };
+  int64_t j = 0;
+#ifdef RETNET_AVX512
+  const int64_t head = ((64 - reinterpret_cast<uintptr_t>(o[0]) % 64) % 64) / sizeof(float);
+  if (reinterpret_cast<uintptr_t>(o[0]) % sizeof(float) == 0) {
+    for (; j < std::min(head, V); ++j) scalar(j);
+    const __m512 d = _mm512_set1_ps(decay);
+    __m512 kv[4], qv[4];
+    for (int r = 0; r < 4; ++r) kv[r] = _mm512_set1_ps(ki[r]), qv[r] = _mm512_set1_ps(qi[r]);
+    for (; j + 16 <= V; j += 16) {
+      const __m512 vj = _mm512_loadu_ps(v + j);
+      __m512 a = _mm512_loadu_ps(acc + j);
+#pragma GCC unroll 4
+      for (int r = 0; r < 4; ++r) {
+        __m512 x = _mm512_fmadd_ps(d, _mm512_loadu_ps(s[r] + j), _mm512_mul_ps(kv[r], vj));
+        _mm512_stream_ps(o[r] + j, x);
+        a = _mm512_fmadd_ps(qv[r], x, a);
+      }
+      _mm512_storeu_ps(acc + j, a);
+    }
+  }
+#endif
+  for (; j < V; ++j) scalar(j);
+}
+
 // One pass over rows [k0, k1) of one head's state [K, V+1]: S' = γ S + k_i [v, m] into `out`
 // and acc += q_i S'_i (the read-out, V+1 values with the score sum last).
 void state_rows(const float* S, float* out, const float* q, const float* k, const float* v,
                 float mask, float decay, int64_t k0, int64_t k1, int64_t V, float* acc) {
   const int64_t W = V + 1;
   for (int64_t j = 0; j < W; ++j) acc[j] = 0.f;
-  for (int64_t i = k0; i < k1; ++i) {
+  const int64_t quarter = (k1 - k0) / 4 / 16 * 16;  // rows in each of four streams
+  for (int64_t i = k0; i < k0 + quarter; ++i) {
+    state_row4(S, out, v, k, q, decay, i, quarter, V, acc);
+    for (int64_t r = 0; r < 4; ++r) {  // the score-sum column of the four rows
+      const int64_t at = (i + r * quarter) * W + V;
+      out[at] = decay * S[at] + k[i + r * quarter] * mask;
+      acc[V] += q[i + r * quarter] * out[at];
+    }
+  }
+  for (int64_t i = k0 + 4 * quarter; i < k1; ++i) {
     const float* s = S + i * W;
     float* o = out + i * W;
     state_row(s, o, v, k[i], q[i], decay, V, acc);
@@ -167,17 +220,9 @@ void retention(const Dims& d, float* qkvg, int64_t ld, const float* S, float* So
   int64_t splits = std::max<int64_t>(1, std::min<int64_t>(K / 8, (4 * threads + B * H - 1) /
                                                                       (B * H)));
   std::vector<float> partial(B * H * splits * W);
-  at::parallel_for(0, B * H * splits, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      int64_t bh = t / splits, part = t % splits, b = bh / H, h = bh % H;
-      const float* row = qkvg + b * ld;
-      float decay = pt.decay[bh];
-      int64_t k0 = K * part / splits, k1 = K * (part + 1) / splits;
-      state_rows(S + bh * K * W, Sout + bh * K * W, row + h * K, row + (H + h) * K,
-                 row + 2 * H * K + h * V, mask[b], decay, k0, k1, V, partial.data() + t * W);
-    }
-  });
-  for (int64_t bh = 0; bh < B * H; ++bh) {
+  // The read-out of (row, head) bh once its partial sums are in: / max(|score sum|, √c_n),
+  // the head norm, the gate.
+  auto finish = [&](int64_t bh) {
     int64_t b = bh / H, h = bh % H;
     float* acc = partial.data() + bh * splits * W;
     for (int64_t p = 1; p < splits; ++p)
@@ -196,7 +241,19 @@ void retention(const Dims& d, float* qkvg, int64_t ld, const float* S, float* So
       if (d.head_norm == kGroup) x = x * gn_w[h * V + j] + gn_b[h * V + j];
       out[j] = d.gated ? gate[j] * x : x;  // gate holds silu(g)
     }
-  }
+  };
+  at::parallel_for(0, B * H * splits, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      int64_t bh = t / splits, part = t % splits, b = bh / H, h = bh % H;
+      const float* row = qkvg + b * ld;
+      float decay = pt.decay[bh];
+      int64_t k0 = K * part / splits, k1 = K * (part + 1) / splits;
+      state_rows(S + bh * K * W, Sout + bh * K * W, row + h * K, row + (H + h) * K,
+                 row + 2 * H * K + h * V, mask[b], decay, k0, k1, V, partial.data() + t * W);
+      if (splits == 1) finish(bh);  // whole heads: read out here, in parallel
+    }
+  });
+  for (int64_t bh = 0; splits > 1 && bh < B * H; ++bh) finish(bh);
 }
 
 Dims dims_of(at::IntArrayRef ints, at::ArrayRef<double> floats) {
@@ -292,7 +349,7 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& mask, const at::
     if (d.glu) up.push_back(matrix(W[j + 2], Sc[j + 2], f.data() + d.F, ffn_w));
     products(h.data(), B, D, D, up);
     auto act = view(f.data(), B, d.F, ffn_w);
-    d.ffn == kGluSwish ? at::silu_(act) : act.copy_(at::gelu(act));  // ATen's kernels, as F.*
+    d.ffn == kGluSwish ? at::silu_(act) : at::gelu_(act);  // ATen's kernels, as F.*
     for (int64_t b = 0; d.glu && b < B; ++b) {
       float* fb = f.data() + b * ffn_w;
       for (int64_t i = 0; i < d.F; ++i) fb[i] *= fb[d.F + i];
