@@ -10,6 +10,7 @@
 
 #include <cmath>
 
+#include "activations.h"
 #include "products.h"
 
 namespace retnet {
@@ -97,11 +98,6 @@ void rotate(float* qk, int64_t H, int64_t K, const PositionTables& t, int64_t b,
       x[2 * i + 1] = (x1 * cs[i] + x0 * sn[i]) * f;
     }
   }
-}
-
-// A [rows, cols] view (rows `ld` apart) of a float buffer, for ATen's vectorised activations.
-at::Tensor view(float* p, int64_t rows, int64_t cols, int64_t ld) {
-  return at::from_blob(p, {rows, cols}, {ld, 1}, at::TensorOptions().dtype(at::kFloat));
 }
 
 // out[j] = decay · s[j] + ki · v[j] and acc[j] += qi · out[j] for j < n. With AVX-512 the new
@@ -211,10 +207,8 @@ void retention(const Dims& d, float* qkvg, int64_t ld, const float* S, float* So
                const float* gn_b, float* o, int64_t B) {
   const int64_t H = d.H, K = d.K, V = d.V, W = V + 1;
   for (int64_t b = 0; b < B; ++b) rotate(qkvg + b * ld, H, K, pt, b, mask[b]);
-  if (d.gated) {
-    auto gate = view(qkvg + 2 * H * K + H * V, B, H * V, ld);
-    at::silu_(gate);  // in place: the gate's columns of qkvg now hold silu(g)
-  }
+  for (int64_t b = 0; d.gated && b < B; ++b)  // the gate's columns of qkvg now hold silu(g)
+    silu_inplace(qkvg + b * ld + 2 * H * K + H * V, H * V);
   // Split each head's K rows so both cores have work at batch 1; partial read-outs are summed.
   const int64_t threads = at::get_num_threads();
   int64_t splits = std::max<int64_t>(1, std::min<int64_t>(K / 8, (4 * threads + B * H - 1) /
@@ -348,8 +342,8 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& mask, const at::
     std::vector<Matrix> up = {matrix(W[j + 1], Sc[j + 1], f.data(), ffn_w)};
     if (d.glu) up.push_back(matrix(W[j + 2], Sc[j + 2], f.data() + d.F, ffn_w));
     products(h.data(), B, D, D, up);
-    auto act = view(f.data(), B, d.F, ffn_w);
-    d.ffn == kGluSwish ? at::silu_(act) : at::gelu_(act);  // ATen's kernels, as F.*
+    for (int64_t b = 0; b < B; ++b)
+      (d.ffn == kGluSwish ? silu_inplace : gelu_inplace)(f.data() + b * ffn_w, d.F);
     for (int64_t b = 0; d.glu && b < B; ++b) {
       float* fb = f.data() + b * ffn_w;
       for (int64_t i = 0; i < d.F; ++i) fb[i] *= fb[d.F + i];
