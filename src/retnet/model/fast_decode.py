@@ -47,13 +47,15 @@ def _scales(layer) -> Tensor:
     return torch.empty(0) if scales is None else scales.float().contiguous()
 
 
+ALL_REAL = torch.empty(0, dtype=torch.bool)  # no attention mask: every row is a real token
 PLAN = "_fused_decode_plan"  # the model attribute that caches the kernel's arguments
 
 
-def _stamp(sources: list[Tensor]) -> list[tuple[int, int]]:
-    """Where each source tensor lives and how often it was written in place: any re-store
-    (`.to()`, a layout change) or in-place update (`load_state_dict`) changes it."""
-    return [(t.data_ptr(), t._version) for t in sources]
+def _stamp(sources: list[Tensor]) -> Tensor:
+    """[n, 2]: where each source tensor lives and how often it was written in place; any
+    re-store (`.to()`, a layout change) or in-place update (`load_state_dict`) changes it.
+    One kernel call (only used where the kernels are loaded)."""
+    return torch.ops.retnet.stamp(sources)
 
 
 def _plan(model: lm.RetNetLM) -> dict | None:
@@ -61,7 +63,7 @@ def _plan(model: lm.RetNetLM) -> dict | None:
     from is re-stored or written (`retnet.modules.quant.quantize` drops the cache: it replaces
     modules)."""
     cached = model.__dict__.get(PLAN)
-    if cached is not None and _stamp(cached[0]) == cached[1]:
+    if cached is not None and torch.equal(_stamp(cached[0]), cached[1]):
         return cached[2]
     layers, vectors = [], []
     for block in model.blocks:
@@ -113,17 +115,20 @@ def fused_step(model: lm.RetNetLM, input_ids: Tensor, state: RetNetState,
     plan = _plan(model)
     if plan is None:  # e.g. the transposed decode layout: the kernel streams [out, in] rows
         return None
-    B, dtype = input_ids.shape[0], model.embed.weight.dtype
-    int8 = dtype == torch.int8  # weight-only int8: float32 logits
-    mask = (torch.ones(B, dtype=torch.bool) if attention_mask is None
+    dtype = model.embed.weight.dtype
+    mask = (ALL_REAL if attention_mask is None  # the kernel reads an empty mask as all ones
             else attention_mask[:, 0].to(torch.bool).contiguous())
+    ids = (input_ids.view(-1) if input_ids.dtype == torch.long and input_ids.is_contiguous()
+           else input_ids[:, 0].long().contiguous())
     out = state.empty_like() if state_out is None else state_out
     logits = torch.ops.retnet.decode_step(
-        input_ids[:, 0].long().contiguous(), mask, state.offset.contiguous(), out.offset,
+        ids, mask, state.offset.contiguous(), out.offset,
         plan["embed"], plan["embed_scale"], plan["weights"], plan["scales"], plan["vectors"],
         list(state.kv), list(out.kv), plan["log_decay"], plan["inv_freq"], plan["ints"],
-        plan["floats"])
-    return lm.RetNetOutput(logits.to(model.state_dtype if int8 else dtype)[:, None], out)
+        plan["floats"])  # [B, vocab] float32
+    if dtype == torch.bfloat16:  # weight-only int8 keeps float32 logits
+        logits = logits.to(dtype)
+    return lm.RetNetOutput(logits.unsqueeze(1), out)
 
 
 def decode_path(model: lm.RetNetLM) -> str:

@@ -134,7 +134,7 @@ class RetNetLM(nn.Module):
                              "position), without last_only")
         state = self.init_state(B, input_ids.device) if state is None else state
         form = Form.of(mode, chunk_size)
-        forms = self._forms(form, state, state_out)
+        self._check_state_out(form, state, state_out)
         # The fused CPU step serves the default backend; an explicit one is honoured.
         if (form.mode == "recurrent" and form.backend == "torch" and hidden_out is None
                 and targets is None):
@@ -142,6 +142,7 @@ class RetNetLM(nn.Module):
                 out = fast(self, input_ids, state, attention_mask, state_out)
                 if out is not None:
                     return out
+        forms = self._forms(form, state_out)
         mask = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
                 else attention_mask.to(torch.bool))
         seen = mask.long().cumsum(1)  # [B, T] real tokens so far
@@ -174,15 +175,22 @@ class RetNetLM(nn.Module):
             return RetNetOutput(None, state, linear_cross_entropy(x, self.output_weight, targets))
         return RetNetOutput(linear(x, self.output_weight), state)
 
-    def _forms(self, form: Form, state: RetNetState, state_out: RetNetState | None) -> list:
-        """The retention form for each layer; with state_out, each writes into its buffer."""
+    @staticmethod
+    def _check_state_out(form: Form, state: RetNetState, state_out: RetNetState | None
+                         ) -> None:
         if state_out is None:
-            return [form] * len(self.blocks)
+            return
         if form.mode != "recurrent" or torch.is_grad_enabled():
             raise ValueError("state_out needs mode='recurrent' and torch.no_grad()")
         if not state_out.fits(state):
             raise ValueError("state_out must be a contiguous state of the input state's shape "
                              "and dtype sharing no buffer with it, e.g. state.empty_like()")
+
+    def _forms(self, form: Form, state_out: RetNetState | None) -> list:
+        """The retention form for each layer; with state_out (checked by _check_state_out),
+        each writes into its buffer."""
+        if state_out is None:
+            return [form] * len(self.blocks)
         return [functools.partial(form, out=buf) for buf in state_out.kv]
 
     def _check_inputs(self, input_ids: Tensor, state: RetNetState | None,

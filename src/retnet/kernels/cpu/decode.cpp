@@ -293,11 +293,13 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& mask, const at::
   std::vector<int64_t> pos(B);
   std::vector<float> m(B);
   const int64_t* ids_p = ids.data_ptr<int64_t>();
-  const bool* mask_p = mask.data_ptr<bool>();
+  const bool* mask_p = mask.numel() ? mask.data_ptr<bool>() : nullptr;  // empty: all real
+  TORCH_CHECK(!mask_p || mask.numel() == B, "decode_step: mask must be empty or [B]");
   for (int64_t b = 0; b < B; ++b) {
-    m[b] = mask_p[b] ? 1.f : 0.f;
-    pos[b] = std::max<int64_t>(offset.data_ptr<int64_t>()[b] + mask_p[b] - 1, 0);
-    offset_out.data_ptr<int64_t>()[b] = offset.data_ptr<int64_t>()[b] + mask_p[b];
+    const int64_t real = mask_p ? mask_p[b] : 1;
+    m[b] = static_cast<float>(real);
+    pos[b] = std::max<int64_t>(offset.data_ptr<int64_t>()[b] + real - 1, 0);
+    offset_out.data_ptr<int64_t>()[b] = offset.data_ptr<int64_t>()[b] + real;
   }
   const PositionTables pt = position_tables(pos, m, inv_freq, log_decay.data_ptr<float>(), H);
   const int64_t D = d.D, qkvg_w = 2 * HK + (1 + d.gated) * HV, ffn_w = (1 + d.glu) * d.F;
@@ -362,8 +364,23 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& mask, const at::
   return logits;
 }
 
+// [n, 2] int64: each tensor's data pointer and version counter, in one call (what
+// `fast_decode` compares to know that its cached plan still stands for a model's weights; in
+// Python the same is two attribute reads per tensor, ~40 µs a step for the small preset).
+at::Tensor stamp(at::TensorList tensors) {
+  const int64_t n = static_cast<int64_t>(tensors.size());
+  auto out = at::empty({n, 2}, at::TensorOptions().dtype(at::kLong));
+  int64_t* p = out.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    p[2 * i] = reinterpret_cast<int64_t>(tensors[i].data_ptr());
+    p[2 * i + 1] = static_cast<int64_t>(tensors[i]._version());
+  }
+  return out;
+}
+
 TORCH_LIBRARY(retnet, m) {
   m.def("linear(Tensor x, Tensor w, Tensor scale) -> Tensor");
+  m.def("stamp(Tensor[] tensors) -> Tensor", &stamp);  // any device: it reads no data
   m.def(
       "decode_step(Tensor ids, Tensor mask, Tensor offset, Tensor(a!) offset_out, Tensor embed, "
       "Tensor embed_scale, Tensor[] weights, Tensor[] scales, Tensor[] vectors, Tensor[] kv_in, "
