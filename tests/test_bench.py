@@ -61,6 +61,17 @@ def test_only_decode_runs_just_its_cells_with_a_floor_per_format(tmp_path):
     assert compute == pytest.approx(1e3 * flops / results["limits"]["matmul_flops"])
     assert d["decode_batch_1"]["over_max_floor"] == pytest.approx(
         d["decode_batch_1"]["retnet_ms"] / max(floors[0], compute))
+    # each floor divides by the copy taken beside its own cell's rounds, not the run's first
+    cell = next(c for c in results["decode"] if c["batch"] == 1 and c["context"] == 256)
+    assert len(cell["copy_rounds_bytes_per_s"]) == 1 and cell["copy_bytes_per_s"] > 0
+    state = config.state_bytes_per_sequence
+    assert floors[2] == pytest.approx(1e3 * (sizes["retnet-int8"] + 2 * state)
+                                      / cell["copy_bytes_per_s"])
+    # flatness from the cell that interleaves the shortest and the longest context
+    [flat] = [c for c in results["flatness"] if c["batch"] == 1]
+    assert flat["contexts"] == [64, 256]
+    lo, hi = (flat["results"][f"retnet-int8@{c}"]["median_s"] for c in (64, 256))
+    assert d["decode_batch_1_int8"]["flatness"] == pytest.approx(hi / lo)
     report = (tmp_path / "report.md").read_text()
     assert "against the floors" in report and "| int8, 1 |" in report
     assert "fused CPU kernel (int8 weights" in results["meta"]["backends"]["retnet-int8"][

@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from retnet.bench.backends import Backend, build_backends
-from retnet.bench.machine import describe_machine, measure_limits
+from retnet.bench.machine import CopyProbe, describe_machine, measure_limits
 from retnet.bench.measure import BENCH_FORM, cap_memory, summary, timed
 from retnet.bench.peers import (
     WHY_NOT_HERE,
@@ -102,7 +102,25 @@ def _set_up_decode(b: Backend, batch: int, context: int) -> tuple[Callable[[], N
                   "memory_bytes": b.memory_bytes(batch, context)}
 
 
-def bench_decode(backends: list[Backend], cfg: BenchConfig, bar) -> list[dict]:
+def _interleaved(steps: dict[str, Callable[[], None]], repeats: int,
+                 probe: CopyProbe | None) -> tuple[dict[str, list[float]], list[float]]:
+    """Seconds per step of each step function (4 steps per repeat), one repeat of each in
+    turn, and with a probe, the bytes/s of two copies before each round (their best)."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    rates = []
+    with torch.no_grad():
+        for _ in range(repeats):
+            if probe is not None:
+                rates.append(max(probe.rate(), probe.rate()))
+            for name, step in steps.items():
+                times[name].append(timed(lambda s=step: [s() for _ in range(4)]) / 4)
+    return times, rates
+
+
+def bench_decode(backends: list[Backend], cfg: BenchConfig, bar,
+                 probe: CopyProbe | None = None) -> list[dict]:
+    """Every (batch, context) cell: each backend's step after the context, interleaved; with
+    a probe, the copy bandwidth beside the cell's rounds (its floor's denominator)."""
     rows = []
     for batch in cfg.batches:
         for context in cfg.contexts:
@@ -112,16 +130,36 @@ def bench_decode(backends: list[Backend], cfg: BenchConfig, bar) -> list[dict]:
                     step, cell["results"][b.name] = _set_up_decode(b, batch, context)
                     if step is not None:
                         steps[b.name] = step
-            times: dict[str, list[float]] = {name: [] for name in steps}
-            with torch.no_grad():
-                for _ in range(cfg.repeats):
-                    for name, step in steps.items():
-                        times[name].append(timed(lambda s=step: [s() for _ in range(4)]) / 4)
+            times, rates = _interleaved(steps, cfg.repeats, probe)
             for name, ts in times.items():
                 cell["results"][name] |= summary(ts)
+            if rates:
+                cell["copy_bytes_per_s"], cell["copy_rounds_bytes_per_s"] = max(rates), rates
             rows.append(cell)
             del steps
             bar.update(1)
+    return rows
+
+
+def bench_flatness(backends: list[Backend], cfg: BenchConfig, bar) -> list[dict]:
+    """RetNet's step after the shortest and the longest context, interleaved round by round
+    in one cell per batch: their ratio is flatness with the machine's drift between cells
+    (minutes apart) taken out. Ours only: a KV cache's cost is meant to grow."""
+    rows, lo, hi = [], min(cfg.contexts), max(cfg.contexts)
+    ours = [b for b in backends if b.name.startswith("retnet") and b.decode_setup is not None]
+    for batch in cfg.batches:
+        steps, cell = {}, {"batch": batch, "contexts": [lo, hi], "results": {}}
+        for b in ours:
+            for context in (lo, hi):
+                step, cell["results"][f"{b.name}@{context}"] = _set_up_decode(b, batch, context)
+                if step is not None:
+                    steps[f"{b.name}@{context}"] = step
+        times, _ = _interleaved(steps, cfg.repeats, None)
+        for key, ts in times.items():
+            cell["results"][key] |= summary(ts)
+        rows.append(cell)
+        del steps
+        bar.update(1)
     return rows
 
 
@@ -201,7 +239,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
                                  "(an interpreter with torchscale) to measure it in a separate "
                                  "process")
     phases = cfg.only or list(PHASES)
-    total = 1 + sum(n for phase, n in (("decode", len(cfg.batches) * len(cfg.contexts)),
+    total = 1 + sum(n for phase, n in (("decode", len(cfg.batches) * (len(cfg.contexts) + 1)),
                                        ("prefill", len(cfg.prefill_lengths)),
                                        ("train", len(cfg.train_lengths))) if phase in phases)
     with tqdm(total=total, desc="bench", unit="cell") as bar:
@@ -209,10 +247,11 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
         limits = measure_limits(weight_bytes, quick=cfg.quick)
         bar.update(1)
         results = {"meta": _meta(cfg, config, backends, skipped, weight_bytes),
-                   "limits": limits, "decode": [], "prefill": [], "train": []}
+                   "limits": limits, "decode": [], "flatness": [], "prefill": [], "train": []}
         keep_freed_memory(False)  # decode: caches of up to 8 GiB come and go between cells
         if "decode" in phases:
-            results["decode"] = bench_decode(backends, cfg, bar)
+            results["decode"] = bench_decode(backends, cfg, bar, CopyProbe(weight_bytes))
+            results["flatness"] = bench_flatness(backends, cfg, bar)
         keep_freed_memory(True)
         if "prefill" in phases:
             results["prefill"] = bench_prefill(backends, cfg, config.vocab_size, bar)

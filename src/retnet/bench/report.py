@@ -32,14 +32,32 @@ def _state_bytes(results: dict) -> int:
 RETNET_FORMATS = ("retnet", "retnet-bfloat16", "retnet-int8")  # float32, bf16, int8 weights
 
 
+def copy_bandwidth(results: dict, cell: dict | None = None) -> float:
+    """Bytes/s of the copy a floor divides by: the best copy taken beside the cell's rounds
+    where the bench took them, else the run's own at its start."""
+    return (cell or {}).get("copy_bytes_per_s") or results["limits"]["copy_bytes_per_s"]
+
+
 def decode_floor_ms(results: dict, batch: int, context: int, name: str = "retnet") -> float:
     """(weight bytes in backend `name`'s format + 2 × float32 state bytes) / copy bandwidth:
     every weight read once (the tied table whole, as the LM head), the state read and written
-    once."""
+    once; the bandwidth measured beside the (batch, context) cell."""
     state = batch * _state_bytes(results)
     info = results["meta"]["backends"].get(name, {})
     weights = info.get("weight_bytes") or results["meta"]["weight_bytes"]
-    return 1e3 * (weights + 2 * state) / results["limits"]["copy_bytes_per_s"]
+    cell = next((c for c in results["decode"]
+                 if c["batch"] == batch and c["context"] == context), None)
+    return 1e3 * (weights + 2 * state) / copy_bandwidth(results, cell)
+
+
+def _flatness(results: dict, batch: int, name: str, stat: str) -> float | None:
+    """Step time after the longest context / after the shortest, from the bench's cell that
+    interleaves the two (`bench_flatness`); None without one."""
+    for cell in results.get("flatness", []):
+        if cell["batch"] == batch:
+            lo, hi = (_ms(cell, f"{name}@{c}", stat) for c in cell["contexts"])
+            return hi / lo if hi and lo else None
+    return None
 
 
 def decode_compute_floor_ms(results: dict, batch: int) -> float:
@@ -75,11 +93,13 @@ def _decode_entry(results: dict, decode: dict, batch: int, probe: int, contexts:
         entry[f"{other}_ms"] = theirs
         entry[f"speedup_vs_{other}"] = theirs / ours if theirs and ours else None
         entry[f"step_ratio_vs_{other}"] = ours / theirs if theirs and ours else None
-    lo, hi = (_ms(decode[(batch, c)], name) for c in (contexts[0], contexts[-1]))
-    entry["flatness"] = hi / lo if hi and lo else None
-    lo, hi = (_ms(decode[(batch, c)], name, "min_s") for c in (contexts[0], contexts[-1]))
-    entry["flatness_best"] = hi / lo if hi and lo else None
+    for key, stat in (("flatness", "median_s"), ("flatness_best", "min_s")):
+        entry[key] = _flatness(results, batch, name, stat)
+        if entry[key] is None:  # no interleaved cell: the two decode cells, minutes apart
+            lo, hi = (_ms(decode[(batch, c)], name, stat) for c in (contexts[0], contexts[-1]))
+            entry[key] = hi / lo if hi and lo else None
     entry["flatness_contexts"] = (contexts[0], contexts[-1])
+    entry["copy_gb_per_s"] = copy_bandwidth(results, cell) / 1e9
     return entry
 
 
@@ -187,16 +207,20 @@ def _floor_lines(d: dict) -> list[str]:
     if not entries:
         return []
     lines = ["", f"## Decode after {entries[0]['context']} tokens against the floors", "",
-             "Medians, and in brackets the best repeat (the limits are the best of several).",
-             "", "| format, batch | ms | floor ms | × floor | compute floor ms | × max floor | "
-             "× faster than llama dynamic / static | step vs yet-another-retnet / "
-             "torchscale | flatness |", "|---|---|---|---|---|---|---|---|---|"]
+             "Medians, and in brackets the best repeat (the limits are the best of several). "
+             "The floor divides by the best copy taken beside the cell's rounds (GB/s "
+             "column); flatness is the step after the longest context over the shortest, "
+             "the two interleaved round by round.",
+             "", "| format, batch | ms | copy GB/s | floor ms | × floor | compute floor ms | "
+             "× max floor | × faster than llama dynamic / static | step vs "
+             "yet-another-retnet / torchscale | flatness |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for e in entries:
         name = e["backend"]
         fmt = name.removeprefix("retnet").removeprefix("-") or "float32"
         lines.append(
             f"| {fmt}, {e['batch']} | {_fmt(e[f'{name}_ms'])} ({_fmt(e[f'{name}_best_ms'])}) | "
-            f"{_fmt(e['floor_ms'])} | "
+            f"{_fmt(e['copy_gb_per_s'], 1)} | {_fmt(e['floor_ms'])} | "
             f"{_fmt(e['over_floor'])} ({_fmt(e['over_floor_best'])}) | "
             f"{_fmt(e['compute_floor_ms'])} | "
             f"{_fmt(e['over_max_floor'])} | {_fmt(e['speedup_vs_llama-dynamic'], 1)} / "
