@@ -352,3 +352,28 @@ def test_torchscale_job_runs_only_the_chosen_phases():
     assert job["batches"] and job["prefill_lengths"] == [] and job["train_lengths"] == []
     every = torchscale_job(config, BenchConfig(), 2, 1 << 30)
     assert every["batches"] and every["prefill_lengths"] and every["train_lengths"]
+
+
+def test_both_models_train_through_the_same_chunked_loss(monkeypatch):
+    """Fairness of the training cells: RetNet's and Llama's steps compute their loss through
+    the one chunked cross-entropy on their final hidden states (no [B·T, vocab] logits)."""
+    import torch
+
+    import retnet.compare.baselines as baselines
+    import retnet.model.lm as lm
+    from retnet.bench.backends import llama_backends, retnet_backend
+    from retnet.model import RetNetConfig
+
+    real, shapes = baselines.linear_cross_entropy, []
+
+    def spy(hidden, weight, targets, **kw):
+        shapes.append(tuple(hidden.shape))
+        return real(hidden, weight, targets, **kw)
+
+    monkeypatch.setattr(baselines, "linear_cross_entropy", spy)
+    monkeypatch.setattr(lm, "linear_cross_entropy", spy)
+    config = RetNetConfig.from_preset("tiny", vocab_size=64)
+    ids = torch.randint(0, 64, (2, 9))  # [B, T + 1]
+    retnet_backend(config).train_step(ids, "chunkwise")
+    llama_backends(config)[0].train_step(ids, "sdpa")
+    assert shapes == [(2, 8, config.d_model)] * 2

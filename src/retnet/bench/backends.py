@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from retnet.bench.measure import BENCH_FORM
 from retnet.generation import decode_one, prefill
-from retnet.model import RetNetConfig, RetNetLM, RetNetState, lm_loss
+from retnet.model import RetNetConfig, RetNetLM, RetNetState
 from retnet.model.fast_decode import decode_path, use_inference_layout
 from retnet.modules.layout import set_weight_layout
 from retnet.modules.quant import quantize
@@ -98,8 +98,8 @@ def retnet_backend(config: RetNetConfig, dtype: torch.dtype = torch.float32,
     def train_step(ids: torch.Tensor, mode: str) -> None:
         set_weight_layout(model, "default")
         model.train()
-        out = model(ids[:, :-1], mode=TRAIN_FORMS[mode])
-        lm_loss(out.logits, ids[:, 1:]).backward()
+        # the chunked cross-entropy, as `retnet train` computes it and Llama's step below
+        model(ids[:, :-1], mode=TRAIN_FORMS[mode], targets=ids[:, 1:]).loss.backward()
         model.zero_grad(set_to_none=True)
         model.eval()
 
@@ -117,7 +117,7 @@ def llama_backends(config: RetNetConfig) -> list[Backend]:
 
     from transformers import DynamicCache, StaticCache
 
-    from retnet.compare.baselines import llama_non_embedding, matched_llama
+    from retnet.compare.baselines import llama_loss, llama_non_embedding, matched_llama
 
     torch.manual_seed(0)
     model = matched_llama(config).eval()
@@ -162,8 +162,7 @@ def llama_backends(config: RetNetConfig) -> list[Backend]:
 
     def train_step(ids: torch.Tensor, mode: str) -> None:
         model.train()
-        logits = model(input_ids=ids[:, :-1], use_cache=False).logits
-        lm_loss(logits, ids[:, 1:]).backward()
+        llama_loss(model, ids[:, :-1], ids[:, 1:]).backward()  # RetNet's loss, on its hidden
         model.zero_grad(set_to_none=True)
         model.eval()
 

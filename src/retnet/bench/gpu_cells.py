@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from retnet.compare.baselines import llama_loss
 from retnet.model import RetNetConfig, RetNetLM, RetNetState
 from retnet.ops import Form, log_decays, retention_chunkwise
-from retnet.ops.loss import linear_cross_entropy
 from retnet.ops.retention import retention_step
 
 GiB = 2**30
@@ -285,8 +285,7 @@ def train_cell(plan: Plan, models: Models, name: str, T: int) -> dict:
         try:
             with torch.autocast(dev.type, dtype=DTYPE):
                 if form is None:
-                    h = model.model(input_ids=ids[:, :-1], use_cache=False).last_hidden_state
-                    loss = linear_cross_entropy(h, model.lm_head.weight, ids[:, 1:])
+                    loss = llama_loss(model, ids[:, :-1], ids[:, 1:])
                 else:
                     loss = model(ids[:, :-1], mode=form, targets=ids[:, 1:]).loss
             loss.backward()

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from retnet.model import RetNetConfig, RetNetLM
+from retnet.ops.loss import linear_cross_entropy
 
 LLAMA_HEAD_DIM = 64
 
@@ -48,6 +49,14 @@ def matched_llama(config: RetNetConfig, **overrides: Any):
     model = LlamaForCausalLM(llama_config)
     model.config._attn_implementation = "sdpa"
     return model
+
+
+def llama_loss(model, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """A LlamaForCausalLM's mean next-token loss on ids [B, T] against targets [B, T]
+    through RetNet's chunked cross-entropy (`retnet.ops.loss`) on its final hidden states,
+    so that a comparison of the two measures their architectures, not their losses."""
+    hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state  # [B, T, D]
+    return linear_cross_entropy(hidden, model.lm_head.weight, targets)
 
 
 def llama_non_embedding(model) -> int:

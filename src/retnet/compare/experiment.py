@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from retnet.compare.baselines import llama_loss
 from retnet.compare.config import VARIANTS, CompareConfig
 from retnet.compare.report import summarise, write_report
 from retnet.data import PackedWindows, load_documents, split_documents, tokenize
@@ -21,7 +22,6 @@ from retnet.device import pick_device
 from retnet.memory import PeakMemory
 from retnet.model import RetNetConfig, RetNetLM
 from retnet.ops import CHUNKWISE
-from retnet.ops.loss import linear_cross_entropy
 from retnet.train.step import Schedule, adamw, micro_batches, train_step, validation_loss
 
 # Chunkwise: linear cost, so the 4× length evaluation stays cheap; equal to parallel.
@@ -40,8 +40,7 @@ class _LlamaAdapter(torch.nn.Module):
         return self.model(input_ids=ids, use_cache=False).logits
 
     def loss(self, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        hidden = self.model.model(input_ids=ids, use_cache=False).last_hidden_state
-        return linear_cross_entropy(hidden, self.model.lm_head.weight, targets)
+        return llama_loss(self.model, ids, targets)
 
 
 class _RetNetAdapter(torch.nn.Module):
