@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from retnet.modules.layout import fused_weight
 from retnet.modules.linear import Linear
 from retnet.ops import RetentionForm, decay_row_sum, log_decays, rotary_angles, rotate
+from retnet.ops.gate import silu_gate
 from retnet.ops.linear import linear
 
 
@@ -108,7 +109,7 @@ class MultiScaleRetention(nn.Module):
         o = o / torch.maximum(score_sum.abs(), pos.sqrt_c.unsqueeze(-1))  # [B, T, H, V]
         o = self._normalise_heads(o).reshape(B, T, H * V)
         if g:
-            o = F.silu(g[0]) * o
+            o = silu_gate(g[0], o)  # keeps g and o for the backward, not silu(g) as well
         return self.out_proj(o.to(x.dtype)), kv
 
     def _normalise_heads(self, o: Tensor) -> Tensor:
