@@ -129,25 +129,12 @@ def test_the_model_loss_equals_the_plain_loss_of_its_logits(tie):
 def test_fifty_training_steps_follow_the_plain_loss_curve():
     """float32, fixed seed: the chunked loss and the plain full-logits loss give the same
     curve through the one training step (≤ 1e-4 per step)."""
-    from retnet import RetNetConfig, RetNetLM, lm_loss
-    from retnet.train.step import adamw, train_step
+    from helpers import fifty_step_curve
+    from retnet import lm_loss
 
-    g = torch.Generator().manual_seed(0)
-    starts = torch.randint(0, 300, (50, 4, 1), generator=g)
-    rows = (starts + torch.arange(17)) % 300  # learnable: each token is the last one + 1
-
-    def curve(chunked: bool) -> list[float]:
-        torch.manual_seed(0)
-        model = RetNetLM(RetNetConfig.from_preset("tiny", vocab_size=300))
-        optimizer = adamw(model, 3e-3)
-        if chunked:
-            def loss_of(ids, t):
-                return model(ids, mode="chunkwise", chunk_size=8, targets=t).loss
-        else:
-            def loss_of(ids, t):
-                return lm_loss(model(ids, mode="chunkwise", chunk_size=8).logits, t)
-        return [train_step(model, optimizer, [batch], 3e-3, loss_of=loss_of) for batch in rows]
-
-    chunked, plain = curve(True), curve(False)
+    chunked = fifty_step_curve(
+        lambda model, ids, t: model(ids, mode="chunkwise", chunk_size=8, targets=t).loss)
+    plain = fifty_step_curve(
+        lambda model, ids, t: lm_loss(model(ids, mode="chunkwise", chunk_size=8).logits, t))
     assert plain[-1] < plain[0] - 0.1  # it learns, so the curves are not flat
     assert max(abs(a - b) for a, b in zip(chunked, plain)) <= 1e-4

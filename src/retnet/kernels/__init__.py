@@ -7,6 +7,9 @@ available (built here, the right device and dtype) and enabled, and otherwise th
 runs, after a one-line notice on stderr saying why (once per reason). The fast paths:
 
 - CPU decode (on by default): `torch.ops.retnet`, compiled from `kernels/cpu` (`cpu_kernels`).
+- chunkwise retention (on by default, CPU and CUDA): `retnet.ops.chunkwise`, one autograd
+  Function for training and prefill that recomputes its intermediates in the backward
+  instead of keeping them (`_torch_chunkwise`; float64 runs the reference).
 - GPU retention (opt-in: `Form("chunkwise" | "recurrent", backend="triton")`): the Triton
   kernels of `kernels/triton_retention.py`, on CUDA tensors, or on CPU tensors under
   TRITON_INTERPRET=1 (`triton_path`).
@@ -121,4 +124,26 @@ def _triton_form(form, q, k, v, log_decay, state, mask, out):
     return torch.stack(outputs, dim=1), state
 
 
+def _torch_chunkwise(form, q, k, v, log_decay, state, mask, out):
+    """Form("chunkwise"): `retnet.ops.chunkwise` where enabled, else None (the reference)."""
+    if form.mode != "chunkwise" or not enabled():
+        return None
+    if q.dtype == torch.float64:
+        notice("the chunkwise fast path computes in float32, not float64")
+        return None
+    from retnet.ops.chunkwise import chunkwise_retention
+
+    check_shapes(q, k, v, log_decay, state, mask)
+    B, _, H, K = q.shape
+    with torch.autocast(q.device.type, enabled=False):
+        q, k, v = q.float(), k.float(), v.float()
+        log_decay = log_decay.to(device=q.device, dtype=torch.float32)
+        state = (q.new_zeros(B, H, K, v.shape[-1]) if state is None else state.float())
+        if mask is not None:
+            mask = mask.to(torch.float32)
+            k = k * mask[:, :, None, None]  # a masked key writes nothing to the state
+        return chunkwise_retention(q, k, v, log_decay, state, mask, form.chunk_size)
+
+
 FAST_FORMS["triton"] = _triton_form
+FAST_FORMS["torch"] = _torch_chunkwise
