@@ -10,6 +10,8 @@ runs, after a one-line notice on stderr saying why (once per reason). The fast p
 - chunkwise retention (on by default, CPU and CUDA): `retnet.ops.chunkwise`, one autograd
   Function for training and prefill that recomputes its intermediates in the backward
   instead of keeping them (`_torch_chunkwise`; float64 runs the reference).
+- a retention layer's output stage (on by default, CPU float32): division by the score sum,
+  GroupNorm and gate in one pass forward and backward (`kernels/cpu/head_norm.h`).
 - GPU retention (opt-in: `Form("chunkwise" | "recurrent", backend="triton")`): the Triton
   kernels of `kernels/triton_retention.py`, on CUDA tensors, or on CPU tensors under
   TRITON_INTERPRET=1 (`triton_path`).
@@ -24,6 +26,7 @@ import sys
 import torch
 from torch import Tensor
 
+from retnet.ops.gate import FAST_HEAD_NORM_GATE
 from retnet.ops.retention import FAST_FORMS
 from retnet.ops.retention import _check_shapes as check_shapes
 
@@ -145,5 +148,19 @@ def _torch_chunkwise(form, q, k, v, log_decay, state, mask, out):
         return chunkwise_retention(q, k, v, log_decay, state, mask, form.chunk_size)
 
 
+def _cpu_head_norm_gate(o_full, floor, g, weight, bias, eps):
+    """A layer's output stage through `kernels.head_norm` on CPU float32, else None."""
+    tensors = (o_full, floor, g, weight, bias)
+    if o_full.device.type != "cpu" or not cpu_kernels():
+        return None
+    if any(t.dtype != torch.float32 for t in tensors):
+        notice("the fused output stage (GroupNorm and gate) takes float32 tensors")
+        return None
+    from retnet.kernels.head_norm import head_norm_gate
+
+    return head_norm_gate(o_full, floor, g, weight, bias, eps)
+
+
 FAST_FORMS["triton"] = _triton_form
 FAST_FORMS["torch"] = _torch_chunkwise
+FAST_HEAD_NORM_GATE["cpu"] = _cpu_head_norm_gate

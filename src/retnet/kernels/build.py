@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = ("cpu/decode.cpp", "cpu/products.h", "cpu/activations.h")
+SOURCES = ("cpu/decode.cpp", "cpu/products.h", "cpu/activations.h", "cpu/head_norm.h")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++20", "-shared", "-fPIC", "-fno-math-errno",
          "-w")
 CACHE_ENV = "RETNET_CACHE"

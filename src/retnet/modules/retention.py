@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from retnet.modules.layout import fused_weight
 from retnet.modules.linear import Linear
 from retnet.ops import RetentionForm, decay_row_sum, log_decays, rotary_angles, rotate
-from retnet.ops.gate import silu_gate
+from retnet.ops.gate import fused_head_norm_gate, silu_gate
 from retnet.ops.linear import linear
 
 
@@ -103,6 +103,12 @@ class MultiScaleRetention(nn.Module):
         ones = mask.to(v.dtype)[:, :, None, None].expand(B, T, H, 1)
         log_decay = self.log_decay(x.device, kv.dtype)
         o, kv = form(q, k, torch.cat([v, ones], dim=-1), log_decay, kv, mask)
+        if g and self.group_norm is not None:
+            # the division, GroupNorm and gate below in one fused pass, if a fast path has it
+            gn = self.group_norm
+            fused = fused_head_norm_gate(o, pos.sqrt_c, g[0], gn.weight, gn.bias, gn.eps)
+            if fused is not None:
+                return self.out_proj(fused.to(x.dtype)), kv
         # split, not o[..., :V] and o[..., V]: their backward would zero-fill two [B, T, H, V+1]
         # gradients; split's backward concatenates.
         o, score_sum = o.split([V, 1], dim=-1)

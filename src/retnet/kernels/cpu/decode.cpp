@@ -11,6 +11,7 @@
 #include <cmath>
 
 #include "activations.h"
+#include "head_norm.h"
 #include "products.h"
 
 namespace retnet {
@@ -378,6 +379,24 @@ at::Tensor stamp(at::TensorList tensors) {
   return out;
 }
 
+at::Tensor head_norm_gate(const at::Tensor& of, const at::Tensor& c, const at::Tensor& g,
+                          const at::Tensor& w, const at::Tensor& b, double eps) {
+  for (const at::Tensor* t : {&of, &c, &g, &w, &b})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous(),
+                "head_norm_gate takes contiguous float32 tensors");
+  return head_norm::forward(of, c, g, w, b, eps);
+}
+
+std::vector<at::Tensor> head_norm_gate_backward(const at::Tensor& dout, const at::Tensor& of,
+                                                const at::Tensor& c, const at::Tensor& g,
+                                                const at::Tensor& w, const at::Tensor& b,
+                                                double eps) {
+  for (const at::Tensor* t : {&dout, &of, &c, &g, &w, &b})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous(),
+                "head_norm_gate_backward takes contiguous float32 tensors");
+  return head_norm::backward(dout, of, c, g, w, b, eps);
+}
+
 TORCH_LIBRARY(retnet, m) {
   m.def("linear(Tensor x, Tensor w, Tensor scale) -> Tensor");
   m.def("stamp(Tensor[] tensors) -> Tensor", &stamp);  // any device: it reads no data
@@ -386,11 +405,17 @@ TORCH_LIBRARY(retnet, m) {
       "Tensor embed_scale, Tensor[] weights, Tensor[] scales, Tensor[] vectors, Tensor[] kv_in, "
       "Tensor(b!)[] kv_out, Tensor log_decay, Tensor inv_freq, int[] ints, float[] floats) -> "
       "Tensor");
+  m.def("head_norm_gate(Tensor of, Tensor c, Tensor g, Tensor w, Tensor b, float eps) -> Tensor");
+  m.def(
+      "head_norm_gate_backward(Tensor dout, Tensor of, Tensor c, Tensor g, Tensor w, Tensor b, "
+      "float eps) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(retnet, CPU, m) {
   m.impl("linear", &linear);
   m.impl("decode_step", &decode_step);
+  m.impl("head_norm_gate", &head_norm_gate);
+  m.impl("head_norm_gate_backward", &head_norm_gate_backward);
 }
 
 }  // namespace retnet

@@ -1,0 +1,162 @@
+// The retention output's per-head normalisation and gate for training and prefill, forward
+// and backward, one pass over each row:
+//
+//   x = o / max(|z|, c)        o = retention output [V], z = its score-sum column, c = floor
+//   y = GroupNorm_head(x) · w + b
+//   out = silu(g) ⊙ y
+//
+// Autograd runs this as ~8 ATen ops and keeps o, x, y and g (four [T, H·V] tensors per
+// layer); the backward here recomputes x and y from o and g, so the training step keeps
+// two. The PyTorch expression in modules/retention.py is the reference.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "activations.h"
+
+namespace retnet {
+namespace head_norm {
+
+// σ(g) over a row into s (float32).
+inline void sigmoid_row(const float* g, float* s, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  const __m512 one = _mm512_set1_ps(1.f);
+  for (; i + 16 <= n; i += 16) {
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_loadu_ps(g + i)));
+    _mm512_storeu_ps(s + i, _mm512_div_ps(one, _mm512_add_ps(one, e)));
+  }
+#endif
+  for (; i < n; ++i) s[i] = 1.f / (1.f + std::exp(-g[i]));
+}
+
+// One (row, head): x = o / d into x[V], returns the GroupNorm statistics (mean, rstd) and d.
+struct Stats {
+  float d, mean, rstd;
+};
+
+inline Stats normalise(const float* o, float z, float c, float eps, int64_t V, float* x) {
+  const float d = std::max(std::fabs(z), c);
+  const float inv = 1.f / d;
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < V; ++i) {
+    x[i] = o[i] * inv;
+    sum += x[i];
+  }
+  const float mean = sum / V;
+  float sq = 0.f;
+#pragma omp simd reduction(+ : sq)
+  for (int64_t i = 0; i < V; ++i) sq += (x[i] - mean) * (x[i] - mean);
+  return {d, mean, 1.f / std::sqrt(sq / V + eps)};
+}
+
+// of [..., H, V+1], c [..., H], g [..., H·V], w, b [H·V] → out [..., H·V] (R rows).
+inline at::Tensor forward(const at::Tensor& of, const at::Tensor& c, const at::Tensor& g,
+                          const at::Tensor& w, const at::Tensor& b, double eps) {
+  const int64_t H = of.size(-2), V = of.size(-1) - 1, R = of.numel() / (H * (V + 1));
+  auto out = at::empty_like(g);
+  const float *po = of.data_ptr<float>(), *pc = c.data_ptr<float>(), *pg = g.data_ptr<float>();
+  const float *pw = w.data_ptr<float>(), *pb = b.data_ptr<float>();
+  float* py = out.data_ptr<float>();
+#pragma omp parallel
+  {
+    std::vector<float> x(V), s(V);
+#pragma omp for schedule(static)
+    for (int64_t rh = 0; rh < R * H; ++rh) {
+      const int64_t h = rh % H;
+      const float* o = po + rh * (V + 1);
+      const Stats st = normalise(o, o[V], pc[rh], static_cast<float>(eps), V, x.data());
+      const float* gr = pg + rh * V;
+      sigmoid_row(gr, s.data(), V);
+      const float *wr = pw + h * V, *br = pb + h * V;
+      float* y = py + rh * V;
+#pragma omp simd
+      for (int64_t i = 0; i < V; ++i)
+        y[i] = gr[i] * s[i] * ((x[i] - st.mean) * st.rstd * wr[i] + br[i]);
+    }
+  }
+  return out;
+}
+
+// The gradients (of [R, H, V+1], g [R, H·V], w [H·V], b [H·V]) of forward's output given
+// dout [R, H·V]; c takes none (it is a function of the positions only).
+inline std::vector<at::Tensor> backward(const at::Tensor& dout, const at::Tensor& of,
+                                        const at::Tensor& c, const at::Tensor& g,
+                                        const at::Tensor& w, const at::Tensor& b, double eps) {
+  const int64_t H = of.size(-2), V = of.size(-1) - 1, R = of.numel() / (H * (V + 1));
+  auto dof = at::empty_like(of), dg = at::empty_like(g);
+  const int threads = omp_get_max_threads();
+  // per-thread sums of dw, db, added up at the end in a fixed order (deterministic)
+  std::vector<float> acc(static_cast<size_t>(threads) * 2 * H * V, 0.f);
+  const float *po = of.data_ptr<float>(), *pc = c.data_ptr<float>(), *pg = g.data_ptr<float>();
+  const float *pw = w.data_ptr<float>(), *pb = b.data_ptr<float>();
+  const float* pd = dout.data_ptr<float>();
+  float *pdo = dof.data_ptr<float>(), *pdg = dg.data_ptr<float>();
+#pragma omp parallel
+  {
+    std::vector<float> x(V), s(V), dxh(V);
+    float* dw = acc.data() + static_cast<size_t>(omp_get_thread_num()) * 2 * H * V;
+    float* db = dw + H * V;
+#pragma omp for schedule(static)
+    for (int64_t rh = 0; rh < R * H; ++rh) {
+      const int64_t h = rh % H;
+      const float* o = po + rh * (V + 1);
+      const float z = o[V];
+      const Stats st = normalise(o, z, pc[rh], static_cast<float>(eps), V, x.data());
+      const float *gr = pg + rh * V, *dr = pd + rh * V;
+      sigmoid_row(gr, s.data(), V);
+      const float *wr = pw + h * V, *br = pb + h * V;
+      float *dgr = pdg + rh * V, *dwr = dw + h * V, *dbr = db + h * V;
+      float m1 = 0.f, m2 = 0.f;
+#pragma omp simd reduction(+ : m1, m2)
+      for (int64_t i = 0; i < V; ++i) {
+        const float xh = (x[i] - st.mean) * st.rstd;
+        const float y = xh * wr[i] + br[i];
+        // d silu(g) / dg = σ(g) (1 + g (1 − σ(g)))
+        dgr[i] = dr[i] * y * s[i] * (1.f + gr[i] * (1.f - s[i]));
+        const float dy = dr[i] * gr[i] * s[i];
+        dwr[i] += dy * xh;
+        dbr[i] += dy;
+        dxh[i] = dy * wr[i];
+        m1 += dxh[i];
+        m2 += dxh[i] * xh;
+      }
+      m1 /= V;
+      m2 /= V;
+      float* dor = pdo + rh * (V + 1);
+      const float inv = 1.f / st.d;
+      float dd = 0.f;  // d loss / d d, through every x_i = o_i / d
+#pragma omp simd reduction(+ : dd)
+      for (int64_t i = 0; i < V; ++i) {
+        const float xh = (x[i] - st.mean) * st.rstd;
+        const float dx = st.rstd * (dxh[i] - m1 - xh * m2);
+        dor[i] = dx * inv;
+        dd -= dx * x[i] * inv;
+      }
+      // d = max(|z|, c): z takes the gradient where |z| wins (half of it on a tie, as
+      // torch.maximum), times sign(z) for the absolute value
+      const float az = std::fabs(z), cc = pc[rh];
+      const float share = az > cc ? 1.f : (az == cc ? 0.5f : 0.f);
+      dor[V] = dd * share * static_cast<float>((z > 0) - (z < 0));
+    }
+  }
+  auto dw = at::zeros({H * V}, of.options()), db = at::zeros({H * V}, of.options());
+  float *pdw = dw.data_ptr<float>(), *pdb = db.data_ptr<float>();
+  for (int t = 0; t < threads; ++t) {
+    const float* a = acc.data() + static_cast<size_t>(t) * 2 * H * V;
+    for (int64_t i = 0; i < H * V; ++i) {
+      pdw[i] += a[i];
+      pdb[i] += a[H * V + i];
+    }
+  }
+  return {dof, dg, dw, db};
+}
+
+}  // namespace head_norm
+}  // namespace retnet
