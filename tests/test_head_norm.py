@@ -15,14 +15,15 @@ from retnet.ops.gate import fused_head_norm_gate
 EPS = 1e-5
 
 
-def _reference(o_full, floor, g, weight, bias):
+def _reference(o_full, floor, g, weight, bias, out_weight=None):
     """The expression modules/retention.py computes, in float64."""
     o_full, floor, g, weight, bias = (t.double() for t in (o_full, floor, g, weight, bias))
     B, T, H, V1 = o_full.shape
     o, z = o_full.split([V1 - 1, 1], dim=-1)
     x = o / torch.maximum(z.abs(), floor.unsqueeze(-1))
     y = F.group_norm(x.reshape(B * T, H * (V1 - 1)), H, weight, bias, EPS)
-    return F.silu(g) * y.view(B, T, -1)
+    out = F.silu(g) * y.view(B, T, -1)
+    return out if out_weight is None else F.linear(out, out_weight.double())
 
 
 def _inputs(B, T, H, V, seed=0):
@@ -38,21 +39,23 @@ def _inputs(B, T, H, V, seed=0):
     return [t.requires_grad_() for t in (o_full, floor, g, weight, bias)]
 
 
-# V not a multiple of the 16-lane vector, one row, several heads
+# V not a multiple of the 16-lane vector, one row, several heads; with and without W_O
+@pytest.mark.parametrize("project", [False, True], ids=["alone", "with-W_O"])
 @pytest.mark.parametrize("B,T,H,V", [(1, 1, 1, 16), (2, 5, 3, 37), (3, 7, 2, 64)])
-def test_values_and_gradients_equal_the_float64_expression(B, T, H, V):
+def test_values_and_gradients_equal_the_float64_expression(B, T, H, V, project):
+    args = _inputs(B, T, H, V)
+    out_weight = torch.randn(11, H * V, requires_grad=True) if project else None
     kernels.set_enabled(True)
     try:
-        args = _inputs(B, T, H, V)
-        out = fused_head_norm_gate(*args, EPS)
+        out = fused_head_norm_gate(*args, EPS, out_weight)
     finally:
         kernels.set_enabled(None)
     assert out is not None and out.grad_fn.name() == "HeadNormGateBackward"
-    want = _reference(*args)
+    want = _reference(*args, out_weight)
     assert rel_err(out, want) < 1e-5
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
-    names = ("o_full", "g", "weight", "bias")
-    wrt = [args[0], args[2], args[3], args[4]]
+    names = ("o_full", "g", "weight", "bias", "out_weight")
+    wrt = [args[0], args[2], args[3], args[4]] + ([out_weight] if project else [])
     got = torch.autograd.grad(out, wrt, grad)
     ref = torch.autograd.grad(want, wrt, grad.double())
     for name, a, b in zip(names, got, ref):
@@ -74,19 +77,19 @@ def test_declines_what_it_does_not_take():
 
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "reference"])
 def test_a_layer_uses_it_where_enabled(fast):
-    """The tiny model's retention layers run their output stage through the kernel exactly
-    when the switch is on (the model-level gradients are tests/test_ops_chunkwise.py's)."""
+    """The tiny model's retention layers run their output stage and W_O through the kernel
+    exactly when the switch is on (the model-level gradients are tests/test_ops_chunkwise.py's)."""
     from retnet import RetNetConfig, RetNetLM
 
     model = RetNetLM(RetNetConfig.from_preset("tiny", vocab_size=50))
     names: list[str] = []
-    for block in model.blocks:  # what made the input of each layer's output projection
-        block.retention.out_proj.register_forward_hook(
-            lambda module, inputs, output: names.append(inputs[0].grad_fn.name()))
+    for block in model.blocks:  # what made each retention layer's output
+        block.retention.register_forward_hook(
+            lambda module, inputs, output: names.append(output[0].grad_fn.name()))
     kernels.set_enabled(fast)
     try:
         model(torch.randint(0, 50, (2, 9)), mode="chunkwise", chunk_size=4)
     finally:
         kernels.set_enabled(None)
-    expected = "HeadNormGateBackward" if fast else "_SiluGateBackward"
-    assert names and all(n == expected for n in names), names
+    assert len(names) == len(model.blocks)
+    assert all((n == "HeadNormGateBackward") == fast for n in names), names

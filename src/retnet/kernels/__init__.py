@@ -148,9 +148,9 @@ def _torch_chunkwise(form, q, k, v, log_decay, state, mask, out):
         return chunkwise_retention(q, k, v, log_decay, state, mask, form.chunk_size)
 
 
-def _cpu_head_norm_gate(o_full, floor, g, weight, bias, eps):
+def _cpu_head_norm_gate(o_full, floor, g, weight, bias, eps, out_weight=None):
     """A layer's output stage through `kernels.head_norm` on CPU float32, else None."""
-    tensors = (o_full, floor, g, weight, bias)
+    tensors = (o_full, floor, g, weight, bias) + (() if out_weight is None else (out_weight,))
     if o_full.device.type != "cpu" or not cpu_kernels():
         return None
     if any(t.dtype != torch.float32 for t in tensors):
@@ -158,7 +158,7 @@ def _cpu_head_norm_gate(o_full, floor, g, weight, bias, eps):
         return None
     from retnet.kernels.head_norm import head_norm_gate
 
-    return head_norm_gate(o_full, floor, g, weight, bias, eps)
+    return head_norm_gate(o_full, floor, g, weight, bias, eps, out_weight)
 
 
 FAST_FORMS["triton"] = _triton_form

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from retnet.modules.linear import Linear
 from retnet.modules.retention import MultiScaleRetention, Positions
 from retnet.ops import RetentionForm
+from retnet.ops.activation import act_linear
 
 ACTIVATIONS = {"gelu": F.gelu, "swish": F.silu}
 
@@ -26,9 +28,13 @@ class FeedForward(nn.Module):
         self.up = Linear(d_model, hidden)
         self.gate = Linear(d_model, hidden) if kind.startswith("glu") else None
         self.down = Linear(hidden, d_model)
-        self.act = ACTIVATIONS[kind.removeprefix("glu-")]
+        self.kind = kind.removeprefix("glu-")
+        self.act = ACTIVATIONS[self.kind]
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.gate is None and torch.is_grad_enabled() and type(self.down) is Linear:
+            # down(act(up x)) keeping up(x) only: act(up x) is recomputed in the backward
+            return act_linear(self.up(x), self.down.weight, self.kind)
         h = self.act(self.up(x))
         return self.down(h if self.gate is None else h * self.gate(x))
 

@@ -104,11 +104,13 @@ class MultiScaleRetention(nn.Module):
         log_decay = self.log_decay(x.device, kv.dtype)
         o, kv = form(q, k, torch.cat([v, ones], dim=-1), log_decay, kv, mask)
         if g and self.group_norm is not None:
-            # the division, GroupNorm and gate below in one fused pass, if a fast path has it
+            # the division, GroupNorm, gate and W_O below in one fused pass, if a fast path
+            # has it (W_O inside when it is a plain float weight: its input is recomputed)
             gn = self.group_norm
-            fused = fused_head_norm_gate(o, pos.sqrt_c, g[0], gn.weight, gn.bias, gn.eps)
+            w_o = self.out_proj.weight if type(self.out_proj) is Linear else None
+            fused = fused_head_norm_gate(o, pos.sqrt_c, g[0], gn.weight, gn.bias, gn.eps, w_o)
             if fused is not None:
-                return self.out_proj(fused.to(x.dtype)), kv
+                return (fused if w_o is not None else self.out_proj(fused)).to(x.dtype), kv
         # split, not o[..., :V] and o[..., V]: their backward would zero-fill two [B, T, H, V+1]
         # gradients; split's backward concatenates.
         o, score_sum = o.split([V, 1], dim=-1)

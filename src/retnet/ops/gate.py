@@ -15,17 +15,19 @@ import torch.nn.functional as F
 from torch import Tensor
 
 # Fused forms of a retention layer's output stage by backend, (o_full [B, T, H, V+1], floor
-# [B, T, H], g [B, T, H·V], weight, bias [H·V], eps) -> silu(g) ⊙ GroupNorm(o / max(|z|,
-# floor)) [B, T, H·V], or None to decline; retnet.kernels registers "cpu". This module
-# imports no other retnet module (the HF export bundles it).
+# [B, T, H], g [B, T, H·V], weight, bias [H·V], eps, out_weight [D, H·V] or None) ->
+# silu(g) ⊙ GroupNorm(o / max(|z|, floor)) [B, T, H·V], projected by out_weight when given,
+# or None to decline; retnet.kernels registers "cpu". This module imports no other retnet
+# module (the HF export bundles it).
 FAST_HEAD_NORM_GATE: dict[str, Callable[..., Tensor | None]] = {}
 
 
 def fused_head_norm_gate(o_full: Tensor, floor: Tensor, g: Tensor, weight: Tensor,
-                         bias: Tensor, eps: float) -> Tensor | None:
+                         bias: Tensor, eps: float, out_weight: Tensor | None = None
+                         ) -> Tensor | None:
     """The first registered fast path that takes these tensors, else None."""
     for fn in FAST_HEAD_NORM_GATE.values():
-        out = fn(o_full, floor, g, weight, bias, eps)
+        out = fn(o_full, floor, g, weight, bias, eps, out_weight)
         if out is not None:
             return out
     return None
