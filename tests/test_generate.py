@@ -246,3 +246,25 @@ def test_cli_generate_streams_and_continues_a_state(corpus, tmp_path, capsys):
     assert main(["generate", "--checkpoint", str(run), "--prompt", " fox", "--max-new-tokens",
                  "3", "--state-in", str(state)]) == 0
     assert capsys.readouterr().out.startswith(" fox")
+
+
+def test_a_long_prefill_is_read_in_segments_that_equal_one_pass(monkeypatch):
+    """Above PREFILL_SEGMENT_TOKENS a chunkwise prefill runs as several forwards carrying the
+    state; logits and state equal one forward's (float64, left padding in one row)."""
+    from retnet.generation import loop
+
+    model = tiny_model(torch.float64)
+    ids = tokens(2, 50)
+    mask = torch.ones(2, 50, dtype=torch.long)
+    mask[1, :9] = 0
+    form = Form("chunkwise", 7)
+    want = model(ids, attention_mask=mask, mode=form)
+    monkeypatch.setattr(loop, "PREFILL_SEGMENT_TOKENS", 28)  # 14 per row: two chunks
+    calls = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    logits, state = loop.prefill(model, ids, mask, form=form)
+    assert len(calls) == 4  # 14 + 14 + 14 + 8 tokens per row
+    assert rel_err(logits, want.logits[:, -1]) < 1e-10
+    for a, b in zip(state.kv, want.state.kv):
+        assert rel_err(a, b) < 1e-10
+    assert torch.equal(state.offset, want.state.offset)
