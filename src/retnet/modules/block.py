@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from retnet.modules.linear import Linear
+from retnet.modules.linear import Linear, project
 from retnet.modules.retention import MultiScaleRetention, Positions
 from retnet.ops import RetentionForm
 from retnet.ops.activation import act_linear
@@ -31,12 +31,15 @@ class FeedForward(nn.Module):
         self.kind = kind.removeprefix("glu-")
         self.act = ACTIVATIONS[self.kind]
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self.gate is None and torch.is_grad_enabled() and type(self.down) is Linear:
+    def forward(self, x: Tensor, norm: nn.Module | None = None) -> Tensor:
+        """x [B, T, D] → [B, T, D], of norm(x) when a norm is given (the block's pre-norm)."""
+        inputs = [self.up] if self.gate is None else [self.up, self.gate]
+        up, *gate = project(x, nn.Identity() if norm is None else norm, inputs)
+        if not gate and torch.is_grad_enabled() and type(self.down) is Linear:
             # down(act(up x)) keeping up(x) only: act(up x) is recomputed in the backward
-            return act_linear(self.up(x), self.down.weight, self.kind)
-        h = self.act(self.up(x))
-        return self.down(h if self.gate is None else h * self.gate(x))
+            return act_linear(up, self.down.weight, self.kind)
+        h = self.act(up)
+        return self.down(h if not gate else h * gate[0])
 
 
 class RetNetBlock(nn.Module):
@@ -57,7 +60,7 @@ class RetNetBlock(nn.Module):
     def forward(self, x: Tensor, kv: Tensor, pos: Positions, mask: Tensor,
                 form: RetentionForm) -> tuple[Tensor, Tensor]:
         """x [B, T, D]; kv [B, H, K, V+1]; pos as MultiScaleRetention; returns new x, kv."""
-        h, kv = self.retention(self.norm1(x), kv, pos, mask, form)
+        h, kv = self.retention(x, kv, pos, mask, form, norm=self.norm1)
         x = x + self.dropout(h)
-        x = x + self.dropout(self.ffn(self.norm2(x)))
+        x = x + self.dropout(self.ffn(x, norm=self.norm2))
         return x, kv

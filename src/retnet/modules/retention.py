@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from retnet.modules.layout import fused_weight
-from retnet.modules.linear import Linear
+from retnet.modules.linear import Linear, project
 from retnet.ops import RetentionForm, decay_row_sum, log_decays, rotary_angles, rotate
 from retnet.ops.gate import fused_head_norm_gate, silu_gate
 from retnet.ops.linear import linear
@@ -70,11 +70,13 @@ class MultiScaleRetention(nn.Module):
         them (`retnet.modules.layout`), else None."""
         return fused_weight(self.input_projections())
 
-    def _project(self, x: Tensor) -> list[Tensor]:
-        """q, k, v (and g) of x [..., D]: one product when the weights are fused."""
+    def _project(self, x: Tensor, norm: nn.Module | None) -> list[Tensor]:
+        """q, k, v (and g) of norm(x) [..., D]: one product when the weights are fused."""
         fused = self.fused_input() if x.numel() == x.shape[-1] else None
         if fused is None:
-            return [p(x) for p in self.input_projections()]
+            return project(x, nn.Identity() if norm is None else norm,
+                           self.input_projections())
+        x = x if norm is None else norm(x)
         return list(linear(x, fused).split([p.weight.shape[0]
                                             for p in self.input_projections()], dim=-1))
 
@@ -86,15 +88,15 @@ class MultiScaleRetention(nn.Module):
         return Positions(cos, sin, decay_row_sum(positions, log_decay).sqrt())
 
     def forward(self, x: Tensor, kv: Tensor, pos: Positions, mask: Tensor,
-                form: RetentionForm) -> tuple[Tensor, Tensor]:
+                form: RetentionForm, norm: nn.Module | None = None) -> tuple[Tensor, Tensor]:
         """x [B, T, D]; kv [B, H, K, V+1]; pos: `encode_positions` of the absolute positions
-        [B, T]; mask [B, T] (1 = real).
+        [B, T]; mask [B, T] (1 = real); norm: applied to x first (the block's pre-norm).
 
         Returns y [B, T, D] and the new kv [B, H, K, V+1].
         """
         B, T, _ = x.shape
         H, K, V = self.n_heads, self.key_dim, self.value_dim
-        q, k, v, *g = self._project(x)
+        q, k, v, *g = self._project(x, norm)
         q, k, v = q.view(B, T, H, K), k.view(B, T, H, K), v.view(B, T, H, V)
         q, k = rotate(torch.cat([q, k], dim=2), pos.cos, pos.sin).split(H, dim=2)  # one pass
         k = k * K**-0.5

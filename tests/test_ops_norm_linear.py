@@ -1,0 +1,57 @@
+"""LayerNorm then projections with the backward that recomputes the norm's output
+(retnet.ops.norm_linear) against the plain expression, and where the blocks use it."""
+
+import torch
+import torch.nn.functional as F
+
+from retnet.ops.norm_linear import layer_norm_linear
+
+
+def _case(dtype):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 37, generator=g, dtype=dtype)
+    nw, nb = torch.randn(37, generator=g, dtype=dtype), torch.randn(37, generator=g, dtype=dtype)
+    ws = [torch.randn(n, 37, generator=g, dtype=dtype) for n in (11, 4, 20)]
+    return [t.requires_grad_() for t in (x, nw, nb, *ws)]
+
+
+def _plain(x, nw, nb, *ws):
+    xn = F.layer_norm(x, (x.shape[-1],), nw, nb, 1e-5)
+    return [F.linear(xn, w) for w in ws]
+
+
+def test_values_bit_for_bit_and_gradients_to_1e_6():
+    x, nw, nb, *ws = _case(torch.float32)
+    got = layer_norm_linear(x, nw, nb, 1e-5, ws)
+    want = _plain(x, nw, nb, *ws)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    g = torch.Generator().manual_seed(1)
+    grads = [torch.randn(o.shape, generator=g) for o in want]
+    inputs = (x, nw, nb, *ws)
+    for name, a, b in zip("x norm_weight norm_bias w0 w1 w2".split(),
+                          torch.autograd.grad(got, inputs, grads),
+                          torch.autograd.grad(want, inputs, grads)):
+        assert (a - b).abs().max() <= 1e-6 * b.abs().max(), name
+
+
+def test_gradcheck_float64():
+    x, nw, nb, *ws = _case(torch.float64)
+    x, ws = x[:1, :2].detach().requires_grad_(), [w[:3].detach().requires_grad_() for w in ws]
+    assert torch.autograd.gradcheck(lambda x, nw, nb, *ws: layer_norm_linear(x, nw, nb, 1e-5, ws),
+                                    (x, nw, nb, *ws))
+
+
+def test_blocks_use_it_under_autograd_only():
+    """A training forward's projections come out of the function (all four of retention's
+    and the FFN's up); without grad, or under autocast, the plain modules run."""
+    from retnet.modules.linear import Linear, project
+
+    block_norm = torch.nn.LayerNorm(8)
+    linears = [Linear(8, 3), Linear(8, 5)]
+    x = torch.randn(2, 4, 8)
+    outs = project(x, block_norm, linears)
+    assert all(o.grad_fn.name() == "_LayerNormLinearBackward" for o in outs)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(project(x, block_norm, linears), outs))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert all(o.dtype == torch.bfloat16 for o in project(x, block_norm, linears))
