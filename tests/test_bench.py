@@ -28,9 +28,17 @@ def test_quick_bench_writes_results_report_and_plots(tmp_path, capsys):
     assert {"retnet", "retnet-bfloat16", "llama-dynamic", "yet-another-retnet"} <= set(
         results["prefill"][0]["results"])
     train = results["train"][0]["results"]
-    assert {"retnet-parallel", "retnet-chunkwise", "llama-sdpa",
-            "yet-another-retnet-parallel"} <= set(train)
+    assert {"retnet-parallel", "retnet-chunkwise", "llama-sdpa", "retnet-chunkwise-bf16",
+            "llama-sdpa-bf16", "yet-another-retnet-parallel"} <= set(train)
     assert all(r["tokens_per_s"] > 0 for r in train.values())
+    from retnet.bench.report import derived
+
+    figures = derived(results)[f"train_{results['train'][0]['T']}"]
+    for name in ("retnet-chunkwise", "llama-sdpa", "retnet-chunkwise-bf16", "llama-sdpa-bf16"):
+        assert 0 < figures[f"{name}_mfu"] < 1.5, name  # against the peak of its dtype
+    assert figures["retnet-chunkwise-bf16_vs_llama"] == pytest.approx(
+        train["retnet-chunkwise-bf16"]["tokens_per_s"] / train["llama-sdpa-bf16"]["tokens_per_s"])
+    assert results["limits"]["matmul_flops_bf16"] > 0
     report = (tmp_path / "report.md").read_text()
     assert "## Decode" in report and "## Training" in report and "torchscale" in report
     assert (tmp_path / "decode.png").stat().st_size > 1000
@@ -377,3 +385,31 @@ def test_both_models_train_through_the_same_chunked_loss(monkeypatch):
     retnet_backend(config).train_step(ids, "chunkwise")
     llama_backends(config)[0].train_step(ids, "sdpa")
     assert shapes == [(2, 8, config.d_model)] * 2
+
+
+def test_bf16_training_modes_run_both_models_under_autocast(monkeypatch):
+    import torch
+
+    import retnet.compare.baselines as baselines
+    import retnet.model.lm as lm
+    from retnet.bench.backends import llama_backends, retnet_backend
+    from retnet.model import RetNetConfig
+
+    real, seen = baselines.linear_cross_entropy, []
+
+    def spy(hidden, weight, targets, **kw):
+        seen.append(torch.is_autocast_enabled("cpu")
+                    and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return real(hidden, weight, targets, **kw)
+
+    monkeypatch.setattr(baselines, "linear_cross_entropy", spy)
+    monkeypatch.setattr(lm, "linear_cross_entropy", spy)
+    config = RetNetConfig.from_preset("tiny", vocab_size=64)
+    ids = torch.randint(0, 64, (2, 9))
+    retnet = retnet_backend(config)
+    llama = llama_backends(config)[0]
+    assert "chunkwise-bf16" in retnet.train_modes and "sdpa-bf16" in llama.train_modes
+    retnet.train_step(ids, "chunkwise-bf16")
+    llama.train_step(ids, "sdpa-bf16")
+    retnet.train_step(ids, "chunkwise")
+    assert seen == [True, True, False]

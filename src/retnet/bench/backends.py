@@ -10,6 +10,7 @@ positions): the cost of a step does not depend on the values.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -27,6 +28,15 @@ from retnet.ops import PARALLEL
 STATIC_HEADROOM = 256  # static-cache slots beyond the context (warm-up and timed steps)
 # The forms RetNet trains in, by the label of their results (retnet-parallel, -chunkwise)
 TRAIN_FORMS = {form.mode: form for form in (PARALLEL, BENCH_FORM)}
+BF16 = "-bf16"  # a training mode with this suffix runs under bf16 autocast (both models)
+
+
+def train_autocast(mode: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on the CPU for a "-bf16" training mode, as `retnet train --dtype
+    bfloat16` runs it; nothing otherwise."""
+    if mode.endswith(BF16):
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 @dataclass
@@ -99,7 +109,10 @@ def retnet_backend(config: RetNetConfig, dtype: torch.dtype = torch.float32,
         set_weight_layout(model, "default")
         model.train()
         # the chunked cross-entropy, as `retnet train` computes it and Llama's step below
-        model(ids[:, :-1], mode=TRAIN_FORMS[mode], targets=ids[:, 1:]).loss.backward()
+        with train_autocast(mode):
+            loss = model(ids[:, :-1], mode=TRAIN_FORMS[mode.removesuffix(BF16)],
+                         targets=ids[:, 1:]).loss
+        loss.backward()
         model.zero_grad(set_to_none=True)
         model.eval()
 
@@ -108,7 +121,8 @@ def retnet_backend(config: RetNetConfig, dtype: torch.dtype = torch.float32,
                    non_embedding,
                    decode_setup, do_prefill, train_step if trains else None,
                    lambda b, c: b * config.state_bytes_per_sequence,
-                   train_modes=tuple(TRAIN_FORMS), weight_bytes=step_weight_bytes(model))
+                   train_modes=(*TRAIN_FORMS, f"chunkwise{BF16}"),
+                   weight_bytes=step_weight_bytes(model))
 
 
 def llama_backends(config: RetNetConfig) -> list[Backend]:
@@ -162,7 +176,9 @@ def llama_backends(config: RetNetConfig) -> list[Backend]:
 
     def train_step(ids: torch.Tensor, mode: str) -> None:
         model.train()
-        llama_loss(model, ids[:, :-1], ids[:, 1:]).backward()  # RetNet's loss, on its hidden
+        with train_autocast(mode):
+            loss = llama_loss(model, ids[:, :-1], ids[:, 1:])  # RetNet's loss, on its hidden
+        loss.backward()
         model.zero_grad(set_to_none=True)
         model.eval()
 
@@ -172,7 +188,7 @@ def llama_backends(config: RetNetConfig) -> list[Backend]:
                  "attention": "sdpa"}
     n = llama_non_embedding(model)
     return [Backend("llama-dynamic", model, described, n, setup(False), do_prefill, train_step,
-                    kv_bytes, ("sdpa",)),
+                    kv_bytes, ("sdpa", f"sdpa{BF16}")),
             Backend("llama-static", model, described, n, setup(True), None, None, kv_bytes)]
 
 

@@ -57,15 +57,18 @@ class CopyProbe:
 
 
 def measure_limits(weight_bytes: int, quick: bool = False) -> dict:
-    """The best of several float32 matmuls (n × n × n, FLOP/s) and of several copies of a
+    """The best of several float32 and bf16 matmuls (n × n × n, FLOP/s) and of several copies of a
     buffer at least the weights' size (read + write bytes/s): the machine's peaks, measured
     the same way in every run (the best, since a shared machine only ever slows a round)."""
     n, rounds = (512, 3) if quick else (2048, 10)
     a, b = torch.randn(n, n), torch.randn(n, n)
     matmul_s = min(repeat_timed(lambda: a @ b, rounds, warmup=1))
+    a16, b16 = a.bfloat16(), b.bfloat16()  # the peak bf16 training's MFU is against
+    matmul16_s = min(repeat_timed(lambda: a16 @ b16, rounds, warmup=1))
     probe = CopyProbe(weight_bytes)
     probe.rate()  # warm-up: the first copy faults the destination's pages in
     return {"matmul_flops": 2 * n**3 / matmul_s, "matmul_n": n,
+            "matmul_flops_bf16": 2 * n**3 / matmul16_s,
             "copy_bytes_per_s": max(probe.rate() for _ in range(rounds)),
             "copy_buffer_bytes": probe.nbytes}
 

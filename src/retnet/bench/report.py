@@ -130,10 +130,11 @@ def derived(results: dict) -> dict[str, Any]:
         ours = r.get("retnet")
         out[f"prefill_{cell['T']}"] = {k: v for k, v in r.items()} | {
             f"ratio_vs_{k}": ours / v for k, v in r.items() if v and ours and k != "retnet"}
-    peak = results["limits"]["matmul_flops"]
+    limits = results["limits"]
+    backends = results["meta"]["backends"]
     # 6 × parameters per token, the tied LM head counted as the matmul it is
-    n_total = results["meta"]["backends"]["retnet"]["non_embedding"]
-    n_total += config.vocab_size * config.d_model
+    n_total = backends["retnet"]["non_embedding"] + config.vocab_size * config.d_model
+    llama = backends.get("llama-dynamic")
     for cell in results["train"]:
         T = cell["T"]
         entry = {}
@@ -142,17 +143,29 @@ def derived(results: dict) -> dict[str, Any]:
                 entry[name] = r.get("status")
                 continue
             entry[f"{name}_tokens_per_s"] = r["tokens_per_s"]
-            if name.startswith("retnet"):
-                span = T if name.endswith("parallel") else BENCH_FORM.chunk_size
-                mix = 3 * config.n_layers * span * (config.d_model + config.value_dim)
-                if name.endswith("chunkwise"):
-                    mix += 12 * config.n_layers * config.n_heads * config.key_head_dim * (
+            base = name.removesuffix("-bf16")
+            # the matmul peak of the dtype the products ran in (bf16 autocast or float32)
+            peak = limits.get("matmul_flops_bf16") if base != name else limits["matmul_flops"]
+            if base.startswith("retnet"):
+                span = T if base.endswith("parallel") else BENCH_FORM.chunk_size
+                flops = 6 * n_total + 3 * config.n_layers * span * (config.d_model
+                                                                    + config.value_dim)
+                if base.endswith("chunkwise"):
+                    flops += 12 * config.n_layers * config.n_heads * config.key_head_dim * (
                         config.value_head_dim + 1)
-                entry[f"{name}_mfu"] = (6 * n_total + mix) * r["tokens_per_s"] / peak
-        llama = entry.get("llama-sdpa_tokens_per_s")
-        for name in ("retnet-parallel", "retnet-chunkwise"):
-            if llama and entry.get(f"{name}_tokens_per_s"):
-                entry[f"{name}_vs_llama"] = entry[f"{name}_tokens_per_s"] / llama
+            elif base.startswith("llama") and llama:
+                # causal attention: QKᵀ and AV over T/2 keys on average, ×3 for the backward
+                flops = (6 * (llama["non_embedding"] + config.vocab_size * config.d_model)
+                         + 6 * llama["config"]["layers"] * T * llama["config"]["hidden_size"])
+            else:
+                continue
+            if peak:
+                entry[f"{name}_mfu"] = flops * r["tokens_per_s"] / peak
+        for suffix in ("", "-bf16"):
+            ref = entry.get(f"llama-sdpa{suffix}_tokens_per_s")
+            for name in (f"retnet-parallel{suffix}", f"retnet-chunkwise{suffix}"):
+                if ref and entry.get(f"{name}_tokens_per_s"):
+                    entry[f"{name}_vs_llama"] = entry[f"{name}_tokens_per_s"] / ref
         out[f"train_{T}"] = entry
     return out
 
