@@ -70,12 +70,13 @@ def _incoming(k: Tensor, v: Tensor, state: Tensor, dec: _Decays) -> tuple[Tensor
     """The state entering every chunk [B, H, N, K, V] and the final state [B, H, K, V]:
     S_(j+1) = γ^(total_j) S_j + Σ_s γ^(total_j − p_s) k_sᵀ v_s."""
     kv = torch.matmul((k * dec.k[..., None]).transpose(-1, -2), v)  # [B, H, N, K, V]
-    incoming = torch.empty_like(kv)
     chunk = dec.chunk.expand(kv.shape[0], -1, kv.shape[2])  # [B, H, N]
+    # in place: chunk j's write is read, then its slot receives the state entering chunk j
     for j in range(kv.shape[2]):
-        incoming[:, :, j] = state
-        state = torch.addcmul(kv[:, :, j], chunk[:, :, j, None, None], state)
-    return incoming, state
+        write = kv[:, :, j].clone()
+        kv[:, :, j] = state
+        state = torch.addcmul(write, chunk[:, :, j, None, None], state)
+    return kv, state
 
 
 class ChunkwiseRetention(torch.autograd.Function):
@@ -113,14 +114,13 @@ class ChunkwiseRetention(torch.autograd.Function):
         kd = kb * dec.k[..., None]
         # G_j, the gradient of the state entering chunk j: G_N = dfinal,
         # G_j = γ^(total_j) G_(j+1) + (q ⊙ γ^p)_jᵀ do_j. Chunk j's write gets G_(j+1).
-        q_do = torch.matmul(qd.transpose(-1, -2), dob)  # [B, H, N, K, V]
-        grad_out = torch.empty_like(q_do)  # G_(j+1) for every j
+        grad_out = torch.matmul(qd.transpose(-1, -2), dob)  # [B, H, N, K, V]: (q ⊙ γ^p)ᵀ do
         g = state.new_zeros(state.shape) if dfinal is None else dfinal
         chunk = dec.chunk.expand(B, -1, N)
-        for j in reversed(range(N)):
+        for j in reversed(range(N)):  # in place: slot j then receives G_(j+1)
+            q_do = grad_out[:, :, j].clone()
             grad_out[:, :, j] = g
-            g = torch.addcmul(q_do[:, :, j], chunk[:, :, j, None, None], g)
-        del q_do
+            g = torch.addcmul(q_do, chunk[:, :, j, None, None], g)
         scores = _scores(qb, kb, dec)
         dv = torch.matmul(kd, grad_out)  # the writes' share
         _flat(dv).baddbmm_(_flat(scores).transpose(1, 2), _flat(dob))
