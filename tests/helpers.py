@@ -22,9 +22,10 @@ def tokens(batch: int, length: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 256, (batch, length), generator=g)
 
 
-def fifty_step_curve(loss_of, vocab: int = 300, length: int = 17) -> list[float]:
-    """Losses of 50 training steps of a tiny model (fixed seed, float32) on a learnable task
-    (each token is the last one + 1). loss_of(model, ids, targets) -> scalar loss."""
+def fifty_step_curve(loss_of, vocab: int = 300, length: int = 17, amp=None) -> list[float]:
+    """Losses of 50 training steps of a tiny model (fixed seed, float32 weights, autocast to
+    `amp` if given) on a learnable task (each token is the last one + 1).
+    loss_of(model, ids, targets) -> scalar loss."""
     from retnet.train.step import adamw, train_step
 
     g = torch.Generator().manual_seed(0)
@@ -35,4 +36,5 @@ def fifty_step_curve(loss_of, vocab: int = 300, length: int = 17) -> list[float]
     # 2e-3: at 3e-3 a loss spike near step 40 amplifies float32 rounding past 1e-4
     optimizer = adamw(model, 2e-3)
     return [train_step(model, optimizer, [batch], 2e-3,
-                       loss_of=lambda ids, t: loss_of(model, ids, t)) for batch in rows]
+                       loss_of=lambda ids, t: loss_of(model, ids, t), amp=amp)
+            for batch in rows]
