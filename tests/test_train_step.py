@@ -106,7 +106,7 @@ def test_activation_checkpointing_gives_the_same_gradients(monkeypatch):
     calls = []
     ffn = model.blocks[0].ffn
     forward = ffn.forward
-    monkeypatch.setattr(ffn, "forward", lambda x: calls.append(1) or forward(x))
+    monkeypatch.setattr(ffn, "forward", lambda x, **kw: calls.append(1) or forward(x, **kw))
     plain_grads(model, rows)
     assert len(calls) == 2
 

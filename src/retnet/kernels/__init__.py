@@ -11,7 +11,7 @@ runs, after a one-line notice on stderr saying why (once per reason). The fast p
   Function for training and prefill that recomputes its intermediates in the backward
   instead of keeping them (`_torch_chunkwise`; float64 runs the reference).
 - a retention layer's output stage (on by default, CPU float32): division by the score sum,
-  GroupNorm and gate in one pass forward and backward (`kernels/cpu/head_norm.h`).
+  GroupNorm, gate and W_O in one pass forward and backward (`kernels/cpu/head_norm.h`).
 - GPU retention (opt-in: `Form("chunkwise" | "recurrent", backend="triton")`): the Triton
   kernels of `kernels/triton_retention.py`, on CUDA tensors, or on CPU tensors under
   TRITON_INTERPRET=1 (`triton_path`).
