@@ -18,8 +18,8 @@ from retnet.tokenizer import Tokenizer
 # Tokens (all rows together) one prefill forward reads at most: a longer prompt is read in
 # segments, each continuing the state of the one before (the forms' split-and-continue
 # equivalence), so the time stays linear in the length and the activations bounded: one
-# forward of 8 x 16k tokens holds 0.5-1 GiB tensors per layer and took 5.3x the 8 x 4k time
-# on the 2-core machine (3.8x in segments of this size).
+# forward of 8 x 16k tokens holds 0.5-1 GiB tensors per layer; `python benchmarks/decode.py`
+# gave batch-8 16k / 4k = 7.2 in one forward, 4.04 in segments of this size (2-core CPU).
 PREFILL_SEGMENT_TOKENS = 8192
 
 
