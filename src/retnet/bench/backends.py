@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -234,13 +234,23 @@ def yar_backend(config: RetNetConfig) -> Backend:
                    lambda b, c: b * config.n_layers * heads * head * head * 4, ("parallel",))
 
 
-def build_backends(config: RetNetConfig, skipped: dict[str, str], bf16: bool = True
-                   ) -> list[Backend]:
-    """Every backend that can run here; `skipped` receives the others with the reason."""
+NO_BF16 = ("skipped: this CPU has no bf16 dot products, where torch's bf16 matmuls run at "
+           "about 1% of float32's")
+
+
+def build_backends(config: RetNetConfig, skipped: dict[str, str], bf16: bool = True,
+                   bf16_compute: bool = True) -> list[Backend]:
+    """Every backend that can run here; `skipped` receives the others with the reason.
+    bf16_compute=False (a CPU without bf16 dot products) drops what computes in bf16: the
+    bf16 autocast training modes and the bf16-weight prefill. bf16-weight decode stays (the
+    fused step converts each weight to float32 in registers)."""
     backends = [retnet_backend(config)]
     if bf16:
         backends += [retnet_backend(config, torch.bfloat16), retnet_backend(config,
                                                                              quantization="int8")]
+        if not bf16_compute:
+            backends[1] = replace(backends[1], prefill=None)
+            skipped["retnet-bfloat16 prefill"] = NO_BF16
     try:
         backends += llama_backends(config)
     except ImportError as err:
@@ -250,4 +260,8 @@ def build_backends(config: RetNetConfig, skipped: dict[str, str], bf16: bool = T
     except ImportError as err:
         skipped["yet-another-retnet"] = (f"not installed ({err.name}): pip install "
                                          "yet-another-retnet einops")
+    if not bf16_compute:
+        backends = [replace(b, train_modes=tuple(m for m in b.train_modes if not m.endswith(BF16)))
+                    for b in backends]
+        skipped["bf16 autocast training"] = NO_BF16
     return backends

@@ -19,7 +19,12 @@ import torch
 from tqdm import tqdm
 
 from retnet.bench.backends import Backend, build_backends
-from retnet.bench.machine import CopyProbe, describe_machine, measure_limits
+from retnet.bench.machine import (
+    CopyProbe,
+    bf16_dot_products,
+    describe_machine,
+    measure_limits,
+)
 from retnet.bench.measure import BENCH_FORM, cap_memory, summary, timed
 from retnet.bench.peers import (
     WHY_NOT_HERE,
@@ -45,6 +50,10 @@ class BenchConfig:
     batches: list[int] = opt(help="decode: sequences per step", factory=lambda: [1, 8, 32])
     prefill_lengths: list[int] = opt(help="prefill: prompt lengths",
                                      factory=lambda: [2048, 8192, 16384])
+    scaling_lengths: list[int] = opt(help="prefill at --scaling-batch sequences (ours, float32): "
+                                     "prompt lengths whose times show the growth",
+                                     factory=lambda: [4096, 16384])
+    scaling_batch: int = opt(8, "sequences per prefill in the scaling cells")
     train_lengths: list[int] = opt(help="training: sequence lengths",
                                    factory=lambda: [512, 2048, 8192])
     train_tokens: int = opt(8192, "tokens per training step, the same for every length")
@@ -64,6 +73,7 @@ class BenchConfig:
             self.preset, self.repeats = "tiny", 1
             self.contexts, self.batches = [64, 256], [1, 4]
             self.prefill_lengths, self.train_lengths, self.train_tokens = [128], [64], 256
+            self.scaling_lengths, self.scaling_batch = [64, 256], 2
 
 
 def _allocator() -> str:
@@ -181,6 +191,26 @@ def bench_prefill(backends: list[Backend], cfg: BenchConfig, vocab: int, bar) ->
     return rows
 
 
+def bench_prefill_scaling(backends: list[Backend], cfg: BenchConfig, vocab: int, bar
+                          ) -> list[dict]:
+    """Our float32 prefill of --scaling-batch sequences at each scaling length, the lengths
+    alternated round by round (the growth from the shortest to the longest is the figure:
+    linear is the longest / the shortest length)."""
+    if not cfg.scaling_lengths:
+        return []
+    ours = next(b for b in backends if b.name == "retnet")
+    ids = {t: torch.randint(0, vocab, (cfg.scaling_batch, t)) for t in cfg.scaling_lengths}
+    times: dict[int, list[float]] = {t: [] for t in cfg.scaling_lengths}
+    for _ in range(max(1, cfg.repeats // 2)):
+        for t, x in ids.items():
+            times[t].append(timed(lambda x=x: ours.prefill(x)))
+            reset_peak()
+    bar.update(1)
+    return [{"batch": cfg.scaling_batch, "T": t, "results": {ours.name: {"status": "ok",
+                                                                        **summary(ts)}}}
+            for t, ts in times.items()]
+
+
 def bench_train(backends: list[Backend], cfg: BenchConfig, vocab: int, bar) -> list[dict]:
     rows = []
     for length in cfg.train_lengths:
@@ -233,21 +263,24 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
     if cfg.torchscale_python:
         check_torchscale_python(cfg.torchscale_python)
     skipped: dict[str, str] = {}
-    backends = build_backends(config, skipped)
+    # a quick run keeps the bf16 cells everywhere: at its tiny sizes they cost nothing
+    backends = build_backends(config, skipped, bf16_compute=bf16_dot_products() or cfg.quick)
     if not cfg.torchscale_python:
         skipped["torchscale"] = (f"not run: {WHY_NOT_HERE}; pass --torchscale-python PATH "
                                  "(an interpreter with torchscale) to measure it in a separate "
                                  "process")
     phases = cfg.only or list(PHASES)
     total = 1 + sum(n for phase, n in (("decode", len(cfg.batches) * (len(cfg.contexts) + 1)),
-                                       ("prefill", len(cfg.prefill_lengths)),
+                                       ("prefill", len(cfg.prefill_lengths)
+                                        + bool(cfg.scaling_lengths)),
                                        ("train", len(cfg.train_lengths))) if phase in phases)
     with tqdm(total=total, desc="bench", unit="cell") as bar:
         weight_bytes = backends[0].weight_bytes
         limits = measure_limits(weight_bytes, quick=cfg.quick)
         bar.update(1)
         results = {"meta": _meta(cfg, config, backends, skipped, weight_bytes),
-                   "limits": limits, "decode": [], "flatness": [], "prefill": [], "train": []}
+                   "limits": limits, "decode": [], "flatness": [], "prefill": [],
+                   "prefill_scaling": [], "train": []}
         keep_freed_memory(False)  # decode: caches of up to 8 GiB come and go between cells
         if "decode" in phases:
             results["decode"] = bench_decode(backends, cfg, bar, CopyProbe(weight_bytes))
@@ -255,6 +288,8 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
         keep_freed_memory(True)
         if "prefill" in phases:
             results["prefill"] = bench_prefill(backends, cfg, config.vocab_size, bar)
+            results["prefill_scaling"] = bench_prefill_scaling(backends, cfg,
+                                                               config.vocab_size, bar)
         if "train" in phases:
             results["train"] = bench_train(backends, cfg, config.vocab_size, bar)
     if cfg.torchscale_python:

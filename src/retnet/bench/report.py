@@ -130,6 +130,13 @@ def derived(results: dict) -> dict[str, Any]:
         ours = r.get("retnet")
         out[f"prefill_{cell['T']}"] = {k: v for k, v in r.items()} | {
             f"ratio_vs_{k}": ours / v for k, v in r.items() if v and ours and k != "retnet"}
+    scaling = results.get("prefill_scaling", [])
+    if len(scaling) > 1:
+        (short, long) = (min(scaling, key=lambda c: c["T"]), max(scaling, key=lambda c: c["T"]))
+        out[f"prefill_scaling_batch_{short['batch']}"] = {
+            "ms": {c["T"]: _ms(c, "retnet") for c in scaling},
+            "growth": _ms(long, "retnet") / _ms(short, "retnet"),  # time(longest) / time(shortest)
+            "linear": long["T"] / short["T"]}
     limits = results["limits"]
     backends = results["meta"]["backends"]
     # 6 × parameters per token, the tied LM head counted as the matmul it is
@@ -283,6 +290,11 @@ def write_report(results: dict, out: Path) -> Path:
     for c in results["prefill"]:
         lines.append(f"| {c['T']} | " + " | ".join(
             _fmt(c["results"][k].get("median_s"), 3) for k in sorted(c["results"])) + " |")
+    if results.get("prefill_scaling"):
+        lines += ["", "Ours (float32) at batch "
+                  f"{results['prefill_scaling'][0]['batch']}: "
+                  + ", ".join(f"T = {c['T']} {_fmt(c['results']['retnet']['median_s'], 3)} s"
+                              for c in results["prefill_scaling"])]
     lines += ["", "## Training: forward+backward tokens/s (peak MiB above the process)", "",
               "| T | batch | backend | tokens/s | peak MiB |", "|---|---|---|---|---|"]
     for c in results["train"]:
