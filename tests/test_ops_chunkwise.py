@@ -58,6 +58,35 @@ def test_float64_equals_the_per_token_reference(chunk, masked):
         assert rel_err(got, want) < 1e-12, name
 
 
+# the products the Function skips when they are known to be zero: the read of a zero incoming
+# state, the last chunk's write when the final state gets no gradient, the first chunk's share
+# of the state's gradient when the state needs none
+@pytest.mark.parametrize("zero_state", [False, True], ids=["state", "zero-state"])
+@pytest.mark.parametrize("state_grad", [True, False], ids=["dstate", "no-dstate"])
+@pytest.mark.parametrize("use_final", [True, False], ids=["dfinal", "no-dfinal"])
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+def test_skipped_products_change_nothing(zero_state, state_grad, use_final, masked):
+    q, k, v, ld, state, mask = _inputs(torch.float64, masked)
+    state = (torch.zeros_like(state) if zero_state else state.detach()).requires_grad_(
+        state_grad)
+    g = torch.Generator().manual_seed(5)
+
+    def value_and_grads(fn):
+        o, final = fn(q, k, v, ld, state, mask)
+        w_o = torch.randn(o.shape, generator=g.manual_seed(5), dtype=torch.float64)
+        w_o = w_o if mask is None else w_o * mask[:, :, None, None]
+        loss = (o * w_o).sum() + (final.sum() * 0.3 if use_final else 0)
+        inputs = (q, k, v, ld) + ((state,) if state_grad else ())
+        return o, final, torch.autograd.grad(loss, inputs)
+
+    o, s, grads = value_and_grads(lambda *a: _function(*a, 8))
+    o_ref, s_ref, grads_ref = value_and_grads(reference_retention)
+    keep = slice(None) if mask is None else mask.bool()
+    assert rel_err(o[keep], o_ref[keep]) < 1e-12 and rel_err(s, s_ref) < 1e-12
+    for name, got, want in zip("q k v log_decay state".split(), grads, grads_ref):
+        assert rel_err(got, want) < 1e-12, name
+
+
 @pytest.mark.parametrize("chunk", [2, 4])
 def test_gradcheck(chunk):
     g = torch.Generator().manual_seed(2)

@@ -40,12 +40,17 @@ def _chunk_terms(h: Tensor, w: Tensor, t: Tensor, ignore_index: int
     """For rows h [C, D] and targets t [C]: the summed loss, the logits' exp-normalised form
     (softmax, [C, V]), the clamped targets and the real-row mask."""
     logits = h @ w.t()  # [C, V]
-    lse = torch.logsumexp(logits, dim=-1)  # [C]
     real = t != ignore_index
     target = torch.where(real, t, 0)
-    picked = logits.gather(1, target[:, None]).squeeze(1)
+    picked = logits.gather(1, target[:, None]).squeeze(1)  # [C]
+    # logsumexp and softmax in the logits' own memory: torch.logsumexp would make a [C, V]
+    # temporary (a fresh 64 MiB block, and one more pass over it, per chunk)
+    top = logits.amax(-1, keepdim=True)  # [C, 1]
+    probs = logits.sub_(top).exp_()
+    total = probs.sum(-1, keepdim=True)  # [C, 1]
+    probs.div_(total)  # softmax
+    lse = (top + total.log()).squeeze(1)  # [C]
     loss = ((lse - picked) * real).sum()
-    probs = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' memory
     return loss, probs, target, real
 
 
