@@ -15,7 +15,7 @@ Same recurrence and signature as `retention_chunkwise` (the reference), computed
 - without a mask the decay factors depend on the position in the chunk only, so they are
   [H, L, L] and [H, L], shared by every row and chunk, not [N, B, H, L, L];
 - the backward keeps only q, k, v (in that layout) and the incoming state: the L×L scores,
-  every chunk's write to the state and every chunk's incoming state [B, H, N, K, V] are
+  every chunk's write to the state and every chunk's incoming state [N, B, H, K, V] are
   recomputed there, one layer at a time, instead of held for the whole forward pass;
 - the backward writes each gradient once (no zero-filled full-size buffers).
 
