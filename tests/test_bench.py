@@ -21,7 +21,10 @@ def test_quick_bench_writes_results_report_and_plots(tmp_path, capsys):
                 "backends", "skipped", "dtype"):
         assert key in meta
     assert set(meta["backends"]) == BACKENDS
-    assert results["limits"]["matmul_flops"] > 0 and results["limits"]["copy_bytes_per_s"] > 0
+    limits = results["limits"]  # the better of the start's and the end's measurements
+    assert limits["matmul_flops"] == max(limits["start"]["matmul_flops"],
+                                         limits["end"]["matmul_flops"]) > 0
+    assert results["limits"]["copy_bytes_per_s"] > 0
     for cell in results["decode"]:
         assert {"batch", "context"} <= set(cell)
         for name in BACKENDS:
@@ -143,6 +146,19 @@ def test_bad_torchscale_python_fails_before_the_run(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "not an executable file" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "results.json").exists()
+
+
+def test_limits_keep_the_better_of_the_start_and_the_end():
+    from retnet.bench.machine import best_limits
+
+    start = {"matmul_flops": 1e11, "matmul_flops_bf16": 4e11, "copy_bytes_per_s": 3e10,
+             "matmul_n": 2048, "copy_buffer_bytes": 7}
+    end = start | {"matmul_flops": 2e11, "copy_bytes_per_s": 2e10}
+    best = best_limits(start, end)
+    assert (best["matmul_flops"], best["matmul_flops_bf16"], best["copy_bytes_per_s"]) == (
+        2e11, 4e11, 3e10)
+    assert best["matmul_n"] == 2048 and best["start"]["matmul_flops"] == 1e11
+    assert best["end"]["copy_bytes_per_s"] == 2e10
 
 
 def test_a_cpu_without_bf16_dot_products_keeps_bf16_decode_and_skips_bf16_compute():

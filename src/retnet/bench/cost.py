@@ -21,6 +21,7 @@ from tqdm import tqdm
 from retnet.bench.backends import Backend, build_backends
 from retnet.bench.machine import (
     CopyProbe,
+    best_limits,
     bf16_dot_products,
     describe_machine,
     measure_limits,
@@ -270,7 +271,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
                                  "(an interpreter with torchscale) to measure it in a separate "
                                  "process")
     phases = cfg.only or list(PHASES)
-    total = 1 + sum(n for phase, n in (("decode", len(cfg.batches) * (len(cfg.contexts) + 1)),
+    total = 2 + sum(n for phase, n in (("decode", len(cfg.batches) * (len(cfg.contexts) + 1)),
                                        ("prefill", len(cfg.prefill_lengths)
                                         + bool(cfg.scaling_lengths)),
                                        ("train", len(cfg.train_lengths))) if phase in phases)
@@ -292,6 +293,8 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
                                                                config.vocab_size, bar)
         if "train" in phases:
             results["train"] = bench_train(backends, cfg, config.vocab_size, bar)
+        results["limits"] = best_limits(limits, measure_limits(weight_bytes, quick=cfg.quick))
+        bar.update(1)
     if cfg.torchscale_python:
         job = torchscale_job(config, cfg, torch.get_num_threads(), KV_LIMIT)
         run_torchscale(cfg.torchscale_python, job, results)

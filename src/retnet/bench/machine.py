@@ -91,6 +91,17 @@ def measure_limits(weight_bytes: int, quick: bool = False) -> dict:
             "copy_buffer_bytes": probe.nbytes}
 
 
+PEAKS = ("matmul_flops", "matmul_flops_bf16", "copy_bytes_per_s")
+
+
+def best_limits(start: dict, end: dict) -> dict:
+    """The limits measured at a run's start and end, each peak the better of the two (a busy
+    spell at the start would otherwise understate the peak every cell is measured against);
+    both measurements are kept under "start" and "end"."""
+    best = {**start, **{k: max(start[k], end[k]) for k in PEAKS}}
+    return best | {"start": {k: start[k] for k in PEAKS}, "end": {k: end[k] for k in PEAKS}}
+
+
 def header(*details: str) -> str:
     """The first line of a script's report: its command, the machine and versions, details."""
     machine = describe_machine()

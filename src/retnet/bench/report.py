@@ -262,7 +262,8 @@ def write_report(results: dict, out: Path) -> Path:
              f"Command: `{meta['command']}`. Machine: {meta['cpu']}, {meta['cores']} cores, "
              f"{meta['threads']} threads ({meta['backend']}); versions: "
              + ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if v) + ".",
-             f"Measured limits: float32 matmul {limits['matmul_flops'] / 1e9:.0f} GFLOP/s, copy "
+             "Measured limits (the better of the run's start and end): float32 matmul "
+             f"{limits['matmul_flops'] / 1e9:.0f} GFLOP/s, copy "
              f"bandwidth {limits['copy_bytes_per_s'] / 1e9:.1f} GB/s (buffer "
              f"{limits['copy_buffer_bytes'] / MiB:.0f} MiB). Weights: "
              f"{meta['weight_bytes'] / MiB:.0f} MiB float32. Allocator: "
