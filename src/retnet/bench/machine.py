@@ -45,8 +45,9 @@ BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}  # x86 AVX512-BF16 / AMX, Arm's
 
 def bf16_dot_products() -> bool:
     """Whether this CPU has bf16 dot-product instructions (from /proc/cpuinfo's flags). Without
-    them torch's bf16 matmuls run at about 1% of float32's (1.3 against 130 GFLOP/s on a
-    2-core AVX2 EPYC), so bf16 compute is not a format worth timing there."""
+    them torch's bf16 matmuls are a fraction of float32's (64 against 313 GFLOP/s on the
+    2-core AVX-512 Xeon of benchmarks/results/train-prefill-2026-12-07), so bf16 compute is
+    not a format worth timing there."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
