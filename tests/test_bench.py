@@ -344,7 +344,7 @@ def test_a_profiled_decode_step_is_the_next_tokens_logits_every_time():
 
 
 @pytest.mark.parametrize("script", ["forms", "decode", "gemv", "gemv_streams", "quality",
-                                    "serve_load", "profile_steps"])
+                                    "serve_load", "profile_steps", "chunkwise_ab"])
 def test_each_benchmark_script_is_an_entry_point_with_help(script, monkeypatch, capsys):
     import runpy
     from pathlib import Path
