@@ -117,7 +117,7 @@ def test_remote_code_is_generated_from_source(exported):
 
 def test_bundle_refuses_a_missing_dependency(monkeypatch, tmp_path):
     monkeypatch.setattr(bundle, "MODELING_MODULES", bundle.MODELING_MODULES[1:])  # no rotary
-    with pytest.raises(bundle.BundleError, match=r"modules/retention.py imports rotary_angles"):
+    with pytest.raises(bundle.BundleError, match=r"modules/retention.py imports rotary_factors"):
         bundle.write_remote_code(tmp_path)
     assert not list(tmp_path.iterdir())
 

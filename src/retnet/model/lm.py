@@ -153,6 +153,9 @@ class RetNetLM(nn.Module):
             x = x * math.sqrt(self.config.d_model)
         # Rotation and decay row sums depend only on the positions: once for all layers.
         pos = self.blocks[0].retention.encode_positions(positions, state.kv[0].dtype)
+        # None, not a mask of ones, when every token is real: the forms then share one decay
+        # matrix among all rows and chunks instead of one per row and chunk
+        mask = None if attention_mask is None else mask
         kvs = []
         for block, kv, form in zip(self.blocks, state.kv, forms):
             if hidden_out is not None:

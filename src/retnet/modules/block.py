@@ -57,7 +57,7 @@ class RetNetBlock(nn.Module):
         self.ffn = FeedForward(d_model, ffn_dim, ffn)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, kv: Tensor, pos: Positions, mask: Tensor,
+    def forward(self, x: Tensor, kv: Tensor, pos: Positions, mask: Tensor | None,
                 form: RetentionForm) -> tuple[Tensor, Tensor]:
         """x [B, T, D]; kv [B, H, K, V+1]; pos as MultiScaleRetention; returns new x, kv."""
         h, kv = self.retention(x, kv, pos, mask, form, norm=self.norm1)

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from retnet.modules.layout import fused_weight
 from retnet.modules.linear import Linear, project
-from retnet.ops import RetentionForm, decay_row_sum, log_decays, rotary_angles, rotate
+from retnet.ops import RetentionForm, decay_row_sum, log_decays, rotary_factors, rotate
 from retnet.ops.gate import fused_head_norm_gate, silu_gate
 from retnet.ops.linear import linear
 
@@ -18,8 +18,8 @@ from retnet.ops.linear import linear
 class Positions(NamedTuple):
     """The per-position inputs of retention, computed once per forward for all layers."""
 
-    cos: Tensor  # [B, T, 1, K] of the rotation angles, in the state's dtype (float32 or float64)
-    sin: Tensor  # [B, T, 1, K]
+    rotation: Tensor  # [B, T, 1, K/2] complex: e^(i·angle), complex64 (complex128 for float64)
+    key_rotation: Tensor  # the same times K^-1/2, the keys' scale folded into their rotation
     sqrt_c: Tensor  # [B, T, H] √(decay row sum c_n), in the state's dtype
 
 
@@ -83,14 +83,16 @@ class MultiScaleRetention(nn.Module):
     def encode_positions(self, positions: Tensor, dtype: torch.dtype) -> Positions:
         """What this layer needs from the absolute positions [B, T]; identical for every layer
         of a model, so the model computes it once per forward. dtype: the state's dtype."""
-        cos, sin = rotary_angles(positions, self.key_dim, dtype)
+        rotation = rotary_factors(positions, self.key_dim, dtype)
         log_decay = self.log_decay(positions.device, dtype)
-        return Positions(cos, sin, decay_row_sum(positions, log_decay).sqrt())
+        return Positions(rotation, rotation * self.key_dim**-0.5,
+                         decay_row_sum(positions, log_decay).sqrt())
 
-    def forward(self, x: Tensor, kv: Tensor, pos: Positions, mask: Tensor,
+    def forward(self, x: Tensor, kv: Tensor, pos: Positions, mask: Tensor | None,
                 form: RetentionForm, norm: nn.Module | None = None) -> tuple[Tensor, Tensor]:
         """x [B, T, D]; kv [B, H, K, V+1]; pos: `encode_positions` of the absolute positions
-        [B, T]; mask [B, T] (1 = real); norm: applied to x first (the block's pre-norm).
+        [B, T]; mask [B, T] (1 = real; None: every token is); norm: applied to x first (the
+        block's pre-norm).
 
         Returns y [B, T, D] and the new kv [B, H, K, V+1].
         """
@@ -98,11 +100,11 @@ class MultiScaleRetention(nn.Module):
         H, K, V = self.n_heads, self.key_dim, self.value_dim
         q, k, v, *g = self._project(x, norm)
         q, k, v = q.view(B, T, H, K), k.view(B, T, H, K), v.view(B, T, H, V)
-        q, k = rotate(torch.cat([q, k], dim=2), pos.cos, pos.sin).split(H, dim=2)  # one pass
-        k = k * K**-0.5
+        q, k = rotate(q, pos.rotation), rotate(k, pos.key_rotation)  # k scaled by K^-1/2 too
         # A constant-1 column on v makes the same recurrence carry z_n = Σ γ^(p_n − p_m) k_m,
         # so column V of the output is q_n · z_n, the row sum of the retention scores.
-        ones = mask.to(v.dtype)[:, :, None, None].expand(B, T, H, 1)
+        ones = (v.new_ones(()) if mask is None else mask.to(v.dtype)[:, :, None, None]
+                ).expand(B, T, H, 1)
         log_decay = self.log_decay(x.device, kv.dtype)
         o, kv = form(q, k, torch.cat([v, ones], dim=-1), log_decay, kv, mask)
         if g and self.group_norm is not None:

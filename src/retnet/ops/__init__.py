@@ -14,7 +14,7 @@ from retnet.ops.retention import (
     retention_parallel,
     retention_recurrent,
 )
-from retnet.ops.rotary import rotary_angles, rotate
+from retnet.ops.rotary import rotary_factors, rotate
 
 __all__ = [
     "CHUNKWISE",
@@ -31,6 +31,6 @@ __all__ = [
     "retention_chunkwise",
     "retention_parallel",
     "retention_recurrent",
-    "rotary_angles",
+    "rotary_factors",
     "rotate",
 ]
