@@ -12,7 +12,7 @@ from reference_lm import reference_forward
 from retnet import kernels
 from retnet.generation import StepBuffers, prefill
 from retnet.model import RetNetConfig, RetNetLM, RetNetState
-from retnet.model.fast_decode import decode_path, fused_step
+from retnet.model.fast_decode import decode_path, fused_decode, fused_step
 from retnet.modules.layout import set_weight_layout
 from retnet.modules.quant import quantize
 
@@ -188,3 +188,24 @@ def test_cached_plan_follows_the_weights():
     check(2e-2)
     quantize(model.float(), "int8")
     check(LOGITS_TOL)
+
+
+def test_fused_decode_refuses_state_buffers_it_cannot_hold():
+    """The kernel writes the new state through raw pointers: buffers of another shape, dtype
+    or layout are refused with a one-line error (or left to `forward`, which says what is
+    wrong), never read or written out of bounds."""
+    model = _model(torch.float32)
+    state = _state(model)
+    token = torch.tensor([5, 90, 33])
+    with torch.no_grad():
+        good = fused_decode(model, token, state, None, state.empty_like())
+        assert good is not None
+        short = state.empty_like()
+        short = RetNetState((*short.kv[:-1], short.kv[-1][:, :, :-1].contiguous()), short.offset)
+        with pytest.raises(RuntimeError, match="state must be distinct contiguous float32"):
+            fused_decode(model, token, state, None, short)
+        shared = RetNetState((state.kv[0], *state.empty_like().kv[1:]), state.offset.clone())
+        with pytest.raises(RuntimeError, match="distinct"):
+            fused_decode(model, token, state, None, shared)
+        other_batch = state.select([0]).empty_like()  # forward's check names the problem
+        assert fused_decode(model, token, state, None, other_batch) is None

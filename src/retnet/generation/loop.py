@@ -12,6 +12,7 @@ from torch import Tensor
 from retnet.generation.sampling import SamplingParams, make_generators, sample
 from retnet.generation.text import TextStream
 from retnet.model import RetNetLM, RetNetState
+from retnet.model.fast_decode import fused_decode
 from retnet.ops import CHUNKWISE, RECURRENT, Form
 from retnet.tokenizer import Tokenizer
 
@@ -56,7 +57,12 @@ def decode_one(model: RetNetLM, token: Tensor, state: RetNetState,
     """One recurrent step on token [B]; rows with active=False are left untouched.
 
     out: optional buffers (e.g. `state.empty_like()`, or the state before last) that receive
-    the new state; `StepBuffers` alternates two, so a loop allocates nothing per token."""
+    the new state; `StepBuffers` alternates two, so a loop allocates nothing per token.
+    Straight to the fused CPU kernel where it applies (fewer Python calls per token than
+    through `model(...)`, same result), else through `model.forward`."""
+    fast = fused_decode(model, token, state, active, out)
+    if fast is not None:
+        return fast
     mask = None if active is None else active[:, None]
     result = model(token[:, None], state=state, mode=RECURRENT, attention_mask=mask,
                    state_out=out)

@@ -59,12 +59,18 @@ def _stamp(sources: list[Tensor]) -> Tensor:
 
 
 def _plan(model: lm.RetNetLM) -> dict | None:
-    """The kernel's arguments for `model`, cached on it until one of the tensors they come
-    from is re-stored or written (`retnet.modules.quant.quantize` drops the cache: it replaces
-    modules)."""
+    """The kernel's arguments for `model` (None where its weights cannot be streamed as they
+    are), cached on it and checked against the tensors they come from."""
     cached = model.__dict__.get(PLAN)
     if cached is not None and torch.equal(_stamp(cached[0]), cached[1]):
         return cached[2]
+    return _build(model)[2]
+
+
+def _build(model: lm.RetNetLM) -> tuple[list[Tensor], Tensor, dict | None]:
+    """Gather the kernel's arguments and cache them on the model with the tensors they come
+    from and those tensors' stamp, until one of them is re-stored or written
+    (`retnet.modules.quant.quantize` drops the cache: it replaces modules)."""
     layers, vectors = [], []
     for block in model.blocks:
         w, v = _layer(block)
@@ -92,43 +98,69 @@ def _plan(model: lm.RetNetLM) -> dict | None:
                if t is not None]
     sources += [t for m in model.modules() if isinstance(m, NORM_TYPES) for t in
                 (m.weight, getattr(m, "bias", None)) if t is not None]
-    model.__dict__[PLAN] = (sources, _stamp(sources), plan)
-    return plan
+    model.__dict__[PLAN] = cached = (sources, _stamp(sources), plan)
+    return cached
 
 
-def _applies(model: lm.RetNetLM, input_ids: Tensor, state: RetNetState) -> bool:
+def _applies(model: lm.RetNetLM, token: Tensor, state: RetNetState) -> bool:
     weight = model.embed.weight
-    return (input_ids.shape[1] == 1 and input_ids.device.type == "cpu"
-            and weight.device.type == "cpu" and weight.dtype in WEIGHT_DTYPES
+    return (token.device.type == "cpu" and weight.device.type == "cpu"
+            and weight.dtype in WEIGHT_DTYPES
             and not torch.is_grad_enabled() and (not model.training or model.config.dropout == 0)
             and all(t.dtype == torch.float32 and t.is_contiguous() for t in state.kv))
+
+
+def fused_decode(model: lm.RetNetLM, token: Tensor, state: RetNetState,
+                 active: Tensor | None = None, out: RetNetState | None = None
+                 ) -> tuple[Tensor, RetNetState] | None:
+    """One recurrent step on token [B] through the fused kernel: the logits [B, V] and the new
+    state, written into out's buffers (or fresh ones); rows with active=False are padding,
+    as where `forward`'s attention_mask is 0. None, having computed
+    nothing, where the kernel does not apply or the inputs do not match: the caller then runs
+    `model.forward`, which checks them and says what is wrong. The decode loops call this
+    directly: every Python call around the kernel is paid cold (the step has just streamed
+    the weights through the caches), ~0.2 ms a step for `forward`'s."""
+    B = token.shape[0]
+    if (token.dim() != 1 or len(state.kv) != model.config.n_layers
+            or state.offset.shape[0] != B or (active is not None and active.shape != (B,))
+            or (out is not None and (out is state or len(out.kv) != len(state.kv)
+                                     or out.offset.shape != state.offset.shape))
+            or not _applies(model, token, state)
+            or not kernels.cpu_kernels()):
+        return None
+    mask = ALL_REAL if active is None else active.to(torch.bool).contiguous()
+    ids = token.long().contiguous()  # no copy when it already is
+    out = state.empty_like() if out is None else out
+    for _ in range(2):  # a second time after rebuilding a stale plan
+        sources, stamp, plan = model.__dict__.get(PLAN) or _build(model)
+        if plan is None:  # e.g. the transposed decode layout: the kernel streams [out, in] rows
+            if torch.equal(_stamp(sources), stamp):
+                return None
+            _build(model)
+            continue
+        logits = torch.ops.retnet.decode_step(
+            ids, mask, state.offset.contiguous(), out.offset,
+            plan["embed"], plan["embed_scale"], plan["weights"], plan["scales"],
+            plan["vectors"], list(state.kv), list(out.kv), plan["log_decay"],
+            plan["inv_freq"], plan["ints"], plan["floats"], sources, stamp)  # [B, V] float32
+        if logits.numel():
+            if model.embed.weight.dtype == torch.bfloat16:  # int8 keeps float32 logits
+                logits = logits.to(torch.bfloat16)
+            return logits, out
+        _build(model)  # the weights changed since the plan was made
+    return None
 
 
 def fused_step(model: lm.RetNetLM, input_ids: Tensor, state: RetNetState,
                attention_mask: Tensor | None, state_out: RetNetState | None
                ) -> lm.RetNetOutput | None:
-    """The output of one recurrent step on input_ids [B, 1] from `state` (validated by the
-    caller), its new state written into state_out's buffers (or fresh ones); None when the
-    fused kernel does not apply here and the reference must run."""
-    if not _applies(model, input_ids, state) or not kernels.cpu_kernels():
+    """`RetNetLM.forward`'s fast step (inputs validated by it): a one-token recurrent step on
+    input_ids [B, 1] through `fused_decode`; None where that declines."""
+    if input_ids.shape[1] != 1:
         return None
-    plan = _plan(model)
-    if plan is None:  # e.g. the transposed decode layout: the kernel streams [out, in] rows
-        return None
-    dtype = model.embed.weight.dtype
-    mask = (ALL_REAL if attention_mask is None  # the kernel reads an empty mask as all ones
-            else attention_mask[:, 0].to(torch.bool).contiguous())
-    ids = (input_ids.view(-1) if input_ids.dtype == torch.long and input_ids.is_contiguous()
-           else input_ids[:, 0].long().contiguous())
-    out = state.empty_like() if state_out is None else state_out
-    logits = torch.ops.retnet.decode_step(
-        ids, mask, state.offset.contiguous(), out.offset,
-        plan["embed"], plan["embed_scale"], plan["weights"], plan["scales"], plan["vectors"],
-        list(state.kv), list(out.kv), plan["log_decay"], plan["inv_freq"], plan["ints"],
-        plan["floats"])  # [B, vocab] float32
-    if dtype == torch.bfloat16:  # weight-only int8 keeps float32 logits
-        logits = logits.to(dtype)
-    return lm.RetNetOutput(logits.unsqueeze(1), out)
+    active = None if attention_mask is None else attention_mask[:, 0]
+    result = fused_decode(model, input_ids[:, 0], state, active, state_out)
+    return None if result is None else lm.RetNetOutput(result[0].unsqueeze(1), result[1])
 
 
 def decode_path(model: lm.RetNetLM) -> str:

@@ -256,6 +256,34 @@ void retention(const Dims& d, float* qkvg, int64_t ld, const float* S, float* So
   for (int64_t bh = 0; splits > 1 && bh < B * H; ++bh) finish(bh);
 }
 
+// Whether `sources` still are what `stamp` ([n, 2]: data pointer, version counter; see `stamp`
+// below) recorded when the caller built its arguments from them. Checked here, inside the one
+// call a step makes, because a separate check from Python cost ~0.15 ms a step: after a step
+// has streamed the weights through the caches, every Python and dispatcher call starts cold.
+bool current(at::TensorList sources, const at::Tensor& stamp) {
+  const int64_t n = static_cast<int64_t>(sources.size());
+  if (stamp.numel() != 2 * n || stamp.scalar_type() != at::kLong) return false;
+  const int64_t* p = stamp.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i)
+    if (reinterpret_cast<int64_t>(sources[i].data_ptr()) != p[2 * i] ||
+        static_cast<int64_t>(sources[i]._version()) != p[2 * i + 1])
+      return false;
+  return true;
+}
+
+// The state buffers the step reads and writes through raw pointers: each layer's in and out
+// contiguous float32 [B, H, K, V+1], distinct (the new state is written while the old is read).
+void check_states(at::TensorList kv_in, at::TensorList kv_out, int64_t B, int64_t H, int64_t K,
+                  int64_t V) {
+  for (size_t l = 0; l < kv_in.size(); ++l)
+    for (const at::Tensor* t : {&kv_in[l], &kv_out[l]})
+      TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 4 &&
+                      t->size(0) == B && t->size(1) == H && t->size(2) == K &&
+                      t->size(3) == V + 1 && kv_in[l].data_ptr() != kv_out[l].data_ptr(),
+                  "decode_step: layer ", l, "'s state must be distinct contiguous float32 [",
+                  B, ", ", H, ", ", K, ", ", V + 1, "] buffers in and out");
+}
+
 Dims dims_of(at::IntArrayRef ints, at::ArrayRef<double> floats) {
   TORCH_CHECK(ints.size() == 12 && floats.size() == 2, "decode_step: bad ints/floats");
   return {ints[0], ints[1], ints[2], ints[3], ints[4], ints[5], ints[6], ints[7], ints[8],
@@ -279,14 +307,18 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sc
 // One token per row through the whole model. weights per layer: q, k, v, [g], o, up, [gate],
 // down; then the LM head. scales: one per weight (empty unless int8). vectors per layer:
 // norm1 w, b, group-norm w, b, norm2 w, b (empty where absent); then the final norm's w, b.
-// kv_out receives the new state; offset_out the new offsets. Returns logits [B, vocab].
+// kv_out receives the new state; offset_out the new offsets. Returns logits [B, vocab], or
+// an empty tensor, having computed nothing, when `sources` no longer match `stamp` (the caller
+// then rebuilds its arguments).
 at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& mask, const at::Tensor& offset,
                        at::Tensor offset_out, const at::Tensor& embed,
                        const at::Tensor& embed_scale, at::TensorList weights,
                        at::TensorList scales, at::TensorList vectors, at::TensorList kv_in,
                        at::TensorList kv_out, const at::Tensor& log_decay,
                        const at::Tensor& inv_freq, at::IntArrayRef ints,
-                       at::ArrayRef<double> floats) {
+                       at::ArrayRef<double> floats, at::TensorList sources,
+                       const at::Tensor& stamp) {
+  if (!current(sources, stamp)) return at::empty({0}, ids.options().dtype(at::kFloat));
   const Dims d = dims_of(ints, floats);
   const int64_t B = ids.size(0), H = d.H, HK = d.H * d.K, HV = d.H * d.V;
   const int64_t per_layer = 6 + d.gated + d.glu;  // q k v [g] o up [gate] down
@@ -295,6 +327,12 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& mask, const at::
                   static_cast<int64_t>(vectors.size()) == d.L * 6 + 2 &&
                   static_cast<int64_t>(kv_in.size()) == d.L && kv_out.size() == kv_in.size(),
               "decode_step: tensor lists do not match the architecture");
+  TORCH_CHECK(ids.dim() == 1 && ids.scalar_type() == at::kLong && ids.is_contiguous() &&
+                  offset.numel() == B && offset_out.numel() == B &&
+                  offset.scalar_type() == at::kLong && offset_out.scalar_type() == at::kLong &&
+                  offset.is_contiguous() && offset_out.is_contiguous(),
+              "decode_step: ids and offsets must be contiguous int64 [B]");
+  check_states(kv_in, kv_out, B, H, d.K, d.V);
   // 0. positions, offsets and the input embedding (int8 tables: one scale per row)
   std::vector<int64_t> pos(B);
   std::vector<float> m(B);
@@ -408,8 +446,8 @@ TORCH_LIBRARY(retnet, m) {
   m.def(
       "decode_step(Tensor ids, Tensor mask, Tensor offset, Tensor(a!) offset_out, Tensor embed, "
       "Tensor embed_scale, Tensor[] weights, Tensor[] scales, Tensor[] vectors, Tensor[] kv_in, "
-      "Tensor(b!)[] kv_out, Tensor log_decay, Tensor inv_freq, int[] ints, float[] floats) -> "
-      "Tensor");
+      "Tensor(b!)[] kv_out, Tensor log_decay, Tensor inv_freq, int[] ints, float[] floats, "
+      "Tensor[] sources, Tensor stamp) -> Tensor");
   m.def("head_norm_gate(Tensor of, Tensor c, Tensor g, Tensor w, Tensor b, float eps) -> Tensor");
   m.def(
       "head_norm_gate_backward(Tensor dout, Tensor of, Tensor c, Tensor g, Tensor w, Tensor b, "
