@@ -102,8 +102,7 @@ def _build(model: lm.RetNetLM) -> tuple[list[Tensor], Tensor, dict | None]:
     return cached
 
 
-def _applies(model: lm.RetNetLM, token: Tensor, state: RetNetState) -> bool:
-    weight = model.embed.weight
+def _applies(model: lm.RetNetLM, weight: Tensor, token: Tensor, state: RetNetState) -> bool:
     return (token.device.type == "cpu" and weight.device.type == "cpu"
             and weight.dtype in WEIGHT_DTYPES
             and not torch.is_grad_enabled() and (not model.training or model.config.dropout == 0)
@@ -115,17 +114,17 @@ def fused_decode(model: lm.RetNetLM, token: Tensor, state: RetNetState,
                  ) -> tuple[Tensor, RetNetState] | None:
     """One recurrent step on token [B] through the fused kernel: the logits [B, V] and the new
     state, written into out's buffers (or fresh ones); rows with active=False are padding,
-    as where `forward`'s attention_mask is 0. None, having computed
-    nothing, where the kernel does not apply or the inputs do not match: the caller then runs
-    `model.forward`, which checks them and says what is wrong. The decode loops call this
-    directly: every Python call around the kernel is paid cold (the step has just streamed
-    the weights through the caches), ~0.2 ms a step for `forward`'s."""
-    B = token.shape[0]
+    as where `forward`'s attention_mask is 0. None, having computed nothing, where the kernel
+    does not apply or the inputs do not match: the caller then runs `model.forward`, which
+    checks them and says what is wrong. The decode loops call this directly: every Python
+    call around the kernel runs cold (the step has just streamed the weights through the
+    caches), and `forward`'s cost 0.1-0.2 ms a step (`benchmarks/step_overhead.py`)."""
+    B, weight = token.shape[0], model.embed.weight  # (each module attribute read is ~20 µs cold)
     if (token.dim() != 1 or len(state.kv) != model.config.n_layers
             or state.offset.shape[0] != B or (active is not None and active.shape != (B,))
             or (out is not None and (out is state or len(out.kv) != len(state.kv)
                                      or out.offset.shape != state.offset.shape))
-            or not _applies(model, token, state)
+            or not _applies(model, weight, token, state)
             or not kernels.cpu_kernels()):
         return None
     mask = ALL_REAL if active is None else active.to(torch.bool).contiguous()
@@ -144,7 +143,7 @@ def fused_decode(model: lm.RetNetLM, token: Tensor, state: RetNetState,
             plan["vectors"], list(state.kv), list(out.kv), plan["log_decay"],
             plan["inv_freq"], plan["ints"], plan["floats"], sources, stamp)  # [B, V] float32
         if logits.numel():
-            if model.embed.weight.dtype == torch.bfloat16:  # int8 keeps float32 logits
+            if weight.dtype == torch.bfloat16:  # int8 keeps float32 logits
                 logits = logits.to(torch.bfloat16)
             return logits, out
         _build(model)  # the weights changed since the plan was made
