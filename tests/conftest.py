@@ -30,6 +30,17 @@ def _private_cache(tmp_path_factory, monkeypatch):
 
 
 @pytest.fixture
+def kernels_on():
+    """The fast paths on whatever $RETNET_KERNELS says, for tests of the kernels themselves
+    (the rest of the suite passes with RETNET_KERNELS=0 as well)."""
+    from retnet import kernels
+
+    kernels.set_enabled(True)
+    yield
+    kernels.set_enabled(None)
+
+
+@pytest.fixture
 def corpus(tmp_path):
     """A small fixed text corpus of repetitive English (about 40k characters)."""
     import random

@@ -141,14 +141,14 @@ def test_teacher_forced_generation_equals_reference():
     assert runs[0][-12].softmax(-1).max() > 0.5
 
 
-def test_decode_path_says_which_code_runs():
+def test_decode_path_says_which_code_runs(kernels_on):
     model = _model(torch.float32)
     assert decode_path(model).startswith("fused CPU kernel (float32 weights")
     kernels.set_enabled(False)
     try:
         assert "fast paths off" in decode_path(model)
     finally:
-        kernels.set_enabled(None)
+        kernels.set_enabled(True)
     assert "float64 weights have no fused kernel" in decode_path(model.double())
     set_weight_layout(model.float(), "decode")  # transposed rows: the kernel declines
     assert "layout" in decode_path(model)
@@ -158,7 +158,7 @@ def test_decode_path_says_which_code_runs():
         assert fused_step(model, torch.tensor([[1]]), model.init_state(1), None, None)
 
 
-def test_cached_plan_follows_the_weights():
+def test_cached_plan_follows_the_weights(kernels_on):
     """The kernel's cached arguments follow re-stores (`.to`), in-place writes (an optimiser
     step, `load_state_dict`; bf16 norm vectors are float32 copies in the plan) and
     quantisation: after each, the fused step equals the PyTorch path on the new weights."""
@@ -172,7 +172,7 @@ def test_cached_plan_follows_the_weights():
             try:
                 want = model(ids, state=state, mode="recurrent").logits
             finally:
-                kernels.set_enabled(None)
+                kernels.set_enabled(True)
         assert fused is not None and _rel(fused.logits.float(), want.float()) < tol
 
     check(LOGITS_TOL)
@@ -190,7 +190,7 @@ def test_cached_plan_follows_the_weights():
     check(LOGITS_TOL)
 
 
-def test_fused_decode_refuses_state_buffers_it_cannot_hold():
+def test_fused_decode_refuses_state_buffers_it_cannot_hold(kernels_on):
     """The kernel writes the new state through raw pointers: buffers of another shape, dtype
     or layout are refused with a one-line error (or left to `forward`, which says what is
     wrong), never read or written out of bounds."""

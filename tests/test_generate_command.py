@@ -118,7 +118,7 @@ def test_bad_options_exit_2_with_one_line_before_the_model_loads(run, tmp_path, 
 
 @pytest.mark.parametrize("weights", [["--dtype", "float32"], ["--dtype", "bfloat16"],
                                      ["--quantization", "int8"]], ids=["f32", "bf16", "int8"])
-def test_every_weight_format_copies_through_the_fused_step(run, weights, capsys):
+def test_every_weight_format_copies_through_the_fused_step(run, weights, capsys, kernels_on):
     """The copy needs the state; each format's CLI run says it decodes with the fused kernel."""
     assert main(["generate", "--max-new-tokens", "12", "--temperature", "0", "--checkpoint",
                  str(run), "--prompt", PROMPT, *weights]) == 0

@@ -70,7 +70,8 @@ def test_no_compiler_falls_back_with_one_line(tmp_path):
             "x, w = torch.randn(2, 8), torch.randn(3, 8)\n"
             "for _ in range(2): y = kernels.linear(x, w)\n"
             "assert torch.allclose(y, x @ w.t()) and not kernels.cpu_kernels()\n")
-    env = {**os.environ, "CXX": "no-such-compiler", "RETNET_CACHE": str(tmp_path)}
+    env = {**os.environ, "CXX": "no-such-compiler", "RETNET_CACHE": str(tmp_path),
+           kernels.ENV: "1"}  # the switch on: the build is tried and fails
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     lines = done.stderr.strip().splitlines()

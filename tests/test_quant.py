@@ -73,3 +73,30 @@ def test_eval_perplexity_in_each_weight_format(corpus, tmp_path, monkeypatch, ca
                  "--quantization", "int8"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--quantization int8 quantises float32 weights" in err[0]
+
+
+def test_int8_decodes_without_the_kernels_in_the_decode_layout():
+    """With the fast paths off, `use_inference_layout` puts float32 weights in the transposed
+    decode layout; int8 rows must keep multiplying through their scales there (they once met
+    the fused float projection and raised), and the steps equal the parallel form's logits."""
+    from retnet import kernels
+    from retnet.generation import decode_one
+    from retnet.model.fast_decode import use_inference_layout
+
+    torch.manual_seed(0)
+    model = retnet.quantize(RetNetLM(RetNetConfig.from_preset("tiny", vocab_size=61)).eval(),
+                            "int8")
+    ids = torch.randint(0, 61, (1, 7))  # one row: the matrix-vector path of `ops.linear`
+    kernels.set_enabled(False)
+    try:
+        with torch.no_grad():
+            want = model(ids, mode="parallel").logits  # [1, 7, 61]
+            use_inference_layout(model)
+            state, steps = model.init_state(1), []
+            for t in range(ids.shape[1]):
+                logits, state = decode_one(model, ids[:, t], state)
+                steps.append(logits)
+    finally:
+        kernels.set_enabled(None)
+    got = torch.stack(steps, 1)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()

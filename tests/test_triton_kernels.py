@@ -100,7 +100,7 @@ def test_step_matches_the_reference_step_in_place():
     assert torch.equal(new[1], s[1].float())  # a padded row is untouched
 
 
-def test_form_selects_the_kernels_and_falls_back(monkeypatch, capsys):
+def test_form_selects_the_kernels_and_falls_back(monkeypatch, capsys, kernels_on):
     q, k, v, ld, s0, mask = inputs(2, 24, 2, 8, 9)
     triton_form = Form("chunkwise", 8, backend="triton")
     calls = counting(monkeypatch, "chunkwise_retention")
@@ -129,7 +129,7 @@ def counting(monkeypatch, name: str) -> list:
     return calls
 
 
-def test_a_model_trains_and_decodes_through_the_kernels(monkeypatch):
+def test_a_model_trains_and_decodes_through_the_kernels(monkeypatch, kernels_on):
     """Logits and every parameter gradient of a small LM through Form(chunkwise, triton)
     against the float64 parallel form; then recurrent decoding through the step kernel
     against the PyTorch recurrent form, in logits and state."""

@@ -53,6 +53,8 @@ def fused_weight(projections: list[nn.Linear]) -> Tensor | None:
     weight (`.to()`, `load_state_dict`, the default layout) falls back to separate products
     instead of reading a stale buffer."""
     weights = [p.weight for p in projections]
+    if not all(w.is_floating_point() for w in weights):
+        return None  # int8 rows (`retnet.modules.quant`) multiply through their own scales
     first, total = weights[0], sum(w.shape[0] for w in weights)
     offset = 0
     for w in weights:
@@ -67,7 +69,8 @@ def fused_weight(projections: list[nn.Linear]) -> Tensor | None:
 def _fuse(projections: list[nn.Linear]) -> None:
     """Place Wqᵀ, Wkᵀ, Wvᵀ (and Wgᵀ) side by side in one [D, ΣOUT] buffer, so that a
     one-token step reads x's four projections in one pass (`fused_weight`)."""
-    if fused_weight(projections) is not None:
+    if fused_weight(projections) is not None or not all(
+            p.weight.is_floating_point() for p in projections):
         return
     fused = torch.cat([p.weight.data.t() for p in projections], dim=1)  # [D, ΣOUT]
     start = 0
