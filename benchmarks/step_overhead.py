@@ -100,5 +100,6 @@ def main() -> None:
                          f"again {1e6 * warm:.1f} µs")
     write_results(args.out, "step_overhead", data, lines)
 
+
 if __name__ == "__main__":
     main()
