@@ -2,8 +2,13 @@
 
 The library is built with this machine's compiler and `-march=native` (it runs where it is
 built: the cache key includes the CPU's feature flags and torch's version), then loaded with
-`torch.ops.load_library`, which registers `torch.ops.retnet.*`. Nothing is downloaded; without a
-C++ compiler the build fails with a one-line reason and callers use the PyTorch reference.
+`torch.ops.load_library`, which registers `torch.ops.retnet.*`. The kernels are written once
+against a vector layer (`cpu/simd.h`: at::vec, with AVX-512, AVX2, NEON and plain back ends),
+and the flags pick its back end: the widest the CPU has. Narrower variants of the same source
+(`VARIANTS`: the AVX2 build of an AVX-512 machine, the plain build) are built on request
+($RETNET_KERNEL_VARIANT, one per process) so one machine tests every x86 path. Nothing is
+downloaded; without a C++ compiler the build fails with a one-line reason and callers use the
+PyTorch reference.
 """
 
 from __future__ import annotations
@@ -19,9 +24,16 @@ from pathlib import Path
 
 import torch
 
-SOURCES = ("cpu/decode.cpp", "cpu/products.h", "cpu/activations.h", "cpu/head_norm.h")
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++20", "-shared", "-fPIC", "-fno-math-errno",
-         "-w")
+SOURCES = ("cpu/decode.cpp", "cpu/simd.h", "cpu/products.h", "cpu/activations.h",
+           "cpu/head_norm.h")
+FLAGS = ("-O3", "-fopenmp", "-std=c++20", "-shared", "-fPIC", "-fno-math-errno", "-w")
+# The builds of one source: "native" (the default) targets this CPU; on x86 the others turn
+# its widest extensions off so that a developer's machine also runs the narrower paths users
+# have: "avx2" (AVX-512 off) and "scalar" (every AVX extension off: at::vec's plain arrays).
+VARIANTS = {"native": ("-march=native",),
+            "avx2": ("-march=native", "-mno-avx512f"),
+            "scalar": ("-march=native", "-mno-avx")}
+VARIANT_ENV = "RETNET_KERNEL_VARIANT"
 CACHE_ENV = "RETNET_CACHE"
 
 
@@ -47,37 +59,57 @@ def _cpu_flags() -> str:
     return ""
 
 
-def _key(compiler: str) -> str:
+def variants() -> list[str]:
+    """The variants this machine can build and run: every x86 one whose extensions the CPU
+    has (the AVX2 build only where AVX-512 makes "native" another), just "native" elsewhere."""
+    flags = _cpu_flags().split()
+    if "avx" not in flags:  # not x86 with AVX (e.g. aarch64): the native build only
+        return ["native"]
+    return ["native"] + (["avx2"] if "avx512f" in flags and "avx2" in flags else []) + ["scalar"]
+
+
+def variant() -> str:
+    """The variant this process loads: $RETNET_KERNEL_VARIANT, else "native"."""
+    name = os.environ.get(VARIANT_ENV, "native").strip() or "native"
+    if name not in VARIANTS:
+        raise BuildError(f"{VARIANT_ENV}={name!r} is not a kernel variant; use one of "
+                         f"{', '.join(VARIANTS)}")
+    return name
+
+
+def _key(compiler: str, flags: tuple[str, ...]) -> str:
     h = hashlib.sha256()
     root = files("retnet.kernels")
     for name in SOURCES:
         h.update(root.joinpath(*name.split("/")).read_bytes())
-    for part in (torch.__version__, compiler, " ".join(FLAGS), _cpu_flags(), sys.platform):
+    for part in (torch.__version__, compiler, " ".join(flags), _cpu_flags(), sys.platform):
         h.update(part.encode())
     return h.hexdigest()[:16]
 
 
-def command(compiler: str, source: Path, target: Path) -> list[str]:
+def command(compiler: str, source: Path, target: Path, name: str = "native") -> list[str]:
     from torch.utils.cpp_extension import include_paths, library_paths
 
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     libs = library_paths()
-    return [compiler, *FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+    return [compiler, *VARIANTS[name], *FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
             *(f"-I{p}" for p in include_paths()), str(source), "-o", str(target),
             *(f"-L{p}" for p in libs), *(f"-Wl,-rpath,{p}" for p in libs),
             "-lc10", "-ltorch_cpu", "-ltorch"]
 
 
-def library_path() -> Path:
-    """Where this machine's build of the kernels lives (built or not)."""
+def library_path(name: str = "native") -> Path:
+    """Where this machine's build of the kernels (variant `name`) lives (built or not)."""
     compiler = os.environ.get("CXX", "g++")
-    return cache_dir() / f"kernels-{_key(compiler)}" / "retnet_kernels.so"
+    return cache_dir() / f"kernels-{_key(compiler, VARIANTS[name])}" / "retnet_kernels.so"
 
 
-def build(quiet: bool = False) -> Path:
-    """The path of the compiled library, compiling it first if this machine has none yet.
-    Raises BuildError (one line) when there is no compiler or the compile fails."""
-    target = library_path()
+def build(quiet: bool = False, name: str | None = None) -> Path:
+    """The path of the compiled library (variant `name`, else this process's `variant()`),
+    compiling it first if this machine has none yet. Raises BuildError (one line) when there is
+    no compiler or the compile fails."""
+    name = variant() if name is None else name
+    target = library_path(name)
     if target.exists():
         return target
     compiler = os.environ.get("CXX", "g++")
@@ -94,7 +126,8 @@ def build(quiet: bool = False) -> Path:
                   file=sys.stderr)
         source = Path(str(files("retnet.kernels").joinpath("cpu", "decode.cpp")))
         tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-        done = subprocess.run(command(compiler, source, tmp), capture_output=True, text=True)
+        done = subprocess.run(command(compiler, source, tmp, name), capture_output=True,
+                              text=True)
         if done.returncode != 0:
             tmp.unlink(missing_ok=True)
             first = next((line for line in done.stderr.splitlines() if "error" in line),
@@ -116,3 +149,12 @@ def load(quiet: bool = False) -> None:
         except OSError as err:
             raise BuildError(f"cannot load {path}: {str(err).splitlines()[0]}") from None
         _loaded.add(path)
+
+
+def vector_isa() -> str:
+    """The vector back end of the kernels this process runs: "avx512", "avx2", "neon" or
+    "scalar" (at::vec's plain arrays: correct, not fast), as compiled into the loaded library;
+    "none" where no library is loaded."""
+    if not _loaded:
+        return "none"
+    return torch.ops.retnet.isa()

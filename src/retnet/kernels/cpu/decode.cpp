@@ -5,6 +5,8 @@
 // format. Per layer: norm, the q/k/v/g products in one parallel region, rotation, one pass over
 // the state that decays it, adds kᵀ[v, m] into the caller's output buffer and reads q·S' out,
 // the head norm and gate, W_O, norm, the FFN's products in two regions, residuals.
+#include "simd.h"  // first: it picks at::vec's back end
+
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -106,28 +108,31 @@ void rotate(float* qk, int64_t H, int64_t K, const PositionTables& t, int64_t b,
   }
 }
 
-// out[j] = decay · s[j] + ki · v[j] and acc[j] += qi · out[j] for j < n. With AVX-512 the new
-// state is written with streaming stores from the first 64-byte boundary on: it is not read
-// again this step, and skipping the read-for-ownership saves a third of the state's traffic.
+// Values before p's first whole-vector boundary (where simd::stream may start), at most n.
+int64_t to_boundary(const float* p, int64_t n) {
+  const auto mis = reinterpret_cast<uintptr_t>(p) % sizeof(simd::fvec);
+  return std::min<int64_t>(n, (sizeof(simd::fvec) - mis) % sizeof(simd::fvec) / sizeof(float));
+}
+
+// out[j] = decay · s[j] + ki · v[j] and acc[j] += qi · out[j] for j < n. The new state is
+// written with streaming stores (x86) from the first vector boundary on: it is not read again
+// this step, and skipping the read-for-ownership saves a third of the state's traffic.
 void state_row(const float* s, float* out, const float* v, float ki, float qi, float decay,
                int64_t n, float* acc) {
+  using simd::fvec;
   int64_t j = 0;
-#ifdef RETNET_AVX512
-  const int64_t head = ((64 - reinterpret_cast<uintptr_t>(out) % 64) % 64) / sizeof(float);
   if (reinterpret_cast<uintptr_t>(out) % sizeof(float) == 0) {
-    for (; j < std::min(head, n); ++j) {
+    for (const int64_t head = to_boundary(out, n); j < head; ++j) {
       out[j] = decay * s[j] + ki * v[j];
       acc[j] += qi * out[j];
     }
-    const __m512 d = _mm512_set1_ps(decay), kv = _mm512_set1_ps(ki), qv = _mm512_set1_ps(qi);
-    for (; j + 16 <= n; j += 16) {
-      __m512 x = _mm512_fmadd_ps(d, _mm512_loadu_ps(s + j),
-                                 _mm512_mul_ps(kv, _mm512_loadu_ps(v + j)));
-      _mm512_stream_ps(out + j, x);
-      _mm512_storeu_ps(acc + j, _mm512_fmadd_ps(qv, x, _mm512_loadu_ps(acc + j)));
+    const fvec d(decay), kv(ki), qv(qi);
+    for (; j + simd::kLanes <= n; j += simd::kLanes) {
+      const fvec x = simd::fma(d, simd::load(s + j), kv * simd::load(v + j));
+      simd::stream(out + j, x);
+      simd::fma(qv, x, simd::load(acc + j)).store(acc + j);
     }
   }
-#endif
   for (; j < n; ++j) {
     out[j] = decay * s[j] + ki * v[j];
     acc[j] += qi * out[j];
@@ -140,6 +145,7 @@ void state_row(const float* s, float* out, const float* v, float ki, float qi, f
 // rows. The score-sum column V is left to the caller.
 void state_row4(const float* S, float* out, const float* v, const float* k, const float* q,
                 float decay, int64_t i0, int64_t stride, int64_t V, float* acc) {
+  using simd::fvec;
   const int64_t W = V + 1;
   const float* s[4];
   float* o[4];
@@ -155,26 +161,23 @@ void state_row4(const float* S, float* out, const float* v, const float* k, cons
     }
   };
   int64_t j = 0;
-#ifdef RETNET_AVX512
-  const int64_t head = ((64 - reinterpret_cast<uintptr_t>(o[0]) % 64) % 64) / sizeof(float);
   if (reinterpret_cast<uintptr_t>(o[0]) % sizeof(float) == 0) {
-    for (; j < std::min(head, V); ++j) scalar(j);
-    const __m512 d = _mm512_set1_ps(decay);
-    __m512 kv[4], qv[4];
-    for (int r = 0; r < 4; ++r) kv[r] = _mm512_set1_ps(ki[r]), qv[r] = _mm512_set1_ps(qi[r]);
-    for (; j + 16 <= V; j += 16) {
-      const __m512 vj = _mm512_loadu_ps(v + j);
-      __m512 a = _mm512_loadu_ps(acc + j);
+    for (const int64_t head = to_boundary(o[0], V); j < head; ++j) scalar(j);
+    const fvec d(decay);
+    fvec kv[4], qv[4];
+    for (int r = 0; r < 4; ++r) kv[r] = fvec(ki[r]), qv[r] = fvec(qi[r]);
+    for (; j + simd::kLanes <= V; j += simd::kLanes) {
+      const fvec vj = simd::load(v + j);
+      fvec a = simd::load(acc + j);
 #pragma GCC unroll 4
       for (int r = 0; r < 4; ++r) {
-        __m512 x = _mm512_fmadd_ps(d, _mm512_loadu_ps(s[r] + j), _mm512_mul_ps(kv[r], vj));
-        _mm512_stream_ps(o[r] + j, x);
-        a = _mm512_fmadd_ps(qv[r], x, a);
+        const fvec x = simd::fma(d, simd::load(s[r] + j), kv[r] * vj);
+        simd::stream(o[r] + j, x);
+        a = simd::fma(qv[r], x, a);
       }
-      _mm512_storeu_ps(acc + j, a);
+      a.store(acc + j);
     }
   }
-#endif
   for (; j < V; ++j) scalar(j);
 }
 
@@ -201,9 +204,7 @@ void state_rows(const float* S, float* out, const float* q, const float* k, cons
     o[V] = n;
     acc[V] += q[i] * n;
   }
-#ifdef RETNET_AVX512
-  _mm_sfence();  // the streaming stores are visible before the region's barrier
-#endif
+  simd::stream_fence();  // the streaming stores are visible before the region's barrier
 }
 
 // Retention for all B rows of one layer: qkvg [B, 2HK + (1 + gated) HV] (q, k rotated in
@@ -441,6 +442,7 @@ std::vector<at::Tensor> head_norm_gate_backward(const at::Tensor& dout, const at
 }
 
 TORCH_LIBRARY(retnet, m) {
+  m.def("isa() -> str", []() -> std::string { return simd::kIsa; });  // the vector back end
   m.def("linear(Tensor x, Tensor w, Tensor scale) -> Tensor");
   m.def("stamp(Tensor[] tensors) -> Tensor", &stamp);  // any device: it reads no data
   m.def(

@@ -10,8 +10,10 @@
 // two. The PyTorch expression in modules/retention.py is the reference.
 #pragma once
 
+#include "simd.h"  // first: it picks at::vec's back end
+
 #include <ATen/ATen.h>
-#include <omp.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
@@ -25,14 +27,8 @@ namespace head_norm {
 // σ(g) over a row into s (float32).
 inline void sigmoid_row(const float* g, float* s, int64_t n) {
   int64_t i = 0;
-#if defined(__AVX512F__)
-  const __m512 one = _mm512_set1_ps(1.f);
-  for (; i + 16 <= n; i += 16) {
-    const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_loadu_ps(g + i)));
-    _mm512_storeu_ps(s + i, _mm512_div_ps(one, _mm512_add_ps(one, e)));
-  }
-#endif
-  for (; i < n; ++i) s[i] = 1.f / (1.f + std::exp(-g[i]));
+  for (; i + simd::kLanes <= n; i += simd::kLanes) sigmoid(simd::load(g + i)).store(s + i);
+  if (i < n) sigmoid(simd::load(g + i, n - i)).store(s + i, static_cast<int>(n - i));
 }
 
 // One (row, head): x = o / d into x[V], returns the GroupNorm statistics (mean, rstd) and d.
@@ -64,11 +60,9 @@ inline at::Tensor forward(const at::Tensor& of, const at::Tensor& c, const at::T
   const float *po = of.data_ptr<float>(), *pc = c.data_ptr<float>(), *pg = g.data_ptr<float>();
   const float *pw = w.data_ptr<float>(), *pb = b.data_ptr<float>();
   float* py = out.data_ptr<float>();
-#pragma omp parallel
-  {
+  at::parallel_for(0, R * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> x(V), s(V);
-#pragma omp for schedule(static)
-    for (int64_t rh = 0; rh < R * H; ++rh) {
+    for (int64_t rh = begin; rh < end; ++rh) {
       const int64_t h = rh % H;
       const float* o = po + rh * (V + 1);
       const Stats st = normalise(o, o[V], pc[rh], static_cast<float>(eps), V, x.data());
@@ -80,7 +74,7 @@ inline at::Tensor forward(const at::Tensor& of, const at::Tensor& c, const at::T
       for (int64_t i = 0; i < V; ++i)
         y[i] = gr[i] * s[i] * ((x[i] - st.mean) * st.rstd * wr[i] + br[i]);
     }
-  }
+  });
   return out;
 }
 
@@ -91,20 +85,19 @@ inline std::vector<at::Tensor> backward(const at::Tensor& dout, const at::Tensor
                                         const at::Tensor& w, const at::Tensor& b, double eps) {
   const int64_t H = of.size(-2), V = of.size(-1) - 1, R = of.numel() / (H * (V + 1));
   auto dof = at::empty_like(of), dg = at::empty_like(g);
-  const int threads = omp_get_max_threads();
-  // per-thread sums of dw, db, added up at the end in a fixed order (deterministic)
-  std::vector<float> acc(static_cast<size_t>(threads) * 2 * H * V, 0.f);
+  // The rows in `parts` fixed shares, each with its own sums of dw and db, added up at the end
+  // in a fixed order: deterministic whatever the threads.
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), R * H));
+  std::vector<float> acc(static_cast<size_t>(parts) * 2 * H * V, 0.f);
   const float *po = of.data_ptr<float>(), *pc = c.data_ptr<float>(), *pg = g.data_ptr<float>();
   const float *pw = w.data_ptr<float>(), *pb = b.data_ptr<float>();
   const float* pd = dout.data_ptr<float>();
   float *pdo = dof.data_ptr<float>(), *pdg = dg.data_ptr<float>();
-#pragma omp parallel
-  {
+  auto share = [&](int64_t part) {
     std::vector<float> x(V), s(V), dxh(V);
-    float* dw = acc.data() + static_cast<size_t>(omp_get_thread_num()) * 2 * H * V;
+    float* dw = acc.data() + static_cast<size_t>(part) * 2 * H * V;
     float* db = dw + H * V;
-#pragma omp for schedule(static)
-    for (int64_t rh = 0; rh < R * H; ++rh) {
+    for (int64_t rh = R * H * part / parts; rh < R * H * (part + 1) / parts; ++rh) {
       const int64_t h = rh % H;
       const float* o = po + rh * (V + 1);
       const float z = o[V];
@@ -142,13 +135,16 @@ inline std::vector<at::Tensor> backward(const at::Tensor& dout, const at::Tensor
       // d = max(|z|, c): z takes the gradient where |z| wins (half of it on a tie, as
       // torch.maximum), times sign(z) for the absolute value
       const float az = std::fabs(z), cc = pc[rh];
-      const float share = az > cc ? 1.f : (az == cc ? 0.5f : 0.f);
-      dor[V] = dd * share * static_cast<float>((z > 0) - (z < 0));
+      const float win = az > cc ? 1.f : (az == cc ? 0.5f : 0.f);
+      dor[V] = dd * win * static_cast<float>((z > 0) - (z < 0));
     }
-  }
+  };
+  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t part = begin; part < end; ++part) share(part);
+  });
   auto dw = at::zeros({H * V}, of.options()), db = at::zeros({H * V}, of.options());
   float *pdw = dw.data_ptr<float>(), *pdb = db.data_ptr<float>();
-  for (int t = 0; t < threads; ++t) {
+  for (int64_t t = 0; t < parts; ++t) {
     const float* a = acc.data() + static_cast<size_t>(t) * 2 * H * V;
     for (int64_t i = 0; i < H * V; ++i) {
       pdw[i] += a[i];

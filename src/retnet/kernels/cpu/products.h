@@ -5,6 +5,8 @@
 // of x, which stay in L1. The activations stay float32: bf16 and int8 are weight-only formats.
 #pragma once
 
+#include "simd.h"  // first: it picks at::vec's back end
+
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
@@ -13,11 +15,6 @@
 #include <cstdint>
 #include <type_traits>
 #include <vector>
-
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#include <immintrin.h>
-#define RETNET_AVX512 1
-#endif
 
 namespace retnet {
 
@@ -45,150 +42,128 @@ struct Row {
 // S weight rows read in lockstep, far apart (each stream walks its own quarter of the thread's
 // share), so the hardware prefetcher follows S streams per core and keeps more misses in
 // flight: benchmarks/gemv_streams.py measures this as fast as a plain read, where four
-// adjacent rows (one stream, four loads apart) reach little more than half of it.
-#ifdef RETNET_AVX512
-inline __m512 widen(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 widen(const int8_t* p) {
-  return _mm512_cvtepi32_ps(
-      _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-}
-inline __m512 widen(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-inline __m512 widen(const int8_t* p, __mmask16 m) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p)));
-}
+// adjacent rows (one stream, four loads apart) reach little more than half of it. Written once
+// against simd.h (at::vec::Vectorized<float>: kLanes floats a vector).
+using simd::fvec;
+using simd::kLanes;
 
-// A value the compiler must keep in a register: left alone, GCC folds the load of x into every
-// FMA that uses it, S loads where one suffices, and the loop becomes bound by loads.
-inline __m512 in_register(__m512 v) {
-  asm("" : "+v"(v));
-  return v;
-}
-
-// With several passes of x rows over the same weight rows (M > 4), the passes after the first
+// With several passes of x rows over the same weight rows (M > MR), the passes after the first
 // read L1 and would leave the memory system idle: the second pass fetches each stream's next
 // row, which the next group's first pass then finds in L1. (Fetching from the first pass, two
 // rows ahead, measured ~20% slower at M = 8 in float32: the second pass still idled memory.)
+// Once per 64-byte line.
 template <typename T>
-inline void prefetch_ahead(const T* w, int64_t K) {
-  _mm_prefetch(reinterpret_cast<const char*>(w + K), _MM_HINT_T0);
+inline void prefetch_ahead(const T* w, int64_t k, int64_t K) {
+  if ((k * static_cast<int64_t>(sizeof(T))) % 64 == 0) simd::prefetch(w + k + K);
 }
 
-// bf16 rows without a widening pass: in each 32-bit lane of 32 loaded bf16 values, a shift
-// left by 16 is the even element as a float32 and masking off the low half is the odd one. x is
-// handed over permuted to match (`pair_order`: per 32 columns, the 16 even then the 16 odd).
+// bf16 rows without a conversion pass: simd::widen_pairs splits 2·kLanes loaded bf16 values
+// into the even and the odd ones as float32, and x is handed over permuted to match
+// (`pair_order`: per 2·kLanes columns, the kLanes even then the kLanes odd). x's rows of the
+// group are loaded first (2·MR registers), then each weight row is widened once and used MR
+// times: MR·S accumulators + 2·MR + 2 registers.
 template <int MR, int S, bool PF>
 inline void lockstep_bf16(const float* x, int64_t ldx, int64_t K, const Row* row, int64_t m0) {
-  __m512 acc[MR][S];
+  constexpr int64_t P = 2 * kLanes;
+  fvec acc[MR][S];
   const c10::BFloat16* w[S];
-  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int s = 0; s < S; ++s) {
     w[s] = static_cast<const c10::BFloat16*>(row[s].w);
 #pragma GCC unroll 8
-    for (int m = 0; m < MR; ++m) acc[m][s] = _mm512_setzero_ps();
+    for (int m = 0; m < MR; ++m) acc[m][s] = fvec(0.f);
   }
-  auto step = [&](int64_t k, __mmask32 mask) {
-    __m512 even[S], odd[S];
-#pragma GCC unroll 4
-    for (int s = 0; s < S; ++s) {
-      if (PF) prefetch_ahead(w[s] + k, K);
-      __m512i raw = mask == ~static_cast<__mmask32>(0)
-                        ? _mm512_loadu_si512(w[s] + k)
-                        : _mm512_maskz_loadu_epi16(mask, w[s] + k);
-      even[s] = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
-      odd[s] = _mm512_castsi512_ps(_mm512_and_si512(raw, high));
-    }
+  auto step = [&](int64_t k, int64_t n) {  // n < P: the row's last n values
+    fvec xe[MR], xo[MR];
 #pragma GCC unroll 8
     for (int m = 0; m < MR; ++m) {
-      __m512 xe = in_register(_mm512_loadu_ps(x + m * ldx + k));
-      __m512 xo = in_register(_mm512_loadu_ps(x + m * ldx + k + 16));
-#pragma GCC unroll 4
-      for (int s = 0; s < S; ++s)
-        acc[m][s] = _mm512_fmadd_ps(xo, odd[s], _mm512_fmadd_ps(xe, even[s], acc[m][s]));
+      xe[m] = simd::in_register(simd::load(x + m * ldx + k));
+      xo[m] = simd::in_register(simd::load(x + m * ldx + k + kLanes));
+    }
+#pragma GCC unroll 8
+    for (int s = 0; s < S; ++s) {
+      if (PF) prefetch_ahead(w[s], k, K);
+      fvec even, odd;
+      if (n == P) simd::widen_pairs(w[s] + k, even, odd);
+      else simd::widen_pairs(w[s] + k, n, even, odd);
+#pragma GCC unroll 8
+      for (int m = 0; m < MR; ++m)
+        acc[m][s] = simd::fma(xo[m], odd, simd::fma(xe[m], even, acc[m][s]));
     }
   };
   int64_t k = 0;
-  for (; k + 32 <= K; k += 32) step(k, ~static_cast<__mmask32>(0));
-  if (k < K) step(k, static_cast<__mmask32>((1ull << (K - k)) - 1));  // x is zero-padded
+  for (; k + P <= K; k += P) step(k, P);
+  if (k < K) step(k, K - k);  // x is zero-padded to whole blocks
   for (int s = 0; s < S; ++s)
     for (int m = 0; m < MR; ++m)
-      row[s].y[(m0 + m) * row[s].ldy] = _mm512_reduce_add_ps(acc[m][s]) * row[s].scale;
+      row[s].y[(m0 + m) * row[s].ldy] = simd::sum(acc[m][s]) * row[s].scale;
 }
 
-// x [M, K] (ldx apart) in the column order lockstep_bf16 reads, zero-padded to 32 columns.
+// x [M, K] (ldx apart) in the column order lockstep_bf16 reads, zero-padded to whole blocks of
+// 2·kLanes columns (Kp).
 inline std::vector<float> pair_order(const float* x, int64_t M, int64_t ldx, int64_t K,
                                      int64_t Kp) {
+  constexpr int64_t P = 2 * kLanes;
   std::vector<float> out(M * Kp, 0.f);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t k = 0; k < K; ++k) {
-      int64_t j = k % 32;
-      out[m * Kp + k - j + (j % 2 ? 16 + j / 2 : j / 2)] = x[m * ldx + k];
+      const int64_t j = k % P;
+      out[m * Kp + k - j + (j % 2 ? kLanes + j / 2 : j / 2)] = x[m * ldx + k];
     }
   return out;
 }
 
-// MR ≤ 8 rows of x (from row m0) times S ≤ 8 weight rows: MR × S ≤ 16 accumulators.
+// MR rows of x (from row m0) times S weight rows: MR × S accumulators. float32 and int8 rows
+// are widened kLanes values at a time; all S first, then each row of x (one register) meets
+// them.
 template <typename T, int MR, int S, bool PF = false>
 inline void lockstep(const float* x, int64_t ldx, int64_t K, const Row* row, int64_t m0) {
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     lockstep_bf16<MR, S, PF>(x, ldx, K, row, m0);
-  } else {  // float32 and int8 rows, widened to float32 16 at a time
-    __m512 acc[MR][S];
+  } else {
+    fvec acc[MR][S];
     const T* w[S];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int s = 0; s < S; ++s) {
       w[s] = static_cast<const T*>(row[s].w);
-#pragma GCC unroll 4
-      for (int m = 0; m < MR; ++m) acc[m][s] = _mm512_setzero_ps();
+#pragma GCC unroll 8
+      for (int m = 0; m < MR; ++m) acc[m][s] = fvec(0.f);
     }
     int64_t k = 0;
-    for (; k + 16 <= K; k += 16) {
-      __m512 wv[S];
+    for (; k + kLanes <= K; k += kLanes) {
+      fvec wv[S];
 #pragma GCC unroll 8
       for (int s = 0; s < S; ++s) {
-        if (PF && k % (64 / sizeof(T)) == 0) prefetch_ahead(w[s] + k, K);
-        wv[s] = widen(w[s] + k);
+        if (PF) prefetch_ahead(w[s], k, K);
+        wv[s] = simd::widen(w[s] + k);
       }
-#pragma GCC unroll 4
-      for (int m = 0; m < MR; ++m) {
-        __m512 xv = in_register(_mm512_loadu_ps(x + m * ldx + k));
 #pragma GCC unroll 8
-        for (int s = 0; s < S; ++s) acc[m][s] = _mm512_fmadd_ps(xv, wv[s], acc[m][s]);
+      for (int m = 0; m < MR; ++m) {
+        const fvec xv = simd::in_register(simd::load(x + m * ldx + k));
+#pragma GCC unroll 8
+        for (int s = 0; s < S; ++s) acc[m][s] = simd::fma(xv, wv[s], acc[m][s]);
       }
     }
-    if (k < K) {  // the last K % 16 columns through masked loads
-      const __mmask16 mask = static_cast<__mmask16>((1u << (K - k)) - 1);
-      __m512 wv[S];
-      for (int s = 0; s < S; ++s) wv[s] = widen(w[s] + k, mask);
+    if (k < K) {  // the last K % kLanes columns, zero past the row's end
+      fvec wv[S];
+      for (int s = 0; s < S; ++s) wv[s] = simd::widen(w[s] + k, K - k);
       for (int m = 0; m < MR; ++m) {
-        __m512 xv = _mm512_maskz_loadu_ps(mask, x + m * ldx + k);
-        for (int s = 0; s < S; ++s) acc[m][s] = _mm512_fmadd_ps(xv, wv[s], acc[m][s]);
+        const fvec xv = simd::load(x + m * ldx + k, K - k);
+        for (int s = 0; s < S; ++s) acc[m][s] = simd::fma(xv, wv[s], acc[m][s]);
       }
     }
     for (int s = 0; s < S; ++s)
       for (int m = 0; m < MR; ++m)
-        row[s].y[(m0 + m) * row[s].ldy] = _mm512_reduce_add_ps(acc[m][s]) * row[s].scale;
+        row[s].y[(m0 + m) * row[s].ldy] = simd::sum(acc[m][s]) * row[s].scale;
   }
 }
-#else
-// Portable fallback (no AVX-512 at build time): plain loops the compiler vectorises.
-template <typename T, int MR, int S, bool PF = false>
-inline void lockstep(const float* x, int64_t ldx, int64_t K, const Row* row, int64_t m0) {
-  for (int s = 0; s < S; ++s)
-    for (int m = 0; m < MR; ++m) {
-      const T* w = static_cast<const T*>(row[s].w);
-      float acc = 0.f;
-      for (int64_t k = 0; k < K; ++k) acc += x[m * ldx + k] * static_cast<float>(w[k]);
-      row[s].y[(m0 + m) * row[s].ldy] = acc * row[s].scale;
-    }
-}
-#endif
 
-// All M rows of x times S weight rows, min(8, 16 / S) rows of x at a time (the weight rows
-// stay in L1 between them).
+// All M rows of x times S weight rows, MR rows of x at a time (the weight rows stay in L1
+// between them): half the vector registers hold accumulators (16 / S rows with AVX-512 or
+// NEON, 8 / S with AVX2).
 template <typename T, int S>
 inline void group(const float* x, int64_t M, int64_t ldx, int64_t K, const Row* row) {
-  constexpr int64_t MR = S >= 2 ? 16 / S : 8;
+  constexpr int64_t MR = S >= 2 ? simd::kRegisters / 2 / S : simd::kRegisters / 4;
   int64_t m0 = 0;
   if (M >= 2 * MR) {  // the second of several passes fetches ahead
     lockstep<T, MR, S>(x, ldx, K, row, 0);
@@ -272,15 +247,13 @@ inline void products(const float* x, int64_t M, int64_t ldx, int64_t K,
     TORCH_CHECK(mats[i].format == mats[0].format, "products: one weight format per call");
     first[i + 1] = first[i] + mats[i].rows;
   }
-#ifdef RETNET_AVX512
   std::vector<float> paired;
   if (mats[0].format == WFormat::bf16) {
-    const int64_t Kp = (K + 31) / 32 * 32;
+    const int64_t Kp = (K + 2 * kLanes - 1) / (2 * kLanes) * (2 * kLanes);
     paired = pair_order(x, M, ldx, K, Kp);
     x = paired.data();
     ldx = Kp;
   }
-#endif
   const int64_t total = first.back(), threads = at::get_num_threads();
   at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
