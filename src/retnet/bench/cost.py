@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from retnet.bench.backends import Backend, build_backends
+from retnet.bench.llamacpp import check_llamacpp_python, run_llamacpp
 from retnet.bench.machine import (
     CopyProbe,
     best_limits,
@@ -37,7 +38,7 @@ from retnet.memory import PeakMemory, keep_freed_memory, reset_peak, rss_mib
 from retnet.model import RetNetConfig
 from retnet.options import opt
 
-PHASES = ("decode", "prefill", "train")
+PHASES = ("decode", "prefill", "train", "llamacpp")  # llamacpp: with --llamacpp-python
 KV_LIMIT = 8 * 2**30  # decode cells whose KV cache would exceed this are skipped
 
 
@@ -68,6 +69,13 @@ class BenchConfig:
         "", "an interpreter whose environment has torchscale (it cannot import beside this "
         "torch): its RetNetDecoder is then measured in a separate process after the others",
         metavar="PATH")
+    llamacpp_python: str = opt(
+        "", "an interpreter whose environment has llama-cpp-python and llama.cpp's GGUF "
+        "converter (docs/benchmarks.md): the matched Llama in GGUF (F32, Q8_0) is then timed "
+        "at batch 1 in rounds alternated with ours (float32, int8)", metavar="PATH")
+    llamacpp_contexts: list[int] = opt(help="llama.cpp phase: tokens of context before the "
+                                       "timed decode steps; the longest is also prefilled",
+                                       factory=lambda: [512, 2048, 8192])
 
     def __post_init__(self) -> None:
         if self.quick:
@@ -75,6 +83,7 @@ class BenchConfig:
             self.contexts, self.batches = [64, 256], [1, 4]
             self.prefill_lengths, self.train_lengths, self.train_tokens = [128], [64], 256
             self.scaling_lengths, self.scaling_batch = [64, 256], 2
+            self.llamacpp_contexts = [64, 256]
 
 
 def _allocator() -> str:
@@ -263,6 +272,10 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
     config = RetNetConfig.from_preset(cfg.preset)
     if cfg.torchscale_python:
         check_torchscale_python(cfg.torchscale_python)
+    if cfg.only == ["llamacpp"] and not cfg.llamacpp_python:
+        raise ValueError("--only llamacpp needs --llamacpp-python PATH (docs/benchmarks.md, "
+                         "\"llama.cpp as a peer\")")
+    converter = check_llamacpp_python(cfg.llamacpp_python) if cfg.llamacpp_python else None
     skipped: dict[str, str] = {}
     # a quick run keeps the bf16 cells everywhere: at its tiny sizes they cost nothing
     backends = build_backends(config, skipped, bf16_compute=bf16_dot_products() or cfg.quick)
@@ -271,10 +284,16 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
                                  "(an interpreter with torchscale) to measure it in a separate "
                                  "process")
     phases = cfg.only or list(PHASES)
+    if not cfg.llamacpp_python:
+        phases = [p for p in phases if p != "llamacpp"]
+        skipped["llama.cpp"] = ("not run: pass --llamacpp-python PATH (an interpreter with "
+                                "llama-cpp-python, docs/benchmarks.md) to measure it")
     total = 2 + sum(n for phase, n in (("decode", len(cfg.batches) * (len(cfg.contexts) + 1)),
                                        ("prefill", len(cfg.prefill_lengths)
                                         + bool(cfg.scaling_lengths)),
-                                       ("train", len(cfg.train_lengths))) if phase in phases)
+                                       ("train", len(cfg.train_lengths)),
+                                       ("llamacpp", len(cfg.llamacpp_contexts) + 2))
+                    if phase in phases)
     with tqdm(total=total, desc="bench", unit="cell") as bar:
         weight_bytes = backends[0].weight_bytes
         limits = measure_limits(weight_bytes, quick=cfg.quick)
@@ -293,6 +312,9 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
                                                                config.vocab_size, bar)
         if "train" in phases:
             results["train"] = bench_train(backends, cfg, config.vocab_size, bar)
+        if "llamacpp" in phases:
+            run_llamacpp(cfg.llamacpp_python, converter, config, backends,
+                         cfg.llamacpp_contexts, cfg.repeats, results, bar)
         results["limits"] = best_limits(limits, measure_limits(weight_bytes, quick=cfg.quick))
         bar.update(1)
     if cfg.torchscale_python:

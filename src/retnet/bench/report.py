@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from retnet.bench import llamacpp
 from retnet.bench.measure import BENCH_FORM
 
 MiB = 2**20
@@ -174,7 +175,7 @@ def derived(results: dict) -> dict[str, Any]:
                 if ref and entry.get(f"{name}_tokens_per_s"):
                     entry[f"{name}_vs_llama"] = entry[f"{name}_tokens_per_s"] / ref
         out[f"train_{T}"] = entry
-    return out
+    return out | llamacpp.derived(results)
 
 
 def _plots(results: dict, out: Path) -> list[str]:
@@ -296,6 +297,7 @@ def write_report(results: dict, out: Path) -> Path:
                   f"{results['prefill_scaling'][0]['batch']}: "
                   + ", ".join(f"T = {c['T']} {_fmt(c['results']['retnet']['median_s'], 3)} s"
                               for c in results["prefill_scaling"])]
+    lines += llamacpp.report_lines(results)
     lines += ["", "## Training: forward+backward tokens/s (peak MiB above the process)", "",
               "| T | batch | backend | tokens/s | peak MiB |", "|---|---|---|---|---|"]
     for c in results["train"]:
