@@ -148,6 +148,9 @@ def load(quiet: bool = False) -> None:
             torch.ops.load_library(str(path))
         except OSError as err:
             raise BuildError(f"cannot load {path}: {str(err).splitlines()[0]}") from None
+        from retnet.kernels.fakes import register
+
+        register()
         _loaded.add(path)
 
 

@@ -11,6 +11,8 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <iterator>
+#include <string>
 
 #include "activations.h"
 #include "head_norm.h"
@@ -19,15 +21,31 @@
 namespace retnet {
 namespace {
 
+// The choices among architectures, coded as their position in the field tables below.
 enum Norm : int64_t { kLayer = 0, kRms = 1 };
 enum HeadNorm : int64_t { kGroup = 0, kHeadRms = 1, kNone = 2 };
 enum Ffn : int64_t { kGelu = 0, kGluGelu = 1, kGluSwish = 2 };
 
-// The architecture, from the Python side's `ints` / `floats` lists (see kernels/decode.py).
+// The architecture as `decode_step` takes it: `ints` and `floats` in the order of these tables,
+// defined here once. Each entry is (member, "config field name[=the choices' names in the
+// order of the enum's codes]"). Python reads the names through torch.ops.retnet.decode_fields()
+// and builds both lists by name (retnet/model/fast_decode.py): no side matches positions.
+#define RETNET_INT_FIELDS(X)                                                               \
+  X(L, "n_layers") X(H, "n_heads") X(K, "key_head_dim") X(V, "value_head_dim")             \
+  X(D, "d_model") X(F, "ffn_dim") X(vocab, "vocab_size") X(norm, "norm=layer,rms")         \
+  X(head_norm, "head_norm=group,rms,none") X(ffn, "ffn=gelu,glu-gelu,glu-swish")           \
+  X(gated, "use_gate") X(glu, "glu")
+#define RETNET_FLOAT_FIELDS(X) X(eps, "norm_eps") X(embed_scale, "embed_scale")
+#define RETNET_MEMBER_INT(m, name) int64_t m;
+#define RETNET_MEMBER_FLOAT(m, name) float m;
+#define RETNET_NAME(m, name) name,
+
 struct Dims {
-  int64_t L, H, K, V, D, F, vocab, norm, head_norm, ffn, gated, glu;
-  float eps, embed_scale;
+  RETNET_INT_FIELDS(RETNET_MEMBER_INT)
+  RETNET_FLOAT_FIELDS(RETNET_MEMBER_FLOAT)
 };
+constexpr const char* kIntFields[] = {RETNET_INT_FIELDS(RETNET_NAME)};
+constexpr const char* kFloatFields[] = {RETNET_FLOAT_FIELDS(RETNET_NAME)};
 
 WFormat format_of(const at::Tensor& w) {
   if (w.scalar_type() == at::kFloat) return WFormat::f32;
@@ -286,10 +304,18 @@ void check_states(at::TensorList kv_in, at::TensorList kv_out, int64_t B, int64_
 }
 
 Dims dims_of(at::IntArrayRef ints, at::ArrayRef<double> floats) {
-  TORCH_CHECK(ints.size() == 12 && floats.size() == 2, "decode_step: bad ints/floats");
-  return {ints[0], ints[1], ints[2], ints[3], ints[4], ints[5], ints[6], ints[7], ints[8],
-          ints[9], ints[10], ints[11], static_cast<float>(floats[0]),
-          static_cast<float>(floats[1])};
+  TORCH_CHECK(ints.size() == std::size(kIntFields) && floats.size() == std::size(kFloatFields),
+              "decode_step: ints/floats must follow torch.ops.retnet.decode_fields()");
+  Dims d;
+  size_t i = 0, j = 0;
+#define RETNET_READ_INT(m, name) d.m = ints[i++];
+#define RETNET_READ_FLOAT(m, name) d.m = static_cast<float>(floats[j++]);
+  RETNET_INT_FIELDS(RETNET_READ_INT)
+  RETNET_FLOAT_FIELDS(RETNET_READ_FLOAT)
+  TORCH_CHECK(d.norm >= kLayer && d.norm <= kRms && d.head_norm >= kGroup &&
+                  d.head_norm <= kNone && d.ffn >= kGelu && d.ffn <= kGluSwish,
+              "decode_step: a choice's code is out of range");
+  return d;
 }
 
 }  // namespace
@@ -441,7 +467,16 @@ std::vector<at::Tensor> head_norm_gate_backward(const at::Tensor& dout, const at
   return head_norm::backward(dout, of, c, g, w, b, eps);
 }
 
+// decode_step's architecture fields, "int:NAME[=CHOICES]" then "float:NAME", in order.
+std::vector<std::string> decode_fields() {
+  std::vector<std::string> out;
+  for (const char* f : kIntFields) out.push_back(std::string("int:") + f);
+  for (const char* f : kFloatFields) out.push_back(std::string("float:") + f);
+  return out;
+}
+
 TORCH_LIBRARY(retnet, m) {
+  m.def("decode_fields() -> str[]", &decode_fields);
   m.def("isa() -> str", []() -> std::string { return simd::kIsa; });  // the vector back end
   m.def("linear(Tensor x, Tensor w, Tensor scale) -> Tensor");
   m.def("stamp(Tensor[] tensors) -> Tensor", &stamp);  // any device: it reads no data
