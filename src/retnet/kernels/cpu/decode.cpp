@@ -23,7 +23,7 @@ namespace {
 
 // The choices among architectures, coded as their position in the field tables below.
 enum Norm : int64_t { kLayer = 0, kRms = 1 };
-enum HeadNorm : int64_t { kGroup = 0, kHeadRms = 1, kNone = 2 };
+using HeadNorm = head_norm::Kind;  // kGroup, kRms, kNone (head_norm.h)
 enum Ffn : int64_t { kGelu = 0, kGluGelu = 1, kGluSwish = 2 };
 
 // The architecture as `decode_step` takes it: `ints` and `floats` in the order of these tables,
@@ -246,20 +246,11 @@ void retention(const Dims& d, float* qkvg, int64_t ld, const float* S, float* So
     float* acc = partial.data() + bh * splits * W;
     for (int64_t p = 1; p < splits; ++p)
       for (int64_t j = 0; j < W; ++j) acc[j] += acc[p * W + j];
-    float denom = std::max(std::abs(acc[V]), pt.sqrt_c[bh]);
-    float* out = o + b * H * V + h * V;
-    double mean = 0, sq = 0;
-    for (int64_t j = 0; j < V; ++j) mean += out[j] = acc[j] / denom;
-    mean = d.head_norm == kGroup ? mean / V : 0.0;
-    for (int64_t j = 0; j < V; ++j) sq += (out[j] - mean) * (out[j] - mean);
-    float inv = d.head_norm == kNone ? 1.f
-                                     : static_cast<float>(1.0 / std::sqrt(sq / V + d.eps));
-    const float* gate = qkvg + b * ld + 2 * H * K + H * V + h * V;
-    for (int64_t j = 0; j < V; ++j) {
-      float x = d.head_norm == kNone ? out[j] : (out[j] - static_cast<float>(mean)) * inv;
-      if (d.head_norm == kGroup) x = x * gn_w[h * V + j] + gn_b[h * V + j];
-      out[j] = d.gated ? gate[j] * x : x;  // gate holds silu(g)
-    }
+    std::vector<float> x(V);
+    const float* gate = qkvg + b * ld + 2 * H * K + H * V + h * V;  // silu(g)
+    head_norm::row(acc, acc[V], pt.sqrt_c[bh], d.head_norm,
+                   gn_w ? gn_w + h * V : nullptr, gn_b ? gn_b + h * V : nullptr,
+                   d.gated ? gate : nullptr, d.eps, V, x.data(), o + b * H * V + h * V);
   };
   at::parallel_for(0, B * H * splits, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
@@ -312,8 +303,8 @@ Dims dims_of(at::IntArrayRef ints, at::ArrayRef<double> floats) {
 #define RETNET_READ_FLOAT(m, name) d.m = static_cast<float>(floats[j++]);
   RETNET_INT_FIELDS(RETNET_READ_INT)
   RETNET_FLOAT_FIELDS(RETNET_READ_FLOAT)
-  TORCH_CHECK(d.norm >= kLayer && d.norm <= kRms && d.head_norm >= kGroup &&
-                  d.head_norm <= kNone && d.ffn >= kGelu && d.ffn <= kGluSwish,
+  TORCH_CHECK(d.norm >= kLayer && d.norm <= kRms && d.head_norm >= head_norm::kGroup &&
+                  d.head_norm <= head_norm::kNone && d.ffn >= kGelu && d.ffn <= kGluSwish,
               "decode_step: a choice's code is out of range");
   return d;
 }

@@ -31,12 +31,18 @@ inline void sigmoid_row(const float* g, float* s, int64_t n) {
   if (i < n) sigmoid(simd::load(g + i, n - i)).store(s + i, static_cast<int>(n - i));
 }
 
-// One (row, head): x = o / d into x[V], returns the GroupNorm statistics (mean, rstd) and d.
+// The per-head normalisation: GroupNorm with its affine (the paper's), RMS without one
+// (torchscale's), or none (an ablation). Codes as decode_step's `head_norm` field lists them.
+enum Kind : int64_t { kGroup = 0, kRms = 1, kNone = 2 };
+
 struct Stats {
   float d, mean, rstd;
 };
 
-inline Stats normalise(const float* o, float z, float c, float eps, int64_t V, float* x) {
+// One (row, head): x = o / d into x[V] with d = max(|z|, c), and the statistics of `kind`
+// (mean 0 without centring, rstd 1 without normalising).
+inline Stats normalise(const float* o, float z, float c, int64_t kind, float eps, int64_t V,
+                       float* x) {
   const float d = std::max(std::fabs(z), c);
   const float inv = 1.f / d;
   float sum = 0.f;
@@ -45,14 +51,30 @@ inline Stats normalise(const float* o, float z, float c, float eps, int64_t V, f
     x[i] = o[i] * inv;
     sum += x[i];
   }
-  const float mean = sum / V;
+  if (kind == kNone) return {d, 0.f, 1.f};
+  const float mean = kind == kGroup ? sum / V : 0.f;
   float sq = 0.f;
 #pragma omp simd reduction(+ : sq)
   for (int64_t i = 0; i < V; ++i) sq += (x[i] - mean) * (x[i] - mean);
   return {d, mean, 1.f / std::sqrt(sq / V + eps)};
 }
 
-// of [..., H, V+1], c [..., H], g [..., H·V], w, b [H·V] → out [..., H·V] (R rows).
+// The output stage of one (row, head), for decoding and for training alike: out[V] =
+// gate ⊙ norm(o / max(|z|, c)), where `gate` holds silu(g) (null: no gate) and the GroupNorm's
+// affine is w, b [V]. x [V] is scratch.
+inline Stats row(const float* o, float z, float c, int64_t kind, const float* w, const float* b,
+                 const float* gate, float eps, int64_t V, float* x, float* out) {
+  const Stats st = normalise(o, z, c, kind, eps, V, x);
+  for (int64_t i = 0; i < V; ++i) {
+    float y = (x[i] - st.mean) * st.rstd;
+    if (kind == kGroup) y = y * w[i] + b[i];
+    out[i] = gate ? gate[i] * y : y;
+  }
+  return st;
+}
+
+// of [..., H, V+1], c [..., H], g [..., H·V], w, b [H·V] → out [..., H·V] (R rows), GroupNorm
+// and gate (the layers that train through this path; retnet.kernels.head_norm).
 inline at::Tensor forward(const at::Tensor& of, const at::Tensor& c, const at::Tensor& g,
                           const at::Tensor& w, const at::Tensor& b, double eps) {
   const int64_t H = of.size(-2), V = of.size(-1) - 1, R = of.numel() / (H * (V + 1));
@@ -61,18 +83,14 @@ inline at::Tensor forward(const at::Tensor& of, const at::Tensor& c, const at::T
   const float *pw = w.data_ptr<float>(), *pb = b.data_ptr<float>();
   float* py = out.data_ptr<float>();
   at::parallel_for(0, R * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> x(V), s(V);
+    std::vector<float> x(V), gate(V);
     for (int64_t rh = begin; rh < end; ++rh) {
       const int64_t h = rh % H;
       const float* o = po + rh * (V + 1);
-      const Stats st = normalise(o, o[V], pc[rh], static_cast<float>(eps), V, x.data());
-      const float* gr = pg + rh * V;
-      sigmoid_row(gr, s.data(), V);
-      const float *wr = pw + h * V, *br = pb + h * V;
-      float* y = py + rh * V;
-#pragma omp simd
-      for (int64_t i = 0; i < V; ++i)
-        y[i] = gr[i] * s[i] * ((x[i] - st.mean) * st.rstd * wr[i] + br[i]);
+      std::copy(pg + rh * V, pg + (rh + 1) * V, gate.begin());
+      silu_inplace(gate.data(), V);
+      row(o, o[V], pc[rh], kGroup, pw + h * V, pb + h * V, gate.data(),
+          static_cast<float>(eps), V, x.data(), py + rh * V);
     }
   });
   return out;
@@ -101,7 +119,7 @@ inline std::vector<at::Tensor> backward(const at::Tensor& dout, const at::Tensor
       const int64_t h = rh % H;
       const float* o = po + rh * (V + 1);
       const float z = o[V];
-      const Stats st = normalise(o, z, pc[rh], static_cast<float>(eps), V, x.data());
+      const Stats st = normalise(o, z, pc[rh], kGroup, static_cast<float>(eps), V, x.data());
       const float *gr = pg + rh * V, *dr = pd + rh * V;
       sigmoid_row(gr, s.data(), V);
       const float *wr = pw + h * V, *br = pb + h * V;
