@@ -12,7 +12,7 @@ LOWEST_STAMP := $(LOWEST)/.installed
 WHEEL := .venv-wheel
 WHEEL_STAMP := $(WHEEL)/.installed
 
-.PHONY: demo test test-hf-lowest wheel kernels lint bench mutations clean
+.PHONY: demo test test-hf-lowest wheel kernels cross-tools lint bench mutations clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,16 +20,17 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 # The C++ kernels, compiled once per machine and torch build into ~/.cache/retnet (seconds when
-# already there); at first use otherwise. Never through pip's build isolation.
+# already there); at first use otherwise. Never through pip's build isolation. Every variant
+# this CPU runs (native, and the narrower x86 builds the tests also check), two at a time.
 kernels: $(STAMP)
-	$(BIN)/python -c "from retnet.kernels.build import build; print(build())"
+	$(BIN)/python -m retnet.kernels.build
 
 demo: $(STAMP) kernels
 	$(BIN)/retnet demo
 
 # The whole suite on the newest pinned versions, then the transformers integration again on
 # the lowest supported transformers.
-test: $(STAMP) $(LOWEST_STAMP) wheel kernels
+test: $(STAMP) $(LOWEST_STAMP) wheel kernels cross-tools
 	$(BIN)/ruff check src tests benchmarks scripts
 	$(BIN)/python -m pytest -q
 	$(LOWEST)/bin/python -m pytest -q tests/test_hf.py tests/test_hf_export.py
@@ -53,6 +54,15 @@ wheel: $(WHEEL_STAMP)
 
 test-hf-lowest: $(LOWEST_STAMP)
 	$(LOWEST)/bin/python -m pytest -q tests/test_hf.py tests/test_hf_export.py
+
+# The aarch64 cross compiler and user-mode qemu with which tests/test_kernels_cross.py builds and
+# runs the kernels' NEON back end (Debian's packages), installed only where either is missing.
+cross-tools:
+	@command -v aarch64-linux-gnu-g++ >/dev/null && command -v qemu-aarch64 >/dev/null || { \
+	  command -v apt-get >/dev/null || { echo "cross-tools: no apt-get here; install" \
+	    "aarch64-linux-gnu-g++ and qemu-aarch64 yourself" >&2; exit 1; }; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+	    g++-aarch64-linux-gnu qemu-user; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks scripts

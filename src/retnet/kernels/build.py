@@ -26,7 +26,10 @@ import torch
 
 SOURCES = ("cpu/decode.cpp", "cpu/simd.h", "cpu/products.h", "cpu/activations.h",
            "cpu/head_norm.h")
-FLAGS = ("-O3", "-fopenmp", "-std=c++20", "-shared", "-fPIC", "-fno-math-errno", "-w")
+# Hidden visibility: the library exports nothing (its ops register themselves when loaded), so
+# the inline kernels are called directly, not through the PLT.
+FLAGS = ("-O3", "-fopenmp", "-std=c++20", "-shared", "-fPIC", "-fno-math-errno",
+         "-fvisibility=hidden", "-fvisibility-inlines-hidden", "-w")
 # The builds of one source: "native" (the default) targets this CPU; on x86 the others turn
 # its widest extensions off so that a developer's machine also runs the narrower paths users
 # have: "avx2" (AVX-512 off) and "scalar" (every AVX extension off: at::vec's plain arrays).
@@ -161,3 +164,16 @@ def vector_isa() -> str:
     if not _loaded:
         return "none"
     return torch.ops.retnet.isa()
+
+
+def build_all() -> list[Path]:
+    """Every variant this machine runs (`variants()`), compiled two at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:  # each compile is one process: two cores, two builds
+        return list(pool.map(lambda name: build(name=name), variants()))
+
+
+if __name__ == "__main__":  # `make kernels`
+    for path in build_all():
+        print(path)

@@ -57,6 +57,18 @@ inline void prefetch_ahead(const T* w, int64_t k, int64_t K) {
   if ((k * static_cast<int64_t>(sizeof(T))) % 64 == 0) simd::prefetch(w + k + K);
 }
 
+// Each accumulator summed into its output. Every loop over the accumulators is unrolled (here
+// and in the kernels): an index the compiler cannot resolve keeps the whole array in memory,
+// and GCC then stored every accumulator on every iteration.
+template <int MR, int S>
+inline void write_out(const fvec (&acc)[MR][S], const Row* row, int64_t m0) {
+#pragma GCC unroll 8
+  for (int s = 0; s < S; ++s)
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m)
+      row[s].y[(m0 + m) * row[s].ldy] = simd::sum(acc[m][s]) * row[s].scale;
+}
+
 // bf16 rows without a conversion pass: simd::widen_pairs splits 2·kLanes loaded bf16 values
 // into the even and the odd ones as float32, and x is handed over permuted to match
 // (`pair_order`: per 2·kLanes columns, the kLanes even then the kLanes odd). x's rows of the
@@ -73,7 +85,8 @@ inline void lockstep_bf16(const float* x, int64_t ldx, int64_t K, const Row* row
 #pragma GCC unroll 8
     for (int m = 0; m < MR; ++m) acc[m][s] = fvec(0.f);
   }
-  auto step = [&](int64_t k, int64_t n) {  // n < P: the row's last n values
+  for (int64_t k = 0; k < K; k += P) {  // (a loop body, not a lambda: it must inline)
+    const int64_t n = std::min(P, K - k);  // n < P: the row's last values; x is zero-padded
     fvec xe[MR], xo[MR];
 #pragma GCC unroll 8
     for (int m = 0; m < MR; ++m) {
@@ -90,13 +103,8 @@ inline void lockstep_bf16(const float* x, int64_t ldx, int64_t K, const Row* row
       for (int m = 0; m < MR; ++m)
         acc[m][s] = simd::fma(xo[m], odd, simd::fma(xe[m], even, acc[m][s]));
     }
-  };
-  int64_t k = 0;
-  for (; k + P <= K; k += P) step(k, P);
-  if (k < K) step(k, K - k);  // x is zero-padded to whole blocks
-  for (int s = 0; s < S; ++s)
-    for (int m = 0; m < MR; ++m)
-      row[s].y[(m0 + m) * row[s].ldy] = simd::sum(acc[m][s]) * row[s].scale;
+  }
+  write_out<MR, S>(acc, row, m0);
 }
 
 // x [M, K] (ldx apart) in the column order lockstep_bf16 reads, zero-padded to whole blocks of
@@ -114,8 +122,9 @@ inline std::vector<float> pair_order(const float* x, int64_t M, int64_t ldx, int
 }
 
 // MR rows of x (from row m0) times S weight rows: MR × S accumulators. float32 and int8 rows
-// are widened kLanes values at a time; all S first, then each row of x (one register) meets
-// them.
+// are widened kLanes values at a time: the MR rows of x are loaded first, then each weight
+// vector is widened and meets them, so MR·S + MR + 1 registers are live (loading all S weight
+// vectors first spilled an accumulator with AVX2's 16 registers at S = 8).
 template <typename T, int MR, int S, bool PF = false>
 inline void lockstep(const float* x, int64_t ldx, int64_t K, const Row* row, int64_t m0) {
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
@@ -131,30 +140,27 @@ inline void lockstep(const float* x, int64_t ldx, int64_t K, const Row* row, int
     }
     int64_t k = 0;
     for (; k + kLanes <= K; k += kLanes) {
-      fvec wv[S];
+      fvec xv[MR];
+#pragma GCC unroll 8
+      for (int m = 0; m < MR; ++m) xv[m] = simd::in_register(simd::load(x + m * ldx + k));
 #pragma GCC unroll 8
       for (int s = 0; s < S; ++s) {
         if (PF) prefetch_ahead(w[s], k, K);
-        wv[s] = simd::widen(w[s] + k);
-      }
+        const fvec wv = simd::widen(w[s] + k);
 #pragma GCC unroll 8
-      for (int m = 0; m < MR; ++m) {
-        const fvec xv = simd::in_register(simd::load(x + m * ldx + k));
-#pragma GCC unroll 8
-        for (int s = 0; s < S; ++s) acc[m][s] = simd::fma(xv, wv[s], acc[m][s]);
+        for (int m = 0; m < MR; ++m) acc[m][s] = simd::fma(xv[m], wv, acc[m][s]);
       }
     }
     if (k < K) {  // the last K % kLanes columns, zero past the row's end
-      fvec wv[S];
-      for (int s = 0; s < S; ++s) wv[s] = simd::widen(w[s] + k, K - k);
+#pragma GCC unroll 8
       for (int m = 0; m < MR; ++m) {
         const fvec xv = simd::load(x + m * ldx + k, K - k);
-        for (int s = 0; s < S; ++s) acc[m][s] = simd::fma(xv, wv[s], acc[m][s]);
+#pragma GCC unroll 8
+        for (int s = 0; s < S; ++s)
+          acc[m][s] = simd::fma(xv, simd::widen(w[s] + k, K - k), acc[m][s]);
       }
     }
-    for (int s = 0; s < S; ++s)
-      for (int m = 0; m < MR; ++m)
-        row[s].y[(m0 + m) * row[s].ldy] = simd::sum(acc[m][s]) * row[s].scale;
+    write_out<MR, S>(acc, row, m0);
   }
 }
 
