@@ -67,40 +67,40 @@ class Peer:
     def _tokens(self, n: int) -> list[int]:
         return self.rng.integers(0, self.vocab, n).tolist()
 
-    def _step(self, model) -> None:
+    def _step(self, llm) -> None:
         """One token at position self.context, then the greedy choice over its logits."""
-        model.n_tokens = self.context  # eval() first drops the cache from n_tokens on
-        model.eval([self.token])
-        logits = self.np.ctypeslib.as_array(self.llama_cpp.llama_get_logits(model.ctx),
+        llm.n_tokens = self.context  # eval() first drops the cache from n_tokens on
+        llm.eval([self.token])
+        logits = self.np.ctypeslib.as_array(self.llama_cpp.llama_get_logits(llm.ctx),
                                             shape=(self.vocab,))
         self.token = int(logits.argmax())
 
     def fill(self, context: int) -> dict:
         self.context, self.token = context, self._tokens(1)[0]
         took = {}
-        for kind, model in self.models.items():
-            model.reset()
+        for kind, llm in self.models.items():
+            llm.reset()
             start = time.perf_counter()
-            model.eval(self._tokens(context))
+            llm.eval(self._tokens(context))
             took[kind] = time.perf_counter() - start
             for _ in range(2):
-                self._step(model)
+                self._step(llm)
         return {"fill_s": took}
 
-    def decode(self, kind: str, steps: int) -> dict:
-        model = self.models[kind]
+    def decode(self, model: str, steps: int) -> dict:
+        llm = self.models[model]
         start = time.perf_counter()
         for _ in range(steps):
-            self._step(model)
+            self._step(llm)
         return {"s": (time.perf_counter() - start) / steps}
 
-    def prefill(self, kind: str, length: int) -> dict:
-        model, tokens = self.models[kind], self._tokens(length)
-        model.reset()
+    def prefill(self, model: str, length: int) -> dict:
+        llm, tokens = self.models[model], self._tokens(length)
+        llm.reset()
         start = time.perf_counter()
-        model.eval(tokens)
+        llm.eval(tokens)
         took = time.perf_counter() - start
-        model.reset()
+        llm.reset()
         return {"s": took}
 
 
