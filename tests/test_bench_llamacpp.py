@@ -140,71 +140,101 @@ def test_the_matched_llama_is_exported_as_a_hf_folder_the_gguf_converter_takes(t
     assert trainer.startswith(bytes([0x18, 1, 0x20]))  # model_type UNIGRAM, then vocab_size
 
 
-STAND_IN = '''import json, sys
+# Stand-ins for llama.cpp's converter and llama_cpp, so that the real worker
+# (llamacpp_peer.py) runs under the real peer class: the GGUF "file" names its type and the
+# folder's config; the model records each eval's position and token count.
+CONVERTER = '''import json, sys
 from pathlib import Path
-if sys.argv[1:3] == ["-I", "-c"]:  # the import probe: llama_cpp's version, the prefix
-    print("0.3.36", PREFIX)
-    sys.exit(0)
-assert sys.argv[1] == "-I" and sys.argv[2].endswith("llamacpp_peer.py")
-job = json.loads(sys.argv[3])
-folder = Path(job["hf_folder"])
-assert {"config.json", "model.safetensors", "tokenizer.model"} <= {p.name for p in folder.iterdir()}
-log = open(LOG, "w")
-print(json.dumps({"versions": {"llama-cpp-python": "0.3.36"}, "system_info": "AVX2 = 1",
-                  "gguf_mib": {"f32": 2.0, "q8_0": 0.5},
-                  "settings": {"threads": job["threads"], "n_ctx": job["n_ctx"]}}), flush=True)
-for line in sys.stdin:
-    request = json.loads(line)
-    log.write(line)
-    if request["op"] == "quit":
-        break
-    answer = {"fill": {"fill_s": {"f32": 0.1, "q8_0": 0.1}}, "prefill": {"s": 0.5},
-              "decode": {"s": 0.002 if request.get("model") == "f32" else 0.001}}
-    print(json.dumps(answer[request["op"]]), flush=True)
+folder, kind, out = Path(sys.argv[1]), sys.argv[3], Path(sys.argv[5])
+assert sys.argv[2] == "--outtype" and sys.argv[4] == "--outfile"
+assert (folder / "tokenizer.model").stat().st_size > 0
+config = json.loads((folder / "config.json").read_text())
+out.write_text(json.dumps({"type": kind, "config": config}))
+'''
+
+LLAMA_CPP = '''import ctypes, json
+from pathlib import Path
+__version__ = "0.3.36"
+GGML_TYPE_F16 = 1
+LOG = open(LOG_PATH, "a")
+
+def llama_print_system_info():
+    return b"CPU : AVX2 = 1 | "
+
+def llama_get_logits(ctx):
+    return ctypes.cast(ctx, ctypes.POINTER(ctypes.c_float))
+
+class Llama:
+    def __init__(self, model_path, **settings):
+        gguf = json.loads(Path(model_path).read_text())
+        self.kind, self.n_tokens = gguf["type"], 0
+        assert settings["type_k"] == settings["type_v"] == GGML_TYPE_F16
+        LOG.write(json.dumps({"load": self.kind, **settings}) + "\\n")
+        self.ctx = (ctypes.c_float * gguf["config"]["vocab_size"])()
+        self.ctx[7] = 1.0  # the greedy choice
+
+    def reset(self):
+        self.n_tokens = 0
+
+    def eval(self, tokens):
+        LOG.write(json.dumps({"model": self.kind, "pos": self.n_tokens, "n": len(tokens),
+                              "tokens": sorted(set(tokens))[:3]}) + "\\n")
+        self.n_tokens += len(tokens)
 '''
 
 
-def test_llamacpp_rounds_alternate_with_ours_and_are_reported(tmp_path, kernels_off):
-    """A stand-in worker answers the requests; each round asks it for 4 steps of each GGUF
-    type after ours, and its figures land in results["llamacpp"] and the report."""
-    prefix = tmp_path / "env"
+def test_the_worker_alternates_with_ours_and_its_figures_are_reported(tmp_path, kernels_off):
+    """The real worker under a stand-in llama_cpp: each decode step is one token at the
+    context's position, each round asks for 4 steps of each GGUF type after ours, and its
+    figures land in results["llamacpp"] and the report."""
+    prefix, fake = tmp_path / "env", tmp_path / "fake"
     converter = prefix / "src/llama_cpp_python-0.3.36/vendor/llama.cpp/convert_hf_to_gguf.py"
     converter.parent.mkdir(parents=True)
-    converter.touch()
-    log = tmp_path / "requests.jsonl"
-    python = _interpreter(tmp_path, f"PREFIX, LOG = {str(prefix)!r}, {str(log)!r}\n" + STAND_IN)
+    converter.write_text(CONVERTER)
+    fake.mkdir()
+    log = tmp_path / "llama.jsonl"
+    (fake / "llama_cpp.py").write_text(f"LOG_PATH = {str(log)!r}\n" + LLAMA_CPP)
+    python = tmp_path / "python-llama"  # answers the probe; runs the worker beside the fake
+    python.write_text(f"#!/bin/sh\nif [ \"$2\" = -c ]; then echo 0.3.36 {prefix}; exit 0; fi\n"
+                      f"shift\nPYTHONPATH={fake} exec {sys.executable} \"$@\"\n")
+    python.chmod(0o755)
     out = tmp_path / "out"
     assert main(["bench", "--quick", "--only", "llamacpp", "--out", str(out),
                  "--llamacpp-python", str(python)]) == 0  # quick: one round per cell
-    requests = [json.loads(line) for line in log.read_text().splitlines()]
-    ops = [(r["op"], r.get("context") or r.get("model")) for r in requests]
-    decode_round = [("decode", "f32"), ("decode", "q8_0")]
-    assert ops == [("fill", 64), *decode_round, ("fill", 256), *decode_round,
-                   ("prefill", "f32"), ("prefill", "q8_0"), ("quit", None)]
-    assert all(r["steps"] == 4 for r in requests if r["op"] == "decode")
-    assert requests[-2]["length"] == 256  # the longest context is the prefill
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    loads = [c for c in calls if "load" in c]
+    assert [c["load"] for c in loads] == ["f32", "q8_0"]
+    assert loads[0]["n_ctx"] >= 256 + 1 and loads[0]["n_threads"] == loads[0]["n_threads_batch"]
+    evals = [(c["model"], c["pos"], c["n"]) for c in calls if "model" in c]
+    both = ("f32", "q8_0")
+    # fill: the context, then two warm-up steps; a round: 4 steps of each type at the context
+    cell = [(m, p, n) for c in (64, 256) for m, p, n in (
+        *((k, pos, n) for k in both for pos, n in ((0, c), (c, 1), (c, 1))),
+        *((k, c, 1) for k in both for _ in range(4)))]
+    assert evals == [*cell, ("f32", 0, 256), ("q8_0", 0, 256)]  # then each prefills 256
+    assert all(c["tokens"][0] < 32000 for c in calls if "model" in c)
+    assert any(7 in c["tokens"] for c in calls if "model" in c)  # the greedy token is fed back
 
     results = json.loads((out / "results.json").read_text())
     assert results["decode"] == results["prefill"] == results["train"] == []
     peer = results["llamacpp"]
     assert [c["context"] for c in peer["decode"]] == [64, 256]
-    for cell in peer["decode"]:
-        assert set(cell["results"]) == {"retnet", "retnet-int8", "llamacpp-f32", "llamacpp-q8_0"}
-        assert cell["results"]["llamacpp-f32"]["raw_s"] == [0.002]
-        assert len(cell["results"]["retnet-int8"]["raw_s"]) == 1
-    assert peer["isa"]["llama.cpp"] == "AVX2 = 1" and peer["isa"]["retnet"]
+    for c in peer["decode"]:
+        assert set(c["results"]) == {"retnet", "retnet-int8", "llamacpp-f32", "llamacpp-q8_0"}
+        assert all(len(r["raw_s"]) == 1 and r["median_s"] > 0 for r in c["results"].values())
+    assert peer["isa"]["llama.cpp"] == "CPU : AVX2 = 1 |" and peer["isa"]["retnet"]
     info = results["meta"]["backends"]["llama.cpp"]
     assert info["config"]["intermediate_size"] == 160 and "alternated" in info["process"]
     assert "llama.cpp" not in results["meta"]["skipped"]
 
     from retnet.bench.report import derived
 
-    d = derived(results)["llamacpp_decode_256"]
-    ours = results["llamacpp"]["decode"][1]["results"]["retnet-int8"]["median_s"]
-    assert d["retnet-int8_vs_llamacpp-q8_0"] == pytest.approx(ours / 0.001)
-    prefill = results["llamacpp"]["prefill"][0]["results"]["retnet"]["median_s"]
-    assert derived(results)["llamacpp_prefill_256"]["retnet_vs_llamacpp-f32"] == pytest.approx(
-        prefill / 0.5)
+    d, cells = derived(results), peer["decode"][1]["results"]
+    assert d["llamacpp_decode_256"]["retnet-int8_vs_llamacpp-q8_0"] == pytest.approx(
+        cells["retnet-int8"]["median_s"] / cells["llamacpp-q8_0"]["median_s"])
+    prefill = peer["prefill"][0]["results"]
+    assert d["llamacpp_prefill_256"]["retnet_vs_llamacpp-f32"] == pytest.approx(
+        prefill["retnet"]["median_s"] / prefill["llamacpp-f32"]["median_s"])
     report = (out / "report.md").read_text()
-    assert "## Against llama.cpp" in report and "`AVX2 = 1`" in report
+    assert "## Against llama.cpp" in report and "`CPU : AVX2 = 1 |`" in report
     assert "| 256 | " in report and "Prefill of 256 tokens" in report
