@@ -63,7 +63,8 @@ class BenchConfig:
     out: str = opt("benchmarks/results/cost", "folder for results.json, report.md and plots")
     quick: bool = opt(False, "tiny sizes, one repeat: a smoke run")
     memory_cap_gib: float = opt(20.0, "an allocation beyond this is recorded as out of memory")
-    only: list[str] = opt(help="run only these phases (decode, prefill, train); default: all",
+    only: list[str] = opt(help="run only these phases (decode, prefill, train, llamacpp); "
+                          "default: all (llamacpp where --llamacpp-python is given)",
                           factory=list, choices=PHASES)
     torchscale_python: str = opt(
         "", "an interpreter whose environment has torchscale (it cannot import beside this "
