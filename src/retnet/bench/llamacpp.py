@@ -234,7 +234,8 @@ def run_llamacpp(python: str, converter: Path, config: RetNetConfig, backends: l
             for context in contexts:
                 decode.append(_decode_cell(peer, ours, context, repeats))
                 bar.update(1)
-            prefill = [_prefill_cell(peer, ours[0], max(contexts), config.vocab_size,
+            float32 = next(b for b in ours if b.name == "retnet")
+            prefill = [_prefill_cell(peer, float32, max(contexts), config.vocab_size,
                                      max(1, repeats // 2))]
             bar.update(1)
         except RuntimeError as err:
