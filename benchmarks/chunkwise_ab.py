@@ -1,14 +1,15 @@
-"""Two revisions of the chunkwise autograd Function (src/retnet/ops/chunkwise.py) side by side
+"""Two revisions of the chunkwise autograd Function (src/retnet/kernels/chunkwise.py) side by side
 in one process: forward + backward of one retention layer, alternating, and whether they agree.
 
     python benchmarks/chunkwise_ab.py REV [--batch 16] [--length 512] [--chunk 128]
         [--rounds 6]
 
-REV's copy of the file is loaded as its own module beside the current one (both take the same
-arguments). Shapes are the `small` preset's heads (H = 2, K = 256, V = 512 + the score-sum
-column), a zero incoming state as in training, float32. Prints each side's per-round times,
-medians, the current one's over REV's, and the largest difference of their outputs and input
-gradients relative to the largest value. The 0.283 -> 0.230 s figure in
+REV's copy of the file (src/retnet/ops/chunkwise.py before it moved) is loaded as its own
+module beside the current one (both take the same arguments). Shapes are the `small` preset's
+heads (H = 2, K = 256, V = 512 + the score-sum column), a zero incoming state as in training,
+float32. Prints each side's per-round times, medians, the current one's over REV's, and the
+largest difference of their outputs and input gradients relative to the largest value.
+The 0.283 -> 0.230 s figure in
 docs/implementation-notes.md ("What a training step keeps") comes from this script.
 """
 
@@ -25,17 +26,23 @@ from pathlib import Path
 
 import torch
 
+from retnet.kernels import chunkwise
 from retnet.memory import keep_freed_memory
-from retnet.ops import chunkwise, log_decays
+from retnet.ops import log_decays
 
 ROOT = Path(__file__).resolve().parents[1]
-FILE = "src/retnet/ops/chunkwise.py"
+FILES = ("src/retnet/kernels/chunkwise.py", "src/retnet/ops/chunkwise.py")  # new, old place
 
 
 def load_revision(rev: str):
     """REV's chunkwise.py as a module of its own."""
-    text = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{FILE}"], check=True,
-                          capture_output=True, text=True).stdout
+    for file in FILES:
+        shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{file}"],
+                               capture_output=True, text=True)
+        if shown.returncode == 0:
+            break
+    shown.check_returncode()
+    text = shown.stdout
     path = Path(tempfile.mkdtemp()) / "chunkwise_rev.py"
     path.write_text(text)
     spec = importlib.util.spec_from_file_location("chunkwise_rev", path)

@@ -32,8 +32,8 @@ from retnet.bench.backends import retnet_backend
 from retnet.bench.machine import header
 from retnet.bench.measure import script_parser
 from retnet.kernels.build import command
+from retnet.kernels.decode import plan as make_plan
 from retnet.model import RetNetConfig
-from retnet.model.fast_decode import _plan
 
 ROUNDS, STEPS = 30, 4
 
@@ -50,7 +50,7 @@ def load_build(folder: Path, namespace: str, out: Path):
 
 def compare(ops: dict, model, batch: int) -> tuple[dict[str, list[float]], float]:
     """Seconds per step of each build, alternating, and their largest relative difference."""
-    plan = _plan(model)
+    plan = make_plan(model)
     state = model.init_state(batch)
     state = type(state)(tuple(torch.randn_like(t) * 1e-2 for t in state.kv), state.offset + 8192)
     out = state.empty_like()

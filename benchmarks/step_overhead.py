@@ -20,8 +20,8 @@ from retnet.bench.backends import retnet_backend
 from retnet.bench.machine import header
 from retnet.bench.measure import script_parser, write_results
 from retnet.generation import decode_one
+from retnet.kernels.decode import cached_plan
 from retnet.model import RetNetConfig
-from retnet.model.fast_decode import PLAN, _build
 
 ROUNDS, STEPS, CONTEXT = 60, 4, 8192
 
@@ -33,7 +33,7 @@ def variants(model, batch: int) -> dict:
                         state.offset + CONTEXT)
     out = state.empty_like()
     token = torch.randint(0, model.config.vocab_size, (batch,))
-    sources, stamp, plan = model.__dict__.get(PLAN) or _build(model)
+    sources, stamp, plan = cached_plan(model)
     args = (token, torch.empty(0, dtype=torch.bool), state.offset, out.offset, plan["embed"],
             plan["embed_scale"], plan["weights"], plan["scales"], plan["vectors"],
             list(state.kv), list(out.kv), plan["log_decay"], plan["inv_freq"], plan["ints"],

@@ -58,11 +58,28 @@ def layer(name: str) -> int:
                          "docs/architecture.md)")
 
 
+def table_edges() -> set[str]:
+    """The modules of the fast paths the dispatch table names as "module:function" strings
+    (imported when first chosen): dependencies of the table like its imports."""
+    from retnet.kernels.dispatch import TABLE
+
+    return {f"retnet.kernels.{fast.impl.split(':')[0]}" for row in TABLE.values()
+            for fast in row.fast}
+
+
 def graph() -> dict[str, set[str]]:
     found = modules()
     # `retnet` itself is the public facade: it imports from below; inside, only the CLI
     # imports it (anyone may read its __version__).
-    return {name: imports(path, set(found)) for name, path in found.items() if name != "retnet"}
+    edges = {name: imports(path, set(found)) for name, path in found.items() if name != "retnet"}
+    edges["retnet.kernels.dispatch"] |= table_edges()
+    return edges
+
+
+def test_the_dispatch_table_names_fast_paths_in_kernels_only():
+    """Every fast path's code lives in retnet.kernels (layer 1, beside the ops that ask the
+    table), so that the table's string edges obey the layering as its imports do."""
+    assert table_edges() and all(m in modules() for m in table_edges()), table_edges()
 
 
 def test_every_import_points_down_or_sideways():

@@ -1,4 +1,4 @@
-"""The fused CPU decode step (`retnet.model.fast_decode`) against the float64 whole-model
+"""The fused CPU decode step (`retnet.kernels.decode`) against the float64 whole-model
 reference (tests/reference_lm.py), for every architecture variant, padded rows included, with
 the fast path on and off; and generation with it against generation without it."""
 
@@ -11,8 +11,10 @@ from recall import recall_model
 from reference_lm import reference_forward
 from retnet import kernels
 from retnet.generation import StepBuffers, prefill
-from retnet.model import RetNetConfig, RetNetLM, RetNetState
-from retnet.model.fast_decode import decode_path, fused_decode, fused_step
+from retnet.kernels.decode import fused_decode
+from retnet.kernels.dispatch import choose
+from retnet.model import RetNetConfig, RetNetLM, RetNetOutput, RetNetState
+from retnet.model.fast_decode import decode_path
 from retnet.modules.layout import set_weight_layout
 from retnet.modules.quant import quantize
 
@@ -35,6 +37,15 @@ def fast(request):
     kernels.set_enabled(request.param == "kernel")
     yield request.param == "kernel"
     kernels.set_enabled(None)
+
+
+def fused_step(model, ids, state, mask, out) -> RetNetOutput | None:
+    """A one-token step of ids [B, 1] through the fast path the dispatch table chooses, as
+    `RetNetLM.forward` takes it; None where none runs."""
+    args = (model, ids[:, 0], state, None if mask is None else mask[:, 0], out)
+    fast = choose("decode_step", *args)
+    step = None if fast is None else fast(*args)
+    return None if step is None else RetNetOutput(step[0].unsqueeze(1), step[1])
 
 
 def _model(dtype: torch.dtype, **overrides) -> RetNetLM:
@@ -194,6 +205,7 @@ def test_fused_decode_refuses_state_buffers_it_cannot_hold(kernels_on):
     """The kernel writes the new state through raw pointers: buffers of another shape, dtype
     or layout are refused with a one-line error (or left to `forward`, which says what is
     wrong), never read or written out of bounds."""
+    assert kernels.cpu_kernels()  # called directly: the table would have loaded them
     model = _model(torch.float32)
     state = _state(model)
     token = torch.tensor([5, 90, 33])

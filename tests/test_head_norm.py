@@ -1,6 +1,6 @@
 """The fused output stage of a retention layer (division by the score sum, GroupNorm, gate;
 `kernels/cpu/head_norm.h`) against the float64 PyTorch expression, values and every gradient,
-and the layer's choice of it through the one switch."""
+and the layer's choice of it through the dispatch table and its switch."""
 
 from __future__ import annotations
 
@@ -10,9 +10,16 @@ import torch.nn.functional as F
 
 from reference import rel_err
 from retnet import kernels
-from retnet.ops.gate import fused_head_norm_gate
+from retnet.kernels.dispatch import choose
 
 EPS = 1e-5
+
+
+def fused_head_norm_gate(o_full, floor, g, weight, bias, eps, out_weight=None):
+    """The output stage through the fast path the dispatch table chooses, or None."""
+    args = (o_full, floor, g, weight, bias, eps, out_weight)
+    fast = choose("head_norm_gate", *args)
+    return None if fast is None else fast(*args)
 
 
 def _reference(o_full, floor, g, weight, bias, out_weight=None):

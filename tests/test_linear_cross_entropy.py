@@ -1,4 +1,5 @@
-"""The chunked cross-entropy over the LM head against the plain one: the full logits, then
+"""The chunked cross-entropy over the LM head (`retnet.kernels.loss`, the fast path of
+`retnet.ops.loss.linear_cross_entropy`) against the plain one: the full logits, then
 F.cross_entropy (a reference that never calls the code under test)."""
 
 from __future__ import annotations
@@ -7,6 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from retnet import kernels
+from retnet.kernels.loss import chunked_cross_entropy
 from retnet.ops.loss import linear_cross_entropy
 
 
@@ -33,7 +36,7 @@ def _grads(loss, *tensors):
 @pytest.mark.parametrize("chunk_rows", [1, 7, 37, 100, None])
 def test_float64_loss_and_gradients_equal_the_plain_loss(chunk_rows):
     hidden, weight, targets = _case(torch.float64)
-    got = linear_cross_entropy(hidden, weight, targets, chunk_rows=chunk_rows)
+    got = chunked_cross_entropy(hidden, weight, targets, chunk_rows=chunk_rows)
     want = _plain(hidden, weight, targets)
     assert abs(got.item() - want.item()) <= 1e-10 * abs(want.item())
     for a, b in zip(_grads(got, hidden, weight), _grads(want, hidden, weight)):
@@ -43,7 +46,7 @@ def test_float64_loss_and_gradients_equal_the_plain_loss(chunk_rows):
 @pytest.mark.parametrize("chunk_rows", [5, None])
 def test_float32_within_1e_5_of_the_float64_plain_loss(chunk_rows):
     hidden, weight, targets = _case(torch.float32, n=64, d=32, v=300)
-    got = linear_cross_entropy(hidden, weight, targets, chunk_rows=chunk_rows)
+    got = chunked_cross_entropy(hidden, weight, targets, chunk_rows=chunk_rows)
     assert got.dtype == torch.float32
     want = _plain(hidden, weight, targets)
     assert got.item() == pytest.approx(want.item(), rel=1e-5)
@@ -54,7 +57,7 @@ def test_float32_within_1e_5_of_the_float64_plain_loss(chunk_rows):
 
 def test_an_upstream_gradient_scales_both_gradients():
     hidden, weight, targets = _case(torch.float64, ignored=False)
-    got = 3.5 * linear_cross_entropy(hidden, weight, targets, chunk_rows=4)
+    got = 3.5 * chunked_cross_entropy(hidden, weight, targets, chunk_rows=4)
     want = 3.5 * _plain(hidden, weight, targets)
     for a, b in zip(_grads(got, hidden, weight), _grads(want, hidden, weight)):
         assert (a - b).abs().max() <= 1e-10 * b.abs().max()
@@ -63,10 +66,10 @@ def test_an_upstream_gradient_scales_both_gradients():
 def test_batched_shapes_and_no_grad_give_the_same_loss():
     hidden, weight, targets = _case(torch.float64, n=24)
     want = _plain(hidden, weight, targets).item()
-    batched = linear_cross_entropy(hidden.reshape(4, 6, -1), weight, targets.reshape(4, 6),
+    batched = chunked_cross_entropy(hidden.reshape(4, 6, -1), weight, targets.reshape(4, 6),
                                    chunk_rows=5)
     with torch.no_grad():
-        evaluated = linear_cross_entropy(hidden, weight, targets, chunk_rows=5)
+        evaluated = chunked_cross_entropy(hidden, weight, targets, chunk_rows=5)
     assert batched.item() == pytest.approx(want, rel=1e-12)
     assert evaluated.item() == pytest.approx(want, rel=1e-12) and not evaluated.requires_grad
 
@@ -81,7 +84,7 @@ def test_a_tied_weight_collects_both_gradients():
     def hidden():
         return torch.tanh(emb[ids])
 
-    got = _grads(linear_cross_entropy(hidden(), emb, targets, chunk_rows=4), emb)[0]
+    got = _grads(chunked_cross_entropy(hidden(), emb, targets, chunk_rows=4), emb)[0]
     want = _grads(F.cross_entropy((hidden() @ emb.t()).flatten(0, 1), targets.flatten()),
                   emb)[0]
     assert (got - want).abs().max() <= 1e-10 * want.abs().max()
@@ -89,17 +92,36 @@ def test_a_tied_weight_collects_both_gradients():
 
 def test_bfloat16_hidden_states_are_scored_in_float32():
     hidden, weight, targets = _case(torch.bfloat16, n=16, d=16, v=64)
-    got = linear_cross_entropy(hidden, weight, targets)
+    got = chunked_cross_entropy(hidden, weight, targets)
     want = _plain(hidden.float(), weight.float(), targets)  # the bf16 values, exactly
     assert got.dtype == torch.float32 and got.item() == pytest.approx(want.item(), rel=1e-5)
     gh, gw = _grads(got, hidden, weight)
     assert gh.dtype == torch.bfloat16 and gw.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["chunked", "reference"])
+def test_the_op_equals_the_plain_loss_on_either_path(fast):
+    """`retnet.ops.loss.linear_cross_entropy` through the chunked path (switch on) or its own
+    reference (off): the same float64 loss and gradients; mismatched rows refused on both."""
+    hidden, weight, targets = _case(torch.float64)
+    kernels.set_enabled(fast)
+    try:
+        got = linear_cross_entropy(hidden.view(1, 37, 12), weight, targets.view(1, 37))
+        with pytest.raises(ValueError, match="rows"):
+            linear_cross_entropy(hidden, weight, targets[:-1])
+    finally:
+        kernels.set_enabled(None)
+    assert (got.grad_fn.name() == "_LinearCrossEntropyBackward") == fast
+    want = _plain(hidden, weight, targets)
+    assert (got - want).abs() <= 1e-12 * want.abs()
+    for a, b in zip(_grads(got, hidden, weight), _grads(want, hidden, weight)):
+        assert (a - b).abs().max() <= 1e-10 * b.abs().max()
+
+
 def test_mismatched_rows_are_refused():
     hidden, weight, targets = _case(torch.float64)
     with pytest.raises(ValueError, match="rows"):
-        linear_cross_entropy(hidden, weight, targets[:-1])
+        chunked_cross_entropy(hidden, weight, targets[:-1])
 
 
 @pytest.mark.parametrize("tie", [True, False])

@@ -1,11 +1,11 @@
-"""down(act(h)) with the backward that recomputes act(h) (retnet.ops.activation) against the
+"""down(act(h)) with the backward that recomputes act(h) (retnet.kernels.activation) against the
 plain expression: values bit for bit, gradients to 1e-6, and float64 gradcheck."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from retnet.ops.activation import act_linear
+from retnet.kernels.activation import act_linear
 
 ACT = {"gelu": F.gelu, "swish": F.silu}
 
@@ -33,7 +33,7 @@ def test_gradcheck_float64(kind):
     assert torch.autograd.gradcheck(lambda h, w: act_linear(h, w, kind), (h, w))
 
 
-def test_the_block_uses_it_in_training_only():
+def test_the_block_uses_it_in_training_only(kernels_on):
     from retnet.modules.block import FeedForward
 
     ffn = FeedForward(8, 16)

@@ -7,8 +7,8 @@ import torch
 
 from reference import reference_retention, rel_err
 from retnet import kernels
+from retnet.kernels.chunkwise import chunkwise_retention
 from retnet.ops import Form, log_decays
-from retnet.ops.chunkwise import chunkwise_retention
 
 B, T, H, K, V = 2, 29, 3, 4, 6
 
@@ -103,7 +103,7 @@ def test_gradcheck(chunk):
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
 def test_float32_form_within_1e_5_of_float64(fast, masked, monkeypatch):
     """Form("chunkwise") in float32, through whichever path the switch selects."""
-    monkeypatch.setattr(kernels, "_override", fast)
+    monkeypatch.setattr(kernels.switch, "_override", fast)
     args32 = _inputs(torch.float32, masked)
     o, s, grads = _value_and_grads(Form("chunkwise", 8), *args32)
     assert (o.grad_fn.name() == "ChunkwiseRetentionBackward") == fast

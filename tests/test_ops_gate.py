@@ -1,4 +1,4 @@
-"""The retention output gate's own backward (`retnet.ops.gate.silu_gate`) against autograd's
+"""The retention output gate's own backward (`retnet.kernels.gate.silu_gate`) against autograd's
 silu(g) * o: values and gradients, float64 gradcheck, mixed dtypes, and what it keeps."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from retnet.ops.gate import silu_gate
+from retnet.kernels.gate import silu_gate
 
 
 def _inputs(dtype=torch.float64, shape=(2, 5, 12)):

@@ -1,10 +1,10 @@
 """LayerNorm then projections with the backward that recomputes the norm's output
-(retnet.ops.norm_linear) against the plain expression, and where the blocks use it."""
+(retnet.kernels.norm_linear) against the plain expression, and where the blocks use it."""
 
 import torch
 import torch.nn.functional as F
 
-from retnet.ops.norm_linear import layer_norm_linear
+from retnet.kernels.norm_linear import layer_norm_linear
 
 
 def _case(dtype):
@@ -41,7 +41,7 @@ def test_gradcheck_float64():
                                     (x, nw, nb, *ws))
 
 
-def test_blocks_use_it_under_autograd_only():
+def test_blocks_use_it_under_autograd_only(kernels_on):
     """A training forward's projections come out of the function (all four of retention's
     and the FFN's up); without grad, or under autocast, the plain modules run."""
     from retnet.modules.linear import Linear, project

@@ -76,12 +76,13 @@ def test_eval_perplexity_in_each_weight_format(corpus, tmp_path, monkeypatch, ca
 
 
 def test_int8_decodes_without_the_kernels_in_the_decode_layout():
-    """With the fast paths off, `use_inference_layout` puts float32 weights in the transposed
-    decode layout; int8 rows must keep multiplying through their scales there (they once met
-    the fused float projection and raised), and the steps equal the parallel form's logits."""
+    """In the transposed decode layout (which `use_inference_layout` chooses where the split
+    GEMV runs and the fused step does not), int8 rows must keep multiplying through their
+    scales (they once met the fused float projection and raised), and the steps equal the
+    parallel form's logits."""
     from retnet import kernels
     from retnet.generation import decode_one
-    from retnet.model.fast_decode import use_inference_layout
+    from retnet.modules.layout import use_decode_layout
 
     torch.manual_seed(0)
     model = retnet.quantize(RetNetLM(RetNetConfig.from_preset("tiny", vocab_size=61)).eval(),
@@ -91,7 +92,7 @@ def test_int8_decodes_without_the_kernels_in_the_decode_layout():
     try:
         with torch.no_grad():
             want = model(ids, mode="parallel").logits  # [1, 7, 61]
-            use_inference_layout(model)
+            use_decode_layout(model)
             state, steps = model.init_state(1), []
             for t in range(ids.shape[1]):
                 logits, state = decode_one(model, ids[:, t], state)

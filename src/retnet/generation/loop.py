@@ -11,8 +11,8 @@ from torch import Tensor
 
 from retnet.generation.sampling import SamplingParams, make_generators, sample
 from retnet.generation.text import TextStream
+from retnet.kernels.dispatch import choose
 from retnet.model import RetNetLM, RetNetState
-from retnet.model.fast_decode import fused_decode
 from retnet.ops import CHUNKWISE, RECURRENT, Form
 from retnet.tokenizer import Tokenizer
 
@@ -58,11 +58,13 @@ def decode_one(model: RetNetLM, token: Tensor, state: RetNetState,
 
     out: optional buffers (e.g. `state.empty_like()`, or the state before last) that receive
     the new state; `StepBuffers` alternates two, so a loop allocates nothing per token.
-    Straight to the fused CPU kernel where it applies (fewer Python calls per token than
+    Straight to the fused step where the table chooses it (fewer Python calls per token than
     through `model(...)`, same result), else through `model.forward`."""
-    fast = fused_decode(model, token, state, active, out)
-    if fast is not None:
-        return fast
+    args = (model, token, state, active, out)
+    fast = choose("decode_step", *args)
+    step = None if fast is None else fast(*args)  # None: it declined, see the table
+    if step is not None:
+        return step
     mask = None if active is None else active[:, None]
     result = model(token[:, None], state=state, mode=RECURRENT, attention_mask=mask,
                    state_out=out)

@@ -7,7 +7,9 @@ imports removed: the model stays defined once. Two files, as transformers expect
 
     configuration_retnet.py   ops/decay.py, model/config.py, hf/configuration.py
     modeling_retnet.py        the ops, modules, model and hf/modeling.py, plus
-                              `from .configuration_retnet import ...` for the names above
+                              `from .configuration_retnet import ...` for the names above;
+                              hf/reference_dispatch.py stands in for retnet.kernels.dispatch
+                              (no fast path travels: every operation runs its reference)
 
 The bundle refuses (BundleError, at export time) anything it cannot carry over faithfully: a
 name imported from retnet that no bundled module defines (a new dependency: add its module
@@ -26,10 +28,11 @@ from retnet import __version__
 CONFIG_FILE, MODELING_FILE = "configuration_retnet.py", "modeling_retnet.py"
 # Paths inside the retnet package; each module after those it imports from.
 CONFIG_MODULES = ("ops/decay.py", "model/config.py", "hf/configuration.py")
-MODELING_MODULES = ("ops/rotary.py", "ops/linear.py", "ops/retention.py", "ops/loss.py",
-                    "ops/gate.py", "ops/activation.py", "ops/norm_linear.py", "modules/linear.py",
-                    "modules/layout.py", "modules/retention.py", "modules/block.py",
-                    "model/state.py", "model/lm.py", "hf/modeling.py")
+MODELING_MODULES = ("ops/rotary.py", "hf/reference_dispatch.py", "ops/linear.py",
+                    "ops/retention.py", "ops/loss.py", "ops/gate.py", "ops/activation.py",
+                    "ops/norm_linear.py", "modules/linear.py", "modules/layout.py",
+                    "modules/retention.py", "modules/block.py", "model/state.py", "model/lm.py",
+                    "hf/modeling.py")
 # config.json's auto_map: what AutoConfig / AutoModelForCausalLM load with trust_remote_code.
 AUTO_MAP = {"AutoConfig": "configuration_retnet.RetNetHFConfig",
             "AutoModelForCausalLM": "modeling_retnet.RetNetForCausalLM"}

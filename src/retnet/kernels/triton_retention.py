@@ -5,8 +5,8 @@ exp(count · log γ) with no positive exponent; float32 state and accumulation).
 
 They run on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (how CI tests them):
 import this module only after that variable is set. Select them with
-`Form(..., backend="triton")`; `retnet.kernels.triton_path` decides, with the PyTorch forms
-as reference and fallback.
+`Form(..., backend="triton")`; `retnet.kernels.dispatch` decides where they may run
+(`chunkwise_form`, `recurrent_form`), with the PyTorch forms as reference and fallback.
 
 Each program owns one (batch row, head) and one block of BV value columns and walks the
 chunks in order, holding its [K, BV] slice of the state in registers: no tensor of every
@@ -290,3 +290,26 @@ def retention_step(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, state: Te
                                        log_decay.float().contiguous(), state, out, o, H, K, V,
                                        BK=BK, BV=BV)
     return o, out
+
+
+def chunkwise_form(form, q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor,
+                   state: Tensor | None, mask: Tensor | None, out: Tensor | None = None
+                   ) -> tuple[Tensor, Tensor]:
+    """`Form("chunkwise", backend="triton")` (shapes checked by the Form)."""
+    return chunkwise_retention(q, k, v, log_decay, state, mask, chunk_size=form.chunk_size)
+
+
+def recurrent_form(form, q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor,
+                   state: Tensor | None, mask: Tensor | None, out: Tensor | None = None
+                   ) -> tuple[Tensor, Tensor]:
+    """`Form("recurrent", backend="triton")`: one fused step kernel per token, the last one
+    writing into `out` when given (no autograd)."""
+    B, T, H, K = q.shape
+    state = q.new_zeros(B, H, K, v.shape[-1], dtype=torch.float32) if state is None else state
+    outputs = []
+    for t in range(T):
+        o, state = retention_step(q[:, t], k[:, t], v[:, t], log_decay, state.float(),
+                                  None if mask is None else mask[:, t],
+                                  out=out if t == T - 1 else None)
+        outputs.append(o)
+    return torch.stack(outputs, dim=1), state

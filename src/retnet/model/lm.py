@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from retnet.kernels.dispatch import choose
 from retnet.model.config import RetNetConfig
 from retnet.model.state import RetNetState
 from retnet.modules import RetNetBlock
@@ -22,10 +23,6 @@ from retnet.ops.loss import linear_cross_entropy
 from retnet.ops.retention import Mode
 
 INIT_STD = 0.02
-# Fused one-token steps that forward tries before the reference: (model, input_ids, state,
-# attention_mask, state_out) -> RetNetOutput, or None to decline. `retnet.model.fast_decode`
-# registers the CPU kernel's; bundled remote code has none and always runs the reference.
-FAST_STEPS: list = []
 
 
 class RetNetOutput(NamedTuple):
@@ -135,13 +132,14 @@ class RetNetLM(nn.Module):
         state = self.init_state(B, input_ids.device) if state is None else state
         form = Form.of(mode, chunk_size)
         self._check_state_out(form, state, state_out)
-        # The fused CPU step serves the default backend; an explicit one is honoured.
-        if (form.mode == "recurrent" and form.backend == "torch" and hidden_out is None
-                and targets is None):
-            for fast in FAST_STEPS:
-                out = fast(self, input_ids, state, attention_mask, state_out)
-                if out is not None:
-                    return out
+        if (form.mode == "recurrent" and input_ids.shape[1] == 1 and hidden_out is None
+                and targets is None):  # a one-token step: the whole step may be one kernel
+            active = None if attention_mask is None else attention_mask[:, 0]
+            args = (self, input_ids[:, 0], state, active, state_out)
+            fast = choose("decode_step", *args, backend=form.backend)
+            step = None if fast is None else fast(*args)  # None: it declined, see the table
+            if step is not None:
+                return RetNetOutput(step[0].unsqueeze(1), step[1])
         forms = self._forms(form, state_out)
         mask = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
                 else attention_mask.to(torch.bool))

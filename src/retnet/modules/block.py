@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from retnet.modules.linear import Linear, project
 from retnet.modules.retention import MultiScaleRetention, Positions
 from retnet.ops import RetentionForm
-from retnet.ops.activation import act_linear
-
-ACTIVATIONS = {"gelu": F.gelu, "swish": F.silu}
+from retnet.ops.activation import ACTIVATIONS, act_linear
 
 
 def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
@@ -35,8 +31,8 @@ class FeedForward(nn.Module):
         """x [B, T, D] → [B, T, D], of norm(x) when a norm is given (the block's pre-norm)."""
         inputs = [self.up] if self.gate is None else [self.up, self.gate]
         up, *gate = project(x, nn.Identity() if norm is None else norm, inputs)
-        if not gate and torch.is_grad_enabled() and type(self.down) is Linear:
-            # down(act(up x)) keeping up(x) only: act(up x) is recomputed in the backward
+        if not gate and type(self.down) is Linear:
+            # one operation: under autograd it keeps up(x) only, act(up x) is recomputed
             return act_linear(up, self.down.weight, self.kind)
         h = self.act(up)
         return self.down(h if not gate else h * gate[0])

@@ -3,7 +3,6 @@ and `project`: a norm followed by projections of its output."""
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from retnet.ops.linear import linear
@@ -21,12 +20,11 @@ class Linear(nn.Linear):
 
 
 def project(x: Tensor, norm: nn.Module, linears: list[nn.Module]) -> list[Tensor]:
-    """[p(norm(x)) for p in linears]. Under autograd, with a LayerNorm and plain float
-    projections (no autocast), one function that keeps x for the backward and recomputes
-    norm(x) there (`retnet.ops.norm_linear`)."""
-    if (torch.is_grad_enabled() and type(norm) is nn.LayerNorm and norm.elementwise_affine
-            and norm.bias is not None and not torch.is_autocast_enabled(x.device.type)
-            and all(type(p) is Linear and p.weight.dtype == x.dtype for p in linears)):
+    """[p(norm(x)) for p in linears]. A LayerNorm with plain float projections is one operation
+    (`retnet.ops.norm_linear`: under autograd, a function that keeps x for the backward and
+    recomputes norm(x) there)."""
+    if (type(norm) is nn.LayerNorm and norm.elementwise_affine and norm.bias is not None
+            and all(type(p) is Linear for p in linears)):
         return layer_norm_linear(x, norm.weight, norm.bias, norm.eps, [p.weight for p in linears])
     x = norm(x)
     return [p(x) for p in linears]

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from retnet.kernels.decode import forget_plan
 from retnet.modules.linear import Linear
 
 QUANTIZATIONS = ("int8",)
@@ -67,7 +68,7 @@ def quantize(model: nn.Module, method: str = "int8") -> nn.Module:
             if isinstance(child, (Linear, nn.Embedding)):
                 kind = Int8Linear if isinstance(child, Linear) else Int8Embedding
                 setattr(parent, name, kind(*quantize_rows(child.weight)))
-    model.__dict__.pop("_fused_decode_plan", None)  # it points at the float weights
+    forget_plan(model)  # the fused decode step's cached arguments point at the float weights
     return model
 
 

@@ -8,10 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from retnet.kernels.dispatch import choose
 from retnet.modules.layout import fused_weight
 from retnet.modules.linear import Linear, project
 from retnet.ops import RetentionForm, decay_row_sum, log_decays, rotary_factors, rotate
-from retnet.ops.gate import fused_head_norm_gate, silu_gate
+from retnet.ops.gate import silu_gate
 from retnet.ops.linear import linear
 
 
@@ -108,15 +109,17 @@ class MultiScaleRetention(nn.Module):
         log_decay = self.log_decay(x.device, kv.dtype)
         o, kv = form(q, k, torch.cat([v, ones], dim=-1), log_decay, kv, mask)
         if g and self.group_norm is not None:
-            # the division, GroupNorm, gate and W_O below in one fused pass, if a fast path
-            # has it (W_O inside when it is a plain float weight: its input is recomputed)
+            # the division, GroupNorm, gate and W_O below in one fused pass where the table
+            # chooses one (W_O inside when it is a plain float weight: its input is recomputed)
             gn = self.group_norm
             w_o = self.out_proj.weight if type(self.out_proj) is Linear else None
-            fused = fused_head_norm_gate(o, pos.sqrt_c, g[0], gn.weight, gn.bias, gn.eps, w_o)
-            if fused is not None:
-                return (fused if w_o is not None else self.out_proj(fused)).to(x.dtype), kv
-        # split, not o[..., :V] and o[..., V]: their backward would zero-fill two [B, T, H, V+1]
-        # gradients; split's backward concatenates.
+            args = (o, pos.sqrt_c, g[0], gn.weight, gn.bias, gn.eps, w_o)
+            fast = choose("head_norm_gate", *args)
+            if fast is not None:
+                y = fast(*args)
+                return (y if w_o is not None else self.out_proj(y)).to(x.dtype), kv
+        # The reference. split, not o[..., :V] and o[..., V]: their backward would zero-fill
+        # two [B, T, H, V+1] gradients; split's backward concatenates.
         o, score_sum = o.split([V, 1], dim=-1)
         o = o / torch.maximum(score_sum.abs(), pos.sqrt_c.unsqueeze(-1))  # [B, T, H, V]
         o = self._normalise_heads(o).reshape(B, T, H * V)

@@ -22,21 +22,21 @@ the output in that dtype: callers decide when to round to a lower precision.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import warnings
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import torch
 from torch import Tensor
 
+from retnet.kernels.dispatch import choose
+
 Mode = Literal["parallel", "recurrent", "chunkwise"]
 MODES: tuple[str, ...] = ("parallel", "recurrent", "chunkwise")
-Backend = Literal["torch", "triton"]
-BACKENDS: tuple[str, ...] = ("torch", "triton")
-# Fused implementations of a Form by backend: (form, q, k, v, log_decay, state, mask, out) ->
-# (o, state), or None to decline (then this module's form runs). retnet.kernels registers
-# "triton"; this module imports no other retnet module (the HF export bundles it alone).
-FAST_FORMS: dict[str, Callable[..., tuple[Tensor, Tensor] | None]] = {}
+# "auto": the dispatch table's choice (the chunkwise autograd Function where the switch allows,
+# else these forms); "triton": the opt-in Triton kernels where they may run
+Backend = Literal["auto", "triton"]
+BACKENDS: tuple[str, ...] = ("auto", "triton")
 DEFAULT_CHUNK_SIZE = 64  # tokens per chunk unless a caller says otherwise (the one default)
 
 
@@ -245,11 +245,16 @@ class Form:
 
     mode: Mode = "parallel"
     chunk_size: int = DEFAULT_CHUNK_SIZE  # used by "chunkwise" only
-    # "triton": the fused GPU kernels (chunkwise or recurrent; opt-in), where
-    # retnet.kernels.triton_path allows them, else this PyTorch form after a notice
-    backend: Backend = "torch"
+    # "auto": whatever `retnet.kernels.dispatch` chooses; "triton": the fused GPU kernels
+    # (chunkwise or recurrent; opt-in) where they may run, else this PyTorch form after a notice
+    backend: Backend = "auto"
 
     def __post_init__(self) -> None:
+        if self.backend == "torch":  # its old name, which read as "the PyTorch reference"
+            warnings.warn("Form(backend='torch') is now Form(backend='auto') (the dispatch "
+                          "table's choice); 'torch' will be removed", DeprecationWarning,
+                          stacklevel=3)
+            object.__setattr__(self, "backend", "auto")
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}; use one of {', '.join(MODES)}")
         if self.backend not in BACKENDS:
@@ -276,10 +281,11 @@ class Form:
         """out: buffers that receive the new state (recurrent form only)."""
         if out is not None and self.mode != "recurrent":
             raise ValueError("out= (a state buffer to write into) needs mode='recurrent'")
-        fast = FAST_FORMS.get(self.backend)
-        result = None if fast is None else fast(self, q, k, v, log_decay, state, mask, out)
-        if result is not None:
-            return result
+        _check_shapes(q, k, v, log_decay, state, mask)
+        args = (self, q, k, v, log_decay, state, mask, out)
+        fast = choose(f"retention.{self.mode}", *args)
+        if fast is not None:
+            return fast(*args)
         if self.mode == "chunkwise":
             return retention_chunkwise(q, k, v, log_decay, state, mask,
                                        chunk_size=self.chunk_size)

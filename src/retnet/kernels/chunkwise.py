@@ -1,6 +1,8 @@
-"""The chunkwise form as one autograd Function: the fast path for training and prefill.
+"""The chunkwise form as one autograd Function: the fast path for training and prefill
+(`Form(backend="auto")`, chosen by `retnet.kernels.dispatch`).
 
-Same recurrence and signature as `retention_chunkwise` (the reference), computed differently:
+Same recurrence and signature as `retnet.ops.retention.retention_chunkwise` (the reference),
+computed differently:
 
 - one transpose of q, k, v into a chunk-major [N, B, H, L, ·] layout, then every per-chunk
   product is a batched matmul on contiguous blocks (the reference's einsums permute and copy
@@ -204,3 +206,21 @@ def chunkwise_retention(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, stat
     """The chunkwise form through `ChunkwiseRetention`; arguments as `retention_chunkwise`
     after its `_prepare` (compute dtype, k masked), except mask None = every token real."""
     return ChunkwiseRetention.apply(q, k, v, log_decay, state, mask, chunk_size)
+
+
+def chunkwise_form(form, q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor,
+                   state: Tensor | None, mask: Tensor | None, out: Tensor | None = None
+                   ) -> tuple[Tensor, Tensor]:
+    """`Form("chunkwise")` through `ChunkwiseRetention` (shapes checked by the Form): the
+    float32 inputs prepared as `retention_chunkwise` prepares them. Returns (o, final state)."""
+    B, _, H, K = q.shape
+    with torch.autocast(q.device.type, enabled=False):
+        q, k, v = q.float(), k.float(), v.float()
+        log_decay = log_decay.to(device=q.device, dtype=torch.float32)
+        state = (q.new_zeros(B, H, K, v.shape[-1]) if state is None else state.float())
+        if mask is not None and mask.device.type == "cpu" and bool(mask.all()):
+            mask = None  # all real: shared decay factors (asked on the CPU only: no sync)
+        if mask is not None:
+            mask = mask.to(torch.float32)
+            k = k * mask[:, :, None, None]  # a masked key writes nothing to the state
+        return chunkwise_retention(q, k, v, log_decay, state, mask, form.chunk_size)
