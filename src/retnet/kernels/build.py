@@ -146,6 +146,9 @@ _loaded: set[Path] = set()
 def load(quiet: bool = False) -> None:
     """Build if needed and register torch.ops.retnet.* in this process (once)."""
     path = build(quiet)
+    if _loaded and path not in _loaded:  # a second TORCH_LIBRARY(retnet) would abort
+        raise BuildError(f"another build of the kernels is loaded in this process; "
+                         f"{VARIANT_ENV} is read once, before the first use")
     if path not in _loaded:
         try:
             torch.ops.load_library(str(path))

@@ -48,22 +48,32 @@ def cpu_kernels() -> bool:
 
         try:
             load()
-            _cpu = True
+            _cpu = worth_using()
         except BuildError as err:
             notice(f"CPU kernels unavailable ({err})")
             _cpu = False
     return _cpu
 
 
-def vector_isa() -> str:
-    """The vector back end of the loaded C++ kernels ("avx512", "avx2", "neon", "scalar"), or
-    "unknown" where the build does not say."""
+def worth_using() -> bool:
+    """The rule that keeps every CPU fast path at least as fast as the reference: a library
+    whose vector layer fell back to at::vec's plain arrays (no AVX2+FMA, AVX-512 or NEON at
+    build time) runs scalar loops, slower than PyTorch's own vectorised kernels, so it is used
+    only when that build was asked for by name ($RETNET_KERNEL_VARIANT=scalar: the tests of
+    that back end); otherwise the reference runs, after one notice."""
     from retnet.kernels import build
 
-    isa = getattr(build, "vector_isa", None)
-    if isa is None or not cpu_kernels():
-        return "unknown"
-    try:
-        return str(isa())
-    except (RuntimeError, AttributeError):  # a library built before the op existed
-        return "unknown"
+    if build.vector_isa() != "scalar" or os.environ.get(build.VARIANT_ENV):
+        return True
+    notice("the CPU kernels were built without vector instructions (this compiler or CPU has "
+           "no AVX2+FMA, AVX-512 or NEON), slower than PyTorch's own")
+    return False
+
+
+def vector_isa() -> str:
+    """The vector back end of this machine's C++ kernels ("avx512", "avx2", "neon", "scalar";
+    "none" where they cannot be loaded), building them first if needed."""
+    from retnet.kernels import build
+
+    cpu_kernels()
+    return build.vector_isa()
