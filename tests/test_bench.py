@@ -7,8 +7,9 @@ import pytest
 
 from retnet.cli import main
 
+REFERENCES = {"retnet-reference", "retnet-bfloat16-reference", "retnet-int8-reference"}
 BACKENDS = {"retnet", "retnet-bfloat16", "retnet-int8", "llama-dynamic", "llama-static",
-            "yet-another-retnet"}
+            "yet-another-retnet"} | REFERENCES
 
 
 def test_quick_bench_writes_results_report_and_plots(tmp_path, capsys):
@@ -52,9 +53,25 @@ def test_quick_bench_writes_results_report_and_plots(tmp_path, capsys):
         assert 0 < figures[f"{name}_mfu"] < bound, name
     assert figures["retnet-chunkwise-bf16_vs_llama"] == pytest.approx(
         train["retnet-chunkwise-bf16"]["tokens_per_s"] / train["llama-sdpa-bf16"]["tokens_per_s"])
-    assert results["limits"]["matmul_flops_bf16"] > 0
+    assert results["limits"]["matmul_flops_bf16"] > 0 and results["limits"]["matmul_n_bf16"]
     report = (tmp_path / "report.md").read_text()
     assert "## Decode" in report and "## Training" in report and "torchscale" in report
+
+    # each fast cell beside the same model with every fast path off (issue #33)
+    for name in REFERENCES:
+        assert meta["backends"][name]["config"]["decode_path"].startswith("PyTorch reference")
+    assert "retnet-reference" in results["prefill"][0]["results"]
+    assert train["retnet-chunkwise-reference"]["tokens_per_s"] > 0
+    assert not any(k.startswith("retnet-reference@") for c in results["flatness"]
+                   for k in c["results"])
+    ratios = results["fast_vs_reference"]
+    assert len(ratios["cells"]) == 3 * len(results["decode"]) + 2  # + prefill, train
+    assert ratios["worst"]["ratio"] == max(r["ratio"] for r in ratios["cells"])
+    cell = results["decode"][0]["results"]
+    assert ratios["cells"][0]["ratio"] == pytest.approx(
+        cell["retnet"]["median_s"] / cell["retnet-reference"]["median_s"])
+    assert "## Fast paths against the reference" in report
+    assert "| train retnet-chunkwise, T 64, batch 4 |" in report
     assert (tmp_path / "decode.png").stat().st_size > 1000
     assert (tmp_path / "memory.png").stat().st_size > 1000
 
@@ -62,9 +79,12 @@ def test_quick_bench_writes_results_report_and_plots(tmp_path, capsys):
 def test_only_decode_runs_just_its_cells_with_a_floor_per_format(tmp_path):
     from retnet.bench.report import derived
 
-    assert main(["bench", "--quick", "--only", "decode", "--out", str(tmp_path)]) == 0
+    assert main(["bench", "--quick", "--only", "decode", "--no-reference",
+                 "--out", str(tmp_path)]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["decode"] and results["prefill"] == [] and results["train"] == []
+    assert not REFERENCES & set(results["meta"]["backends"])  # --no-reference
+    assert results["fast_vs_reference"] == {"cells": [], "worst": None}
     sizes = {n: results["meta"]["backends"][n]["weight_bytes"]
              for n in ("retnet", "retnet-bfloat16", "retnet-int8")}
     assert sizes["retnet-int8"] < sizes["retnet-bfloat16"] < sizes["retnet"]
@@ -96,6 +116,7 @@ def test_only_decode_runs_just_its_cells_with_a_floor_per_format(tmp_path):
     assert d["decode_batch_1_int8"]["flatness"] == pytest.approx(hi / lo)
     report = (tmp_path / "report.md").read_text()
     assert "against the floors" in report and "| int8, 1 |" in report
+    assert "against the reference" not in report
     from retnet import kernels
 
     path = results["meta"]["backends"]["retnet-int8"]["config"]["decode_path"]  # the one used
@@ -132,7 +153,8 @@ def test_torchscale_runs_in_a_separate_interpreter_and_is_merged(tmp_path):
     python.write_text(f"#!/bin/sh\nexec {sys.executable} {stub} \"$@\"\n")
     python.chmod(0o755)
     out = tmp_path / "out"
-    assert main(["bench", "--quick", "--out", str(out), "--torchscale-python", str(python)]) == 0
+    assert main(["bench", "--quick", "--no-reference", "--out", str(out),
+                 "--torchscale-python", str(python)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert "torchscale" not in results["meta"]["skipped"]
     assert results["meta"]["backends"]["torchscale"]["non_embedding"] == 123
@@ -155,13 +177,25 @@ def test_limits_keep_the_better_of_the_start_and_the_end():
     from retnet.bench.machine import best_limits
 
     start = {"matmul_flops": 1e11, "matmul_flops_bf16": 4e11, "copy_bytes_per_s": 3e10,
-             "matmul_n": 2048, "copy_buffer_bytes": 7}
+             "matmul_n": 2048, "matmul_n_bf16": 512, "copy_buffer_bytes": 7}
     end = start | {"matmul_flops": 2e11, "copy_bytes_per_s": 2e10}
     best = best_limits(start, end)
     assert (best["matmul_flops"], best["matmul_flops_bf16"], best["copy_bytes_per_s"]) == (
         2e11, 4e11, 3e10)
     assert best["matmul_n"] == 2048 and best["start"]["matmul_flops"] == 1e11
     assert best["end"]["copy_bytes_per_s"] == 2e10
+    # the bf16 peak keeps the n it was measured at
+    best = best_limits(start, end | {"matmul_flops_bf16": 5e11, "matmul_n_bf16": 256})
+    assert (best["matmul_flops_bf16"], best["matmul_n_bf16"]) == (5e11, 256)
+    assert (best["start"]["matmul_n_bf16"], best["end"]["matmul_n_bf16"]) == (512, 256)
+
+
+def test_bf16_products_shrink_to_fit_their_time_budget():
+    """An AVX2 CPU's bf16 2048³ products take minutes: n halves until they fit the budget."""
+    from retnet.bench.machine import BF16_PROBE_N, bf16_matmul_n
+
+    assert bf16_matmul_n(2048, rounds=10, budget_s=1e-9) == BF16_PROBE_N
+    assert bf16_matmul_n(2048, rounds=10, budget_s=1e9) == 2048
 
 
 def test_a_cpu_without_bf16_dot_products_keeps_bf16_decode_and_skips_bf16_compute():
@@ -177,6 +211,100 @@ def test_a_cpu_without_bf16_dot_products_keeps_bf16_decode_and_skips_bf16_comput
     assert "chunkwise" in modes and "sdpa" in modes and not any(m.endswith("bf16") for m in modes)
     assert "no bf16 dot products" in skipped["bf16 autocast training"]
     assert "retnet-bfloat16 prefill" in skipped
+    # each format followed by its reference: decode in every format, float32 prefill/training
+    names = list(backends)
+    assert names[:6] == ["retnet", "retnet-reference", "retnet-bfloat16",
+                         "retnet-bfloat16-reference", "retnet-int8", "retnet-int8-reference"]
+    assert all(backends[n].decode_setup and backends[n].reference for n in REFERENCES)
+    assert backends["retnet-int8-reference"].prefill is None
+    reference = backends["retnet-reference"]
+    assert reference.prefill and reference.train_modes == ("chunkwise",)
+    assert reference.train_label("chunkwise") == "retnet-chunkwise-reference"
+    none = build_backends(RetNetConfig.from_preset("tiny"), {}, reference=False)
+    assert not any(b.reference for b in none)
+
+
+@pytest.mark.parametrize("name, call", [("retnet-reference", "decode"),
+                                        ("retnet-bfloat16-reference", "decode"),
+                                        ("retnet-int8-reference", "decode"),
+                                        ("retnet-reference", "prefill"),
+                                        ("retnet-reference", "train")])
+def test_a_reference_cell_runs_with_every_fast_path_off(name, call):
+    """Inside the reference's set-up and calls the switch is off (each module's forward sees
+    it so, and no torch.ops.retnet kernel runs); after them it is back as it was."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from retnet import kernels
+    from retnet.bench.backends import retnet_reference
+    from retnet.model import RetNetConfig
+
+    class RetnetOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if str(func).startswith("retnet."):
+                self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    config = RetNetConfig.from_preset("tiny", vocab_size=64)
+    dtype, quantization = {"retnet-reference": (torch.float32, None),
+                           "retnet-bfloat16-reference": (torch.bfloat16, None),
+                           "retnet-int8-reference": (torch.float32, "int8")}[name]
+    switch = kernels.enabled()
+    b = retnet_reference(config, dtype, quantization)
+    assert b.name == name and b.config["decode_path"].startswith("PyTorch reference")
+    switched = []  # kernels.enabled() at each module's forward
+    hooks = [m.register_forward_pre_hook(lambda *_: switched.append(kernels.enabled()))
+             for m in b.model.modules()]
+    ids = torch.randint(0, 64, (2, 33))
+    with RetnetOps() as ops:
+        if call == "decode":
+            with torch.no_grad():
+                step = b.decode_setup(2, 16)
+                assert kernels.enabled() == switch
+                step()
+        elif call == "prefill":
+            b.prefill(ids)
+        else:
+            b.train_step(ids, "chunkwise")
+    for hook in hooks:
+        hook.remove()
+    assert switched and not any(switched) and ops.seen == []
+    assert kernels.enabled() == switch
+
+
+def test_fast_paths_against_the_reference_pair_each_cell_with_its_reference():
+    from retnet.bench.report import _reference_lines, fast_vs_reference
+
+    def ok(median, best):
+        return {"status": "ok", "median_s": median, "min_s": best, "max_s": median}
+
+    results = {
+        "decode": [{"batch": 1, "context": 512, "results": {
+            "retnet": ok(2e-3, 1e-3), "retnet-reference": ok(4e-3, 4e-3),
+            "retnet-int8": ok(1e-3, 1e-3), "retnet-int8-reference": {"status": "out of memory"},
+            "llama-dynamic": ok(9e-3, 9e-3)}}],
+        "prefill": [{"T": 8192, "results": {"retnet": ok(1.2, 1.1),
+                                            "retnet-reference": ok(1.0, 1.0)}}],
+        "train": [{"T": 2048, "batch": 4, "results": {
+            "retnet-parallel": ok(1.0, 1.0), "retnet-chunkwise": ok(3.0, 3.0),
+            "retnet-chunkwise-reference": ok(4.0, 2.0)}}]}
+    figures = fast_vs_reference(results)
+    assert [(r["phase"], r["backend"], r["where"]) for r in figures["cells"]] == [
+        ("decode", "retnet", "batch 1, context 512"), ("prefill", "retnet", "T 8192"),
+        ("train", "retnet-chunkwise", "T 2048, batch 4")]
+    assert [r["ratio"] for r in figures["cells"]] == pytest.approx([0.5, 1.2, 0.75])
+    assert [r["ratio_best"] for r in figures["cells"]] == pytest.approx([0.25, 1.1, 1.5])
+    assert figures["cells"][1]["fast_ms"] == pytest.approx(1200)
+    assert figures["worst"] is figures["cells"][1]
+    lines = _reference_lines(results)
+    assert "Worst: prefill retnet, T 8192: 1.20 (1.10)." in lines[3]
+    assert "| prefill retnet, T 8192 | 1200.00 | 1000.00 | 1.20 (1.10) |" in lines
+    assert fast_vs_reference({"decode": [], "prefill": [], "train": []})["worst"] is None
+    assert _reference_lines({"decode": []}) == []
 
 
 def test_a_decode_cell_that_runs_out_of_memory_is_a_recorded_result():

@@ -4,19 +4,22 @@
     prefill(ids) -> None                     read a prompt, keep the state/cache, last logits
     train_step(ids) -> None                  forward + backward of a [B, T] batch
 
-Caches and states for decode are filled synthetically (random values, the right shapes and
-positions): the cost of a step does not depend on the values.
+Ours also runs as its own PyTorch reference (`retnet_reference`: every fast path off), so
+that each fast path is timed beside what it replaces. Caches and states for decode are
+filled synthetically (random values, the right shapes and positions): the cost of a step
+does not depend on the values.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
+from retnet import kernels
 from retnet.bench.measure import BENCH_FORM
 from retnet.generation import decode_one, prefill
 from retnet.model import RetNetConfig, RetNetLM, RetNetState
@@ -29,6 +32,7 @@ STATIC_HEADROOM = 256  # static-cache slots beyond the context (warm-up and time
 # The forms RetNet trains in, by the label of their results (retnet-parallel, -chunkwise)
 TRAIN_FORMS = {form.mode: form for form in (PARALLEL, BENCH_FORM)}
 BF16 = "-bf16"  # a training mode with this suffix runs under bf16 autocast (both models)
+REFERENCE = "-reference"  # a result with this suffix: the same cell with every fast path off
 
 
 def train_autocast(mode: str) -> contextlib.AbstractContextManager:
@@ -51,9 +55,13 @@ class Backend:
     memory_bytes: Callable[[int, int], int]  # state or KV cache bytes for (batch, context)
     train_modes: tuple[str, ...] = ("default",)
     weight_bytes: int = 0  # bytes of weights a decode step reads (RetNet: its floor)
+    reference: bool = False  # every call with the fast paths off (name: ours + REFERENCE)
 
     def train_label(self, mode: str) -> str:
-        """retnet-parallel, retnet-chunkwise, llama-sdpa, yet-another-retnet-parallel."""
+        """retnet-parallel, retnet-chunkwise, llama-sdpa, yet-another-retnet-parallel; a
+        reference's ends in REFERENCE (retnet-chunkwise-reference)."""
+        if self.reference:
+            return f"{self.name.removesuffix(REFERENCE)}-{mode}{REFERENCE}"
         return f"{self.name.removesuffix('-dynamic')}-{mode}"
 
 
@@ -123,6 +131,46 @@ def retnet_backend(config: RetNetConfig, dtype: torch.dtype = torch.float32,
                    lambda b, c: b * config.state_bytes_per_sequence,
                    train_modes=(*TRAIN_FORMS, f"chunkwise{BF16}"),
                    weight_bytes=step_weight_bytes(model))
+
+
+@contextlib.contextmanager
+def fast_paths_off() -> Iterator[None]:
+    """Every fast path off inside (`retnet.kernels.set_enabled(False)`: the PyTorch reference
+    runs); afterwards the environment decides again (set_enabled(None), $RETNET_KERNELS)."""
+    kernels.set_enabled(False)
+    try:
+        yield
+    finally:
+        kernels.set_enabled(None)
+
+
+def _off(fn: Callable) -> Callable:
+    """fn, each call run with every fast path off."""
+    def call(*args, **kwargs):
+        with fast_paths_off():
+            return fn(*args, **kwargs)
+
+    return call
+
+
+def retnet_reference(config: RetNetConfig, dtype: torch.dtype = torch.float32,
+                     quantization: str | None = None) -> Backend:
+    """`retnet_backend` with every fast path off around its set-up and each call: the PyTorch
+    reference its fast paths are measured against (issue #33), named ours + "-reference". Its
+    own model, built while the switch is off (the layout `use_inference_layout` picks depends
+    on the switch, and `decode_path` then says what runs). Decode in each format; prefill and
+    chunkwise training in float32 only."""
+    with fast_paths_off():
+        ours = retnet_backend(config, dtype, quantization)
+
+    def decode_setup(batch: int, context: int) -> Callable[[], None]:
+        return _off(_off(ours.decode_setup)(batch, context))
+
+    plain = ours.train_step is not None  # float32 weights
+    return replace(ours, name=ours.name + REFERENCE, reference=True, decode_setup=decode_setup,
+                   prefill=_off(ours.prefill) if plain else None,
+                   train_step=_off(ours.train_step) if plain else None,
+                   train_modes=(BENCH_FORM.mode,))
 
 
 def llama_backends(config: RetNetConfig) -> list[Backend]:
@@ -239,18 +287,23 @@ NO_BF16 = ("skipped: this CPU has no bf16 dot products (its bf16 matmul peak is 
 
 
 def build_backends(config: RetNetConfig, skipped: dict[str, str], bf16: bool = True,
-                   bf16_compute: bool = True) -> list[Backend]:
+                   bf16_compute: bool = True, reference: bool = True) -> list[Backend]:
     """Every backend that can run here; `skipped` receives the others with the reason.
     bf16_compute=False (a CPU without bf16 dot products) drops what computes in bf16: the
     bf16 autocast training modes and the bf16-weight prefill. bf16-weight decode stays (the
-    fused step converts each weight to float32 in registers)."""
-    backends = [retnet_backend(config)]
+    fused step converts each weight to float32 in registers). reference: each of our formats
+    followed by its PyTorch reference (`retnet_reference`)."""
+    formats = [(torch.float32, None)]
     if bf16:
-        backends += [retnet_backend(config, torch.bfloat16), retnet_backend(config,
-                                                                             quantization="int8")]
-        if not bf16_compute:
-            backends[1] = replace(backends[1], prefill=None)
+        formats += [(torch.bfloat16, None), (torch.float32, "int8")]
+    backends = []
+    for dtype, quantization in formats:
+        backends.append(retnet_backend(config, dtype, quantization))
+        if not bf16_compute and dtype == torch.bfloat16:
+            backends[-1] = replace(backends[-1], prefill=None)
             skipped["retnet-bfloat16 prefill"] = NO_BF16
+        if reference:
+            backends.append(retnet_reference(config, dtype, quantization))
     try:
         backends += llama_backends(config)
     except ImportError as err:

@@ -2,8 +2,10 @@
 Transformer (transformers' Llama) and other RetNet code, plus the machine's own limits.
 
 Candidates are interleaved inside each cell (repeat r runs every backend once) so a core
-that is descheduled for a while slows all of them alike; medians and min–max are kept, with
-every raw timing, in a JSON file; a Markdown report and PNG plots are written beside it.
+that is descheduled for a while slows all of them alike; ours also runs with every fast path
+off (the PyTorch reference, "-reference" results) beside each of its fast cells. Medians and
+min–max are kept, with every raw timing, in a JSON file; a Markdown report and PNG plots are
+written beside it.
 """
 
 from __future__ import annotations
@@ -77,6 +79,9 @@ class BenchConfig:
     llamacpp_contexts: list[int] = opt(help="llama.cpp phase: tokens of context before the "
                                        "timed decode steps; the longest is also prefilled",
                                        factory=lambda: [512, 2048, 8192])
+    no_reference: bool = opt(False, "skip the cells of ours with every fast path off (the "
+                             "PyTorch reference, timed beside each decode format, the float32 "
+                             "prefill and the chunkwise training step)")
 
     def __post_init__(self) -> None:
         if self.quick:
@@ -167,7 +172,8 @@ def bench_flatness(backends: list[Backend], cfg: BenchConfig, bar) -> list[dict]
     in one cell per batch: their ratio is flatness with the machine's drift between cells
     (minutes apart) taken out. Ours only: a KV cache's cost is meant to grow."""
     rows, lo, hi = [], min(cfg.contexts), max(cfg.contexts)
-    ours = [b for b in backends if b.name.startswith("retnet") and b.decode_setup is not None]
+    ours = [b for b in backends if b.name.startswith("retnet") and b.decode_setup is not None
+            and not b.reference]
     for batch in cfg.batches:
         steps, cell = {}, {"batch": batch, "contexts": [lo, hi], "results": {}}
         for b in ours:
@@ -259,7 +265,8 @@ def _meta(cfg: BenchConfig, config: RetNetConfig, backends: list[Backend],
     return {**describe_machine(), "command": "retnet bench " + " ".join(sys.argv[2:]),
             "bench_config": asdict(cfg), "retnet_config": config.to_dict(),
             "dtype": "float32 (retnet-bfloat16: bf16 weights; retnet-int8: weight-only int8; "
-                     "float32 state and activations in both)",
+                     "float32 state and activations in both; *-reference: the same with every "
+                     "fast path off)",
             "threads": torch.get_num_threads(), "skipped": skipped,
             "allocator": _allocator(), "chunk_size": BENCH_FORM.chunk_size,
             "backends": {b.name: {"config": b.config, "non_embedding": b.non_embedding,
@@ -278,17 +285,21 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
                          "\"llama.cpp as a peer\")")
     converter = check_llamacpp_python(cfg.llamacpp_python) if cfg.llamacpp_python else None
     skipped: dict[str, str] = {}
-    # a quick run keeps the bf16 cells everywhere: at its tiny sizes they cost nothing
-    backends = build_backends(config, skipped, bf16_compute=bf16_dot_products() or cfg.quick)
-    if not cfg.torchscale_python:
-        skipped["torchscale"] = (f"not run: {WHY_NOT_HERE}; pass --torchscale-python PATH "
-                                 "(an interpreter with torchscale) to measure it in a separate "
-                                 "process")
     phases = cfg.only or list(PHASES)
     if not cfg.llamacpp_python:
         phases = [p for p in phases if p != "llamacpp"]
         skipped["llama.cpp"] = ("not run: pass --llamacpp-python PATH (an interpreter with "
                                 "llama-cpp-python, docs/benchmarks.md) to measure it")
+    reference = not cfg.no_reference and bool({"decode", "prefill", "train"} & set(phases))
+    if cfg.no_reference:
+        skipped["retnet-*-reference"] = "not run: --no-reference"
+    # a quick run keeps the bf16 cells everywhere: at its tiny sizes they cost nothing
+    backends = build_backends(config, skipped, bf16_compute=bf16_dot_products() or cfg.quick,
+                              reference=reference)
+    if not cfg.torchscale_python:
+        skipped["torchscale"] = (f"not run: {WHY_NOT_HERE}; pass --torchscale-python PATH "
+                                 "(an interpreter with torchscale) to measure it in a separate "
+                                 "process")
     total = 2 + sum(n for phase, n in (("decode", len(cfg.batches) * (len(cfg.contexts) + 1)),
                                        ("prefill", len(cfg.prefill_lengths)
                                         + bool(cfg.scaling_lengths)),
@@ -297,8 +308,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
                     if phase in phases)
     with tqdm(total=total, desc="bench", unit="cell") as bar:
         weight_bytes = backends[0].weight_bytes
-        # the llama.cpp phase alone uses no floor: the small measurement serves its report (the
-        # full one's bf16 2048³ products take minutes on a CPU without bf16 dot products)
+        # the llama.cpp phase alone uses no floor: the small measurement serves its report
         small_limits = cfg.quick or phases == ["llamacpp"]
         limits = measure_limits(weight_bytes, quick=small_limits)
         bar.update(1)
@@ -324,8 +334,9 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
     if cfg.torchscale_python:
         job = torchscale_job(config, cfg, torch.get_num_threads(), KV_LIMIT)
         run_torchscale(cfg.torchscale_python, job, results)
-    from retnet.bench.report import write_report
+    from retnet.bench.report import fast_vs_reference, write_report
 
+    results["fast_vs_reference"] = fast_vs_reference(results)
     write_report(results, Path(cfg.out))
     return results
 

@@ -75,19 +75,38 @@ class CopyProbe:
         return 2 * self.nbytes / (time.perf_counter() - start)
 
 
+BF16_BUDGET_S = 5.0  # the most the bf16 matmuls of one measurement may take
+BF16_PROBE_N = 256  # the product timed first to size them (~25 ms at AVX2's ~1 GFLOP/s)
+
+
+def bf16_matmul_n(n: int, rounds: int, budget_s: float = BF16_BUDGET_S) -> int:
+    """The largest n / 2^i (at least BF16_PROBE_N) whose rounds + 1 bf16 products n × n × n fit
+    in budget_s, judged from one small product's time: a CPU without bf16 dot products (AVX2
+    only, ~1 GFLOP/s) takes minutes over the float32 size's 2048³, one with them keeps n."""
+    a = torch.randn(BF16_PROBE_N, BF16_PROBE_N).bfloat16()
+    s_per_flop = min(repeat_timed(lambda: a @ a, 2, warmup=1)) / (2 * BF16_PROBE_N**3)
+    while n > BF16_PROBE_N and (rounds + 1) * 2 * n**3 * s_per_flop > budget_s:
+        n //= 2
+    return n
+
+
 def measure_limits(weight_bytes: int, quick: bool = False) -> dict:
     """The best of several float32 and bf16 matmuls (n × n × n, FLOP/s) and of several copies of a
     buffer at least the weights' size (read + write bytes/s): the machine's peaks, measured
-    the same way in every run (the best, since a shared machine only ever slows a round)."""
+    the same way in every run (the best, since a shared machine only ever slows a round). The
+    bf16 products are made smaller where they would take over BF16_BUDGET_S
+    (`bf16_matmul_n`; their n is "matmul_n_bf16")."""
     n, rounds = (512, 3) if quick else (2048, 10)
     a, b = torch.randn(n, n), torch.randn(n, n)
     matmul_s = min(repeat_timed(lambda: a @ b, rounds, warmup=1))
-    a16, b16 = a.bfloat16(), b.bfloat16()  # the peak bf16 training's MFU is against
+    n16 = bf16_matmul_n(n, rounds)
+    # the peak bf16 training's MFU is against
+    a16, b16 = a[:n16, :n16].bfloat16(), b[:n16, :n16].bfloat16()
     matmul16_s = min(repeat_timed(lambda: a16 @ b16, rounds, warmup=1))
     probe = CopyProbe(weight_bytes)
     probe.rate()  # warm-up: the first copy faults the destination's pages in
     return {"matmul_flops": 2 * n**3 / matmul_s, "matmul_n": n,
-            "matmul_flops_bf16": 2 * n**3 / matmul16_s,
+            "matmul_flops_bf16": 2 * n16**3 / matmul16_s, "matmul_n_bf16": n16,
             "copy_bytes_per_s": max(probe.rate() for _ in range(rounds)),
             "copy_buffer_bytes": probe.nbytes}
 
@@ -98,9 +117,13 @@ PEAKS = ("matmul_flops", "matmul_flops_bf16", "copy_bytes_per_s")
 def best_limits(start: dict, end: dict) -> dict:
     """The limits measured at a run's start and end, each peak the better of the two (a busy
     spell at the start would otherwise understate the peak every cell is measured against);
-    both measurements are kept under "start" and "end"."""
+    both measurements are kept under "start" and "end", with the n of their bf16 products."""
     best = {**start, **{k: max(start[k], end[k]) for k in PEAKS}}
-    return best | {"start": {k: start[k] for k in PEAKS}, "end": {k: end[k] for k in PEAKS}}
+    if end["matmul_flops_bf16"] > start["matmul_flops_bf16"] and "matmul_n_bf16" in end:
+        best["matmul_n_bf16"] = end["matmul_n_bf16"]  # the n of the better bf16 products
+    kept = (*PEAKS, "matmul_n_bf16")
+    return best | {"start": {k: start[k] for k in kept if k in start},
+                   "end": {k: end[k] for k in kept if k in end}}
 
 
 def header(*details: str) -> str:

@@ -1,5 +1,6 @@
 """The Markdown report and PNG plots of a `retnet bench` results file, with the derived figures:
-decode floor, ratios against the Transformer and peers, flatness, crossover, MFU."""
+decode floor, ratios against the Transformer and peers, flatness, crossover, MFU, and each fast
+path against the PyTorch reference."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from retnet.bench import llamacpp
+from retnet.bench.backends import REFERENCE
 from retnet.bench.measure import BENCH_FORM
 
 MiB = 2**20
@@ -104,6 +106,54 @@ def _decode_entry(results: dict, decode: dict, batch: int, probe: int, contexts:
     return entry
 
 
+def _where(phase: str, cell: dict) -> str:
+    """A cell's coordinates in words: "batch 8, context 2048", "T 8192", "T 2048, batch 4"."""
+    if phase == "decode":
+        return f"batch {cell['batch']}, context {cell['context']}"
+    return f"T {cell['T']}" + (f", batch {cell['batch']}" if "batch" in cell else "")
+
+
+def fast_vs_reference(results: dict) -> dict[str, Any]:
+    """Each of our fast cells against the same model with every fast path off, timed round by
+    round in the same cell (results named X and X + "-reference"): fast ms / reference ms of
+    the medians ("ratio", the target is ≤ 1.0, issue #33) and of the bests; "worst": the cell
+    of the highest ratio (None without reference cells)."""
+    rows = []
+    for phase in ("decode", "prefill", "train"):
+        for cell in results.get(phase, []):
+            for ref in [k for k in cell["results"] if k.endswith(REFERENCE)]:
+                fast = ref.removesuffix(REFERENCE)
+                ms, ref_ms = _ms(cell, fast), _ms(cell, ref)
+                if not (ms and ref_ms):
+                    continue
+                best = _ms(cell, fast, "min_s") / _ms(cell, ref, "min_s")
+                rows.append({"phase": phase, "backend": fast, "where": _where(phase, cell),
+                             "fast_ms": ms, "reference_ms": ref_ms, "ratio": ms / ref_ms,
+                             "ratio_best": best})
+    return {"cells": rows, "worst": max(rows, key=lambda r: r["ratio"], default=None)}
+
+
+def _reference_lines(results: dict) -> list[str]:
+    """The section of each fast path against the reference: a table and the worst cell."""
+    figures = fast_vs_reference(results)
+    if not figures["cells"]:
+        return []
+    worst = figures["worst"]
+    lines = ["", "## Fast paths against the reference", "",
+             "Each cell of ours beside the same model with every fast path off "
+             "(`retnet.kernels.set_enabled(False)`, its own model built so), interleaved "
+             "round by round; ratio = fast / reference of the medians (of the bests in "
+             "brackets), ≤ 1.0 is the target. Worst: "
+             f"{worst['phase']} {worst['backend']}, {worst['where']}: "
+             f"{_fmt(worst['ratio'])} ({_fmt(worst['ratio_best'])}).", "",
+             "| cell | fast ms | reference ms | ratio |", "|---|---|---|---|"]
+    for r in figures["cells"]:
+        lines.append(f"| {r['phase']} {r['backend']}, {r['where']} | {_fmt(r['fast_ms'])} | "
+                     f"{_fmt(r['reference_ms'])} | {_fmt(r['ratio'])} "
+                     f"({_fmt(r['ratio_best'])}) |")
+    return lines
+
+
 def derived(results: dict) -> dict[str, Any]:
     """The figures the targets are stated in."""
     from retnet.model import RetNetConfig
@@ -151,9 +201,10 @@ def derived(results: dict) -> dict[str, Any]:
                 entry[name] = r.get("status")
                 continue
             entry[f"{name}_tokens_per_s"] = r["tokens_per_s"]
-            base = name.removesuffix("-bf16")
+            plain = name.removesuffix(REFERENCE)  # the reference does the same FLOPs
+            base = plain.removesuffix("-bf16")
             # the matmul peak of the dtype the products ran in (bf16 autocast or float32)
-            peak = limits.get("matmul_flops_bf16") if base != name else limits["matmul_flops"]
+            peak = limits.get("matmul_flops_bf16") if base != plain else limits["matmul_flops"]
             if base.startswith("retnet"):
                 span = T if base.endswith("parallel") else BENCH_FORM.chunk_size
                 flops = 6 * n_total + 3 * config.n_layers * span * (config.d_model
@@ -194,7 +245,7 @@ def _plots(results: dict, out: Path) -> list[str]:
         for name in backends:
             pts = [(c["context"], _ms(c, name)) for c in cells if _ms(c, name)]
             if pts:
-                ax.plot(*zip(*pts), "o-", label=name)
+                ax.plot(*zip(*pts), "o--" if name.endswith(REFERENCE) else "o-", label=name)
         ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="ms per decode step",
                title=f"decode, batch {batch}")
         ax.grid(alpha=0.3)
@@ -264,7 +315,9 @@ def write_report(results: dict, out: Path) -> Path:
              f"{meta['threads']} threads ({meta['backend']}); versions: "
              + ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if v) + ".",
              "Measured limits (the better of the run's start and end): float32 matmul "
-             f"{limits['matmul_flops'] / 1e9:.0f} GFLOP/s, copy "
+             f"{limits['matmul_flops'] / 1e9:.0f} GFLOP/s ({limits['matmul_n']}³), bf16 "
+             f"{limits['matmul_flops_bf16'] / 1e9:.1f} GFLOP/s "
+             f"({limits.get('matmul_n_bf16', limits['matmul_n'])}³), copy "
              f"bandwidth {limits['copy_bytes_per_s'] / 1e9:.1f} GB/s (buffer "
              f"{limits['copy_buffer_bytes'] / MiB:.0f} MiB). Weights: "
              f"{meta['weight_bytes'] / MiB:.0f} MiB float32. Allocator: "
@@ -305,6 +358,7 @@ def write_report(results: dict, out: Path) -> Path:
             lines.append(f"| {c['T']} | {c['batch']} | {name} | "
                          f"{_fmt(r.get('tokens_per_s'), 0) if r['status'] == 'ok' else r['status']}"
                          f" | {_fmt(r.get('peak_mib'), 0)} |")
+    lines += _reference_lines(results)
     lines += ["", "## Derived figures", "", "```", *(f"{k}: {v}" for k, v in d.items()), "```"]
     plots = _plots(results, out) if results["decode"] else []
     lines += ["", *(f"![{p}]({p})" for p in plots)]
