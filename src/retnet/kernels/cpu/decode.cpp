@@ -241,16 +241,17 @@ void retention(const Dims& d, float* qkvg, int64_t ld, const float* S, float* So
   std::vector<float> partial(B * H * splits * W);
   // The read-out of (row, head) bh once its partial sums are in: / max(|score sum|, √c_n),
   // the head norm, the gate.
+  std::vector<float> scratch(B * H * V);  // one allocation per layer, not per head
   auto finish = [&](int64_t bh) {
     int64_t b = bh / H, h = bh % H;
     float* acc = partial.data() + bh * splits * W;
     for (int64_t p = 1; p < splits; ++p)
       for (int64_t j = 0; j < W; ++j) acc[j] += acc[p * W + j];
-    std::vector<float> x(V);
+    float* x = scratch.data() + bh * V;  // o / d of this (row, head)
     const float* gate = qkvg + b * ld + 2 * H * K + H * V + h * V;  // silu(g)
     head_norm::row(acc, acc[V], pt.sqrt_c[bh], d.head_norm,
                    gn_w ? gn_w + h * V : nullptr, gn_b ? gn_b + h * V : nullptr,
-                   d.gated ? gate : nullptr, d.eps, V, x.data(), o + b * H * V + h * V);
+                   d.gated ? gate : nullptr, d.eps, V, x, o + b * H * V + h * V);
   };
   at::parallel_for(0, B * H * splits, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
