@@ -2,7 +2,8 @@
 
 1. Host header: only localhost, loopback addresses, the bound host and --allowed-host values
    (DNS rebinding: a web page whose name now resolves to 127.0.0.1 still sends its own name).
-2. API key: `Authorization: Bearer KEY`, compared in constant time (all but /health).
+2. API key: one `Authorization: Bearer KEY` header, compared in constant time (all but
+   /health); never from the query string or another header.
 3. POST bodies must be `application/json`: a browser sends that cross-origin only after a
    CORS preflight, which this server never grants, so a web page cannot start a generation.
 
@@ -96,6 +97,16 @@ class Guard:
         return self.hosts is None or (name is not None and (name in self.hosts
                                                             or is_loopback(name)))
 
+    def _authorized(self, raw: list[tuple[bytes, bytes]]) -> bool:
+        """Exactly one `Authorization: Bearer KEY` header (the scheme in any case), the whole
+        key compared in constant time. Two Authorization headers are refused whichever holds
+        the key: a proxy in front may have checked the other one."""
+        values = [value for name, value in raw if name.lower() == b"authorization"]
+        if len(values) != 1:
+            return False
+        scheme, _, token = values[0].partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key)
+
     def _refusal(self, scope: Scope) -> tuple[int, str, str, dict] | None:
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         if scope["path"] in OPEN_PATHS:
@@ -105,13 +116,10 @@ class Guard:
         if host is not None and not self._serves(host):
             return (400, f"Host {host[:100]!r} is not served here; start the server with "
                     "--allowed-host NAME to accept it", "host_not_allowed", {})
-        if self.key is not None:
-            scheme, _, token = headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
-                                                                     self.key):
-                return (401, "missing or incorrect API key: send the header "
-                        "'Authorization: Bearer KEY'", "invalid_api_key",
-                        {"www-authenticate": "Bearer"})
+        if self.key is not None and not self._authorized(scope["headers"]):
+            return (401, "missing or incorrect API key: send one header "
+                    "'Authorization: Bearer KEY'", "invalid_api_key",
+                    {"www-authenticate": "Bearer"})
         if scope["method"] == "POST":
             kind = headers.get("content-type", "").split(";")[0].strip().lower()
             if kind != "application/json":
