@@ -20,15 +20,14 @@ from retnet.serve import ServeConfig, build_app
 
 def start_server(run, **options):
     """The app under the server class `retnet serve` runs, on a free loopback port."""
-    import uvicorn
-
+    from retnet.serve import uvicorn_config
     from retnet.serve.drain import DrainingServer
 
     cfg = ServeConfig(checkpoint=str(run), dtype="float64", **options)
     app, engine, name = build_app(cfg)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = DrainingServer(uvicorn.Config(app, log_level="critical"), engine, cfg.drain_s)
+    server = DrainingServer(uvicorn_config(app, cfg, "critical"), engine, cfg.drain_s)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20

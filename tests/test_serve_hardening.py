@@ -286,20 +286,20 @@ def test_drain_reports_503_and_ends_streams_with_a_final_event(run_dir):
 
 
 def test_busy_sees_a_request_the_engine_holds_between_its_lists(run_dir):
-    """Item 4: the engine thread has taken a request from the queue and not yet put it in its
-    prefill list (here held there): drain's busy() must still count it in flight. It leaves
-    the count with its last event, or when it is dropped as cancelled."""
+    """Item 4: the engine thread has taken a request from the waiting list and not yet put it
+    in its prefill list (here held there): drain's busy() must still count it in flight. It
+    leaves the count with its last event, or when it is dropped as cancelled."""
     ckpt = load_checkpoint(run_dir)
     engine = Engine(ckpt.build_model(), ckpt.tokenizer, max_batch=2)
     entered, release = threading.Event(), threading.Event()
-    real = engine._prefill
+    real = engine._begin
 
     def held(request):
         entered.set()
         release.wait(20)
         return real(request)
 
-    engine._prefill = held
+    engine._begin = held
     events = []
     request = Request(prompt_ids=[97, 98], max_tokens=2, params=SamplingParams(temperature=0),
                       emit=events.append)

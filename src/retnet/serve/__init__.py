@@ -42,6 +42,18 @@ class ServeConfig:
     max_batch: int = opt(32, "sequences decoded together", aliases=("--max-num-seqs",))
     max_queue: int = opt(64, "requests waiting for a slot; beyond that: 429")
     cache_mib: int = opt(1024, "prefix-state cache size (MiB)")
+    state_store_mib: int = opt(1024, "bytes kept for saved conversation states (save_state), "
+                               "in MiB; beyond it the least recently used goes (0: save_state "
+                               "off)")
+    prefill_tokens: int = opt(256, "prompt tokens read between two decode steps, shared by "
+                              "every prompt waiting to start")
+    max_rows_per_request: int | None = opt(None, "sequences one HTTP request may decode at "
+                                           "once; its other prompts wait (default: half of "
+                                           "--max-batch)")
+    max_connections: int = opt(512, "open connections; more are closed at once (at most the "
+                               "open-file limit minus 64)")
+    read_timeout_s: float = opt(10.0, "seconds a client has to send a request's headers, and "
+                                "then its body; then the connection is closed (408 for a body)")
     max_prompt_tokens: int = opt(8192, "longest prompt accepted, in tokens (RetNet has no "
                                  "context window: this bounds work, not memory)",
                                  aliases=("--max-model-len",))
@@ -68,6 +80,13 @@ class ServeConfig:
                                   for f in dataclasses.fields(self)})
         checks = {"port": 1 <= self.port <= 65535, "max_batch": self.max_batch >= 1,
                   "max_queue": self.max_queue >= 1, "cache_mib": self.cache_mib >= 0,
+                  "state_store_mib": self.state_store_mib >= 0,
+                  "prefill_tokens": self.prefill_tokens >= 1,
+                  "max_rows_per_request": (self.max_rows_per_request is None
+                                           or self.max_rows_per_request >= 1),
+                  "max_connections": self.max_connections >= 1,
+                  "read_timeout_s": (math.isfinite(self.read_timeout_s)
+                                     and self.read_timeout_s > 0),
                   "max_prompt_tokens": self.max_prompt_tokens >= 1,
                   "max_tokens": self.max_tokens >= 1, "max_request_kib": self.max_request_kib >= 1,
                   "drain_s": math.isfinite(self.drain_s) and self.drain_s >= 0,
@@ -105,13 +124,14 @@ def build_app(cfg: ServeConfig):
                                      cfg.quantization)
     print(f"retnet serve: decode: {decode_path(model)}", file=sys.stderr)
     engine = Engine(model, ckpt.tokenizer, max_batch=cfg.max_batch, max_queue=cfg.max_queue,
-                    cache_bytes=cfg.cache_mib << 20)
+                    cache_bytes=cfg.cache_mib << 20, state_bytes=cfg.state_store_mib << 20,
+                    prefill_tokens=cfg.prefill_tokens, request_rows=cfg.max_rows_per_request)
     name = cfg.model_name or ckpt.path.parent.parent.name or "retnet"
     limits = Limits(max_prompt_tokens=cfg.max_prompt_tokens, max_tokens=cfg.max_tokens,
                     max_request_bytes=cfg.max_request_kib << 10)
     template = (read_chat_template(cfg.chat_template) if cfg.chat_template else
                 ckpt.chat_template or dict(DEFAULT_CHAT_TEMPLATE))  # verified by load_checkpoint
-    api = Api(engine, ckpt.tokenizer, name, limits, template)
+    api = Api(engine, ckpt.tokenizer, name, limits, template, read_timeout_s=cfg.read_timeout_s)
     app = create_app(api, on_shutdown=lambda: engine.shutdown(cfg.drain_s),
                      api_key=cfg.api_key, allowed_hosts=allowed_hosts(cfg.host, cfg.allowed_host))
     return app, engine, name
@@ -136,8 +156,6 @@ def command(cfg: ServeConfig) -> int:
 
 
 def serve(cfg: ServeConfig) -> None:
-    import uvicorn
-
     from retnet.serve.drain import DrainingServer
 
     sock = _listen(cfg.host, cfg.port)
@@ -148,5 +166,22 @@ def serve(cfg: ServeConfig) -> None:
         raise
     print(f"serving {name!r} on http://{cfg.host}:{cfg.port}/v1"
           f"{'' if cfg.api_key else ' (no API key)'}", flush=True)
-    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)
-    DrainingServer(config, engine, cfg.drain_s).run(sockets=[sock])
+    DrainingServer(uvicorn_config(app, cfg), engine, cfg.drain_s).run(sockets=[sock])
+
+
+def uvicorn_config(app, cfg: ServeConfig, log_level: str = "warning"):
+    """uvicorn's settings for `app`: the connection cap and header deadline of
+    `connections.LimitedH11`, h11's 16 KiB bound on a request's headers (its default), a 5 s
+    keep-alive, and logs that repeat a message at most once per 10 s."""
+    import uvicorn
+
+    from retnet.serve.connections import connection_cap, limited_h11, quiet_logs
+
+    cap = connection_cap(cfg.max_connections)
+    if cap < cfg.max_connections:
+        print(f"retnet serve: --max-connections {cfg.max_connections} lowered to {cap} (the "
+              "open-file limit, `ulimit -n`, less 64)", file=sys.stderr)
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5,
+                            http=limited_h11(cap, cfg.read_timeout_s), timeout_keep_alive=5)
+    quiet_logs()  # after uvicorn.Config, which configures its loggers
+    return config

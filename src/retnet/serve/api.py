@@ -32,8 +32,10 @@ Disconnected = Callable[[], Awaitable[bool]]
 
 class Api:
     def __init__(self, engine: Engine, tokenizer: Tokenizer, model_name: str,
-                 limits: Limits, chat_template: dict[str, str]) -> None:
+                 limits: Limits, chat_template: dict[str, str], read_timeout_s: float = 10.0
+                 ) -> None:
         self.engine, self.tok, self.name, self.limits = engine, tokenizer, model_name, limits
+        self.read_timeout_s = read_timeout_s  # for a request's body, once its headers came
         self.chat_template = chat_template
         self.created = int(time.time())
         # No token decodes to more than `longest` characters (+1: a decoder may add a space
@@ -64,12 +66,17 @@ class Api:
         state_id = v.state_id(body)
         if state_id is not None and state_id not in self.engine.saved:
             raise state_not_found(state_id)
+        save_state = v.flag(body, "save_state")
+        if save_state and not self.engine.saved.fits(self.engine.state_nbytes):
+            raise ApiError(400, f"save_state is off on this server: one state takes "
+                           f"{self.engine.state_nbytes / 2**20:.1f} MiB, more than "
+                           "--state-store-mib holds", "save_state")
         return EngineRequest(prompt_ids=prompt_ids, max_tokens=v.max_tokens(body, lim.max_tokens),
                              params=params, emit=run.emit, stop=v.stop_strings(body, lim.max_stop),
                              seed=v.number(body, "seed", None, 0, 2**62, int),
                              n=v.number(body, "n", 1, 1, lim.max_n, int),
                              message_ends=list(message_ends), state_id=state_id,
-                             save_state=v.flag(body, "save_state"),
+                             save_state=save_state,
                              ignore_eos=v.flag(body, "ignore_eos"))
 
     async def _prompts(self, prompt: Any) -> list[list[int]]:
@@ -109,9 +116,11 @@ class Api:
         if len(prompts) > 1 and v.flag(body, "save_state"):
             raise ApiError(400, "save_state takes one prompt, not a list", "save_state")
         runs = []
+        group = object()  # its prompts hold one fair share of the batch together
         for ids in prompts:  # every prompt validated before any is queued
             run = Run(self.engine, self.tok, self.name, chat=False)
             req = self._common(body, ids, run)
+            req.group = group
             req.logprobs = v.number(body, "logprobs", None, 0, self.limits.max_logprobs, int)
             req.echo = echo
             runs.append((run, req))
@@ -168,9 +177,19 @@ def _named(body: dict, name: str) -> dict:
     return body if "model" in body else {**body, "model": name}
 
 
-async def read_body(request: Request, limit: int) -> dict:
+async def read_body(request: Request, limit: int, timeout_s: float = 10.0) -> dict:
     """The JSON body, read chunk by chunk and abandoned at `limit` bytes whatever the transfer
-    encoding: a chunked upload has no Content-Length to refuse up front."""
+    encoding (a chunked upload has no Content-Length to refuse up front), or after
+    `timeout_s` (a client trickling its body must not hold a connection forever)."""
+    try:
+        return await asyncio.wait_for(_read_body(request, limit), timeout_s)
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {timeout_s:g} s "
+                       "(--read-timeout-s)", code="request_timeout",
+                       headers={"Connection": "close"}) from None
+
+
+async def _read_body(request: Request, limit: int) -> dict:
     too_large = ApiError(413, f"request body over {limit} bytes", code="request_too_large",
                          headers={"Connection": "close"})  # the rest is never read
     declared = request.headers.get("content-length")
@@ -209,10 +228,13 @@ def create_app(api: Api, on_shutdown=None, api_key: str | None = None,
                                        f"{request.url.path[:100]}", None, code),
                             status_code=err.status_code, headers=err.headers)
 
+    async def body_of(request: Request) -> dict:
+        return await read_body(request, api.limits.max_request_bytes, api.read_timeout_s)
+
     async def generation(request: Request, endpoint) -> Response:
         if not api.engine.accepting:
             raise draining()
-        body = await read_body(request, api.limits.max_request_bytes)
+        body = await body_of(request)
         return await endpoint(body, request.is_disconnected)
 
     @app.post("/v1/completions")
@@ -236,11 +258,11 @@ def create_app(api: Api, on_shutdown=None, api_key: str | None = None,
 
     @app.post("/tokenize")
     async def tokenize(request: Request):
-        return await api.tokenize(await read_body(request, api.limits.max_request_bytes))
+        return await api.tokenize(await body_of(request))
 
     @app.post("/detokenize")
     async def detokenize(request: Request):
-        return api.detokenize(await read_body(request, api.limits.max_request_bytes))
+        return api.detokenize(await body_of(request))
 
     @app.get("/tokenizer_info")
     async def tokenizer_info():

@@ -81,3 +81,47 @@ def boundaries(n_tokens: int, message_ends: Sequence[int] = ()) -> list[int]:
     points = set(range(BOUNDARY_EVERY, n_tokens + 1, BOUNDARY_EVERY)) | set(message_ends)
     points.add(n_tokens)
     return sorted(p for p in points if 0 < p <= n_tokens)
+
+
+class StateStore:
+    """Conversation states saved by clients (`save_state`), bounded by total bytes: the
+    least recently used (saved or continued) goes first. Thread-safe: the HTTP side looks
+    states up while the engine thread saves them."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._states: OrderedDict[str, RetNetState] = OrderedDict()
+        self._bytes = 0
+        self.evicted = 0
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._states
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def get(self, key: str) -> RetNetState | None:
+        with self._lock:
+            state = self._states.get(key)
+            if state is not None:
+                self._states.move_to_end(key)
+            return state
+
+    def put(self, key: str, state: RetNetState) -> None:
+        """Keep state under key, evicting the least recently used to stay within bounds (the
+        caller checks that one state fits: see `fits`)."""
+        with self._lock:
+            self._states[key] = state
+            self._bytes += state.nbytes
+            while self._bytes > self.max_bytes:
+                _, old = self._states.popitem(last=False)
+                self._bytes -= old.nbytes
+                self.evicted += 1
+
+    def fits(self, nbytes: int) -> bool:
+        return nbytes <= self.max_bytes

@@ -1,56 +1,70 @@
-"""The serving engine: one thread, one decode loop over every active sequence (continuous
-batching). New requests are prefilled (in the engine's form, chunkwise by default, reusing
-cached prefix states) between steps and join the batch; finished or cancelled ones leave at
-once.
+"""The serving engine: one thread, one loop over every active sequence (continuous batching).
+Each turn of the loop runs one decode step of the batch, then reads a bounded number of
+prompt tokens (chunked prefill) split across the prompts waiting to join, reusing cached
+prefix states; a prompt read whole joins the batch, finished or cancelled rows leave at once.
+Which requests join, and how the prompt tokens are shared, is decided in `scheduler`.
 
 Every sequence is a row of one batched RetNetState, so the whole batch costs the same per
 step whatever the lengths of the contexts."""
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
 import uuid
-from collections import OrderedDict
-from collections.abc import Generator, Iterator
+from collections import deque
+from typing import NamedTuple
 
 import torch
 
-from retnet.generation import StepBuffers, TextStream, decode_one, prefill, sample
+from retnet.generation import StepBuffers, TextStream, decode_one, sample
 from retnet.model import RetNetLM, RetNetState
 from retnet.ops import CHUNKWISE, Form
-from retnet.serve.cache import Entry, PrefixCache, boundaries
+from retnet.serve.cache import PrefixCache, StateStore
+from retnet.serve.prefill import Prefill, log_softmax
 from retnet.serve.request import ABORT, Busy, Draining, Event, Request, Row
+from retnet.serve.scheduler import Waiting, pick, split_budget
 from retnet.tokenizer import Tokenizer
 
-__all__ = ["ABORT", "Busy", "Draining", "Engine", "Event", "Request", "Row"]
+__all__ = ["ABORT", "Busy", "Draining", "Engine", "Event", "Request", "Row", "Turn"]
+
+
+class Turn(NamedTuple):
+    """What one turn of the engine's loop did (`Engine.turns` keeps the latest)."""
+
+    decoded: int  # rows in its decode step (0: none ran)
+    read: tuple[tuple[int, int], ...]  # (id of the request, prompt tokens read) per prompt
 
 
 class Engine:
-    """form: the retention form prompts are prefilled in (decoding is always recurrent)."""
+    """form: the retention form prompts are prefilled in (decoding is always recurrent).
+    prefill_tokens: prompt tokens read per loop turn, all waiting prompts together (between
+    two decode steps). request_rows: rows one HTTP request may hold (default: half the
+    batch), so that one client never fills it. state_bytes: bound of the saved states."""
 
     def __init__(self, model: RetNetLM, tokenizer: Tokenizer, *, max_batch: int = 32,
-                 max_queue: int = 64, cache_bytes: int = 1 << 30, form: Form = CHUNKWISE
-                 ) -> None:
+                 max_queue: int = 64, cache_bytes: int = 1 << 30, state_bytes: int = 1 << 30,
+                 prefill_tokens: int = 256, request_rows: int | None = None,
+                 form: Form = CHUNKWISE) -> None:
         self.model, self.tok = model.eval(), tokenizer
-        self.max_batch, self.form = max_batch, form
+        self.max_batch, self.max_queue, self.form = max_batch, max_queue, form
+        self.prefill_tokens = prefill_tokens
+        self.request_rows = request_rows or max(1, max_batch // 2)
         self.cache = PrefixCache(cache_bytes)
-        self.saved: OrderedDict[str, RetNetState] = OrderedDict()
-        self.saved_limit = 256
-        self._queue: queue.Queue[Request] = queue.Queue(maxsize=max_queue)
+        self.saved = StateStore(state_bytes)
+        self.state_nbytes = model.init_state(1).nbytes  # what one saved state costs
+        self._waiting: list[Request] = []  # submitted, not yet admitted (under _lock)
         self._rows: list[Row] = []
-        # Requests being prefilled, one segment (≤ 256 tokens) per loop turn, so that a long
-        # prompt never stalls the streams already decoding for more than one segment.
-        self._prefilling: list[tuple[Request, Iterator[None]]] = []
+        self._prefilling: list[Prefill] = []  # admitted, their prompts being read
         self._state: RetNetState | None = None  # one row per Row, made by cat and select
         self._buffers = StepBuffers()  # the decode step's output buffers
+        self.turns: deque[Turn] = deque(maxlen=256)  # the latest loop turns, for inspection
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._abort = threading.Event()  # end every request now, each with a final event
         self._drained = threading.Event()
         # Requests submitted and not yet closed: counted under a lock, since in the engine
-        # thread a request passes between the queue, the prefill list and the rows, and a
+        # thread a request passes between the waiting list, the prefills and the rows, and a
         # reader of those lists from another thread can catch it in none of them.
         self._lock = threading.Lock()
         self._in_flight = 0
@@ -73,11 +87,10 @@ class Engine:
         with self._lock:  # atomic with drain's refusal: no request slips in after it
             if not self.accepting:
                 raise Draining("the server is draining (shutting down)")
-            try:
-                self._queue.put_nowait(request)
-            except queue.Full:
+            if len(self._waiting) >= self.max_queue:
                 self.metrics["rejected"] += 1
-                raise Busy("too many requests in flight") from None
+                raise Busy("too many requests in flight")
+            self._waiting.append(request)
             self._in_flight += 1
         self.metrics["requests"] += 1
         self._wake.set()
@@ -85,13 +98,14 @@ class Engine:
     def snapshot(self) -> dict:
         m = dict(self.metrics)
         steps = max(m["decode_steps"], 1)
-        m |= {"active_sequences": len(self._rows), "queued_requests": self._queue.qsize(),
+        m |= {"active_sequences": len(self._rows), "queued_requests": len(self._waiting),
               "prefilling_requests": len(self._prefilling),
               "batch_size_mean": m["batch_size_sum"] / steps,
               "step_ms_mean": 1e3 * m["step_s_sum"] / steps,
               "ttft_ms_mean": 1e3 * m["ttft_s_sum"] / max(m["ttft_count"], 1),
               "prefix_cache_entries": len(self.cache), "prefix_cache_bytes": self.cache.nbytes,
-              "saved_states": len(self.saved)}
+              "saved_states": len(self.saved), "saved_state_bytes": self.saved.nbytes,
+              "saved_states_evicted": self.saved.evicted}
         return m
 
     def busy(self) -> bool:
@@ -133,9 +147,10 @@ class Engine:
                     self._abort_all()
                 self._drop_cancelled()
                 self._admit()
-                if self._rows:
-                    self._step()
-                elif not self._prefilling:
+                if self._rows or self._prefilling:
+                    decoded = self._step() if self._rows else 0
+                    self.turns.append(Turn(decoded, self._read_prompts()))
+                else:
                     self._wake.wait(timeout=0.05)
                     self._wake.clear()
             for row in self._rows:
@@ -149,10 +164,9 @@ class Engine:
             if row.index >= 0:
                 self._finish(row, ABORT)
         self._remove_finished()
-        waiting = [r for r, _ in self._prefilling]
-        self._prefilling = []
-        while not self._queue.empty():
-            waiting.append(self._queue.get_nowait())
+        with self._lock:
+            waiting = [p.request for p in self._prefilling] + self._waiting
+            self._prefilling, self._waiting = [], []
         for request in waiting:
             for i in range(request.n):
                 request.emit(Event(i, finish_reason=ABORT))
@@ -173,32 +187,50 @@ class Engine:
     def _fail(self, request: Request, err: Exception) -> None:
         self._close(request, Event(index=-1, finish_reason="error", usage={"error": str(err)}))
 
+    def _held(self) -> dict[object, int]:
+        """Rows each HTTP request holds: decoding, or about to (its prompt being read)."""
+        held: dict[object, int] = {}
+        for row in self._rows:
+            held[_group(row.request)] = held.get(_group(row.request), 0) + 1
+        for p in self._prefilling:
+            held[_group(p.request)] = held.get(_group(p.request), 0) + p.request.n
+        return held
+
     def _admit(self) -> None:
-        """Take queued requests while slots are free; advance the oldest prefill one segment."""
-        while len(self._rows) + sum(r.n for r, _ in self._prefilling) < self.max_batch:
+        """Move waiting requests to the prefills while `scheduler.pick` chooses one."""
+        while True:
+            with self._lock:
+                waiting = [Waiting(_group(r), r.n) for r in self._waiting]
+                i = pick(waiting, self._held(), self.max_batch, self.request_rows)
+                if i is None:
+                    return
+                request = self._waiting.pop(i)
+            self._guarded(request, self._begin, request)
+
+    def _begin(self, request: Request) -> None:
+        p = Prefill(self.model, self.form, self.cache, request)
+        self.metrics["prompt_tokens"] += len(request.prompt_ids)
+        self.metrics["cached_tokens"] += request.cached_tokens
+        self._prefilling.append(p)
+
+    def _read_prompts(self) -> tuple[tuple[int, int], ...]:
+        """Read this turn's budget of prompt tokens, split across the prompts being read; a
+        prompt read whole joins the batch. Returns (id of the request, tokens) per prompt."""
+        grants = split_budget([p.left for p in self._prefilling], self.prefill_tokens)
+        read = []
+        for p, grant in zip(list(self._prefilling), grants):
             try:
-                request = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if request.cancelled.is_set():
-                self._close(request)
-            else:
-                self._prefilling.append((request, self._prefill(request)))
-        if not self._prefilling:
-            return
-        request, segments = self._prefilling[0]
-        try:
-            if request.cancelled.is_set():
-                self._prefilling.pop(0)
-                self._close(request)
-            else:
-                next(segments)
-        except StopIteration as done:
-            self._prefilling.pop(0)
-            self._guarded(request, self._start, request, *done.value)
-        except Exception as err:  # a failure in one request must not stop the server
-            self._prefilling.pop(0)
-            self._fail(request, err)
+                n = p.advance(grant)
+            except Exception as err:  # a failure in one request must not stop the server
+                self._prefilling.remove(p)
+                self._fail(p.request, err)
+                continue
+            self.metrics["prefilled_tokens"] += n
+            read.append((id(p.request), n))
+            if p.done:
+                self._prefilling.remove(p)
+                self._guarded(p.request, self._start, p.request, p.logits, p.state)
+        return tuple(read)
 
     def _guarded(self, request: Request, fn, *args) -> None:
         try:
@@ -224,46 +256,7 @@ class Engine:
         self._emit_tokens(new_rows, logits)
         self._remove_finished()
 
-    def _prefill(self, request: Request) -> Generator[None, None, tuple[torch.Tensor, RetNetState]]:
-        """Prefill segment by segment (yielding after each), reusing and filling the prefix
-        cache; returns the next-token logits [V] and the state after the prompt."""
-        ids = request.prompt_ids
-        device = self.model.embed.weight.device
-        self.metrics["prompt_tokens"] += len(ids)
-        points = boundaries(len(ids), request.message_ends)
-        scoring = request.echo and request.logprobs is not None
-        if scoring:  # every position's logits are needed: no cached prefix skips any
-            request.prompt_logprobs = [(ids[0], None, None)]
-        if request.state_id is not None or scoring:  # a saved conversation continues its state
-            done, state, logits, cache = 0, request.initial_state, None, False
-        else:
-            done, entry = self.cache.longest(ids, points)
-            state = entry.state if entry else None
-            logits = entry.logits if entry else None
-            cache = True
-        request.cached_tokens = done
-        self.metrics["cached_tokens"] += done
-        for end in points:
-            if end <= done:
-                continue
-            segment = torch.tensor([ids[done:end]], device=device)
-            if scoring:
-                out = self.model(segment, state=state, mode=self.form)
-                state, logits = out.state, out.logits[0, -1]
-                request.prompt_logprobs += _prompt_logprobs(out.logits[0], ids[done + 1:end + 1],
-                                                            request.logprobs)
-            else:
-                out, state = prefill(self.model, segment, state=state, form=self.form)
-                logits = out[0]
-            self.metrics["prefilled_tokens"] += end - done
-            if cache:
-                self.cache.put(ids[:end], Entry(state, logits))
-            done = end
-            if done < len(ids):
-                yield
-        return logits, state
-
-    def _step(self) -> None:
+    def _step(self) -> int:
         start = time.perf_counter()
         tokens = torch.tensor([r.last for r in self._rows], device=self._state.device)
         logits, self._state = self._buffers.step(self.model, tokens, self._state)
@@ -274,9 +267,10 @@ class Engine:
         m["batch_size_last"], m["batch_size_sum"] = b, m["batch_size_sum"] + b
         m["batch_size_max"] = max(m["batch_size_max"], b)
         m["step_s_sum"] += time.perf_counter() - start
+        return b
 
     def _emit_tokens(self, rows: list[Row], logits: torch.Tensor) -> None:
-        logprobs = _log_softmax(logits)
+        logprobs = log_softmax(logits)
         for row, row_logits, row_lp in zip(rows, logits, logprobs):
             req = row.request
             if req.params.counts_tokens and row.counts is None:
@@ -308,7 +302,8 @@ class Engine:
         req = row.request
         if reason != "cancelled":
             rest = row.text.finish()
-            save = req.save_state and row.index == 0 and reason != ABORT
+            save = (req.save_state and row.index == 0 and reason != ABORT
+                    and self.saved.fits(self.state_nbytes))
             state_id = self._save(row) if save else None
             req.emit(Event(row.index, rest, finish_reason=reason, state_id=state_id))
         row.index = -1 - row.index  # marks the row finished (removed after this step)
@@ -318,14 +313,13 @@ class Engine:
                                               "cached_tokens": req.cached_tokens}))
 
     def _save(self, row: Row) -> str:
-        """The state after every token of this row, kept under a new id (LRU-bounded)."""
+        """The state after every token of this row, kept under a new id (the store evicts
+        the least recently used beyond its bytes)."""
         i = self._rows.index(row)
         _, state = decode_one(self.model, torch.tensor([row.last], device=self._state.device),
                               self._state.select([i]))
         key = uuid.uuid4().hex
-        self.saved[key] = state
-        while len(self.saved) > self.saved_limit:
-            self.saved.popitem(last=False)
+        self.saved.put(key, state)
         return key
 
     def _remove_finished(self) -> None:
@@ -336,28 +330,21 @@ class Engine:
         self._state = self._state.select(keep) if keep else None
 
     def _drop_cancelled(self) -> None:
+        """Rows, prompts being read and waiting requests whose client is gone leave now."""
         for row in self._rows:
             if row.request.cancelled.is_set() and row.index >= 0:
                 self._finish(row, "cancelled")
         self._remove_finished()
+        gone = [p for p in self._prefilling if p.request.cancelled.is_set()]
+        with self._lock:
+            gone_waiting = [r for r in self._waiting if r.cancelled.is_set()]
+            self._waiting = [r for r in self._waiting if not r.cancelled.is_set()]
+        for p in gone:
+            self._prefilling.remove(p)
+        for request in [p.request for p in gone] + gone_waiting:
+            self._close(request)
 
 
-def _prompt_logprobs(logits: torch.Tensor, targets: list[int], top: int
-                     ) -> list[tuple[int, float, list[tuple[int, float]] | None]]:
-    """Each prompt token's log-probability given the tokens before it, with the `top` most
-    likely alternatives: logits [T, V] of a segment, targets the T (or T − 1, at the prompt's
-    end) tokens that follow its positions."""
-    logprobs = _log_softmax(logits[:len(targets)])  # [T', V]
-    picked = logprobs.gather(1, torch.tensor(targets, device=logits.device)[:, None])[:, 0]
-    alternatives = logprobs.topk(top, -1) if top else None
-    out = []
-    for i, token in enumerate(targets):
-        alts = (list(zip(alternatives.indices[i].tolist(), alternatives.values[i].tolist()))
-                if alternatives is not None else None)
-        out.append((token, float(picked[i]), alts))
-    return out
-
-
-def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
-    """In float32 at least, float64 for a float64 model (exact comparisons in tests)."""
-    return logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
+def _group(request: Request) -> object:
+    """The unit of fair shares: the HTTP request (its prompts share a group)."""
+    return request.group if request.group is not None else id(request)

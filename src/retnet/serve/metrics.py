@@ -25,6 +25,8 @@ COUNTERS = {
     "cached_tokens": ("prompt_tokens_cached", "prompt tokens read from the prefix-state cache"),
     "prefilled_tokens": ("prompt_tokens_prefilled", "prompt tokens run through the model"),
     "generated_tokens": ("generation_tokens", "tokens generated"),
+    "saved_states_evicted": ("saved_states_evicted", "saved states dropped to stay within "
+                             "--state-store-mib (least recently used first)"),
 }
 GAUGES = {
     "active_sequences": ("num_requests_running", "sequences in the decode batch"),
@@ -34,6 +36,8 @@ GAUGES = {
     "prefix_cache_entries": ("prefix_cache_entries", "prefix states cached"),
     "prefix_cache_bytes": ("prefix_cache_bytes", "bytes held by the prefix-state cache"),
     "saved_states": ("saved_states", "conversation states saved by clients (save_state)"),
+    "saved_state_bytes": ("saved_states_bytes", "bytes held by saved states (bounded by "
+                          "--state-store-mib)"),
 }
 # (name, help, count key, sum key): observations summarised by their count and sum
 SUMMARIES = [

@@ -54,6 +54,9 @@ class Request:
     state_id: str | None = None  # continue from a saved conversation state
     save_state: bool = False
     ignore_eos: bool = False  # generate exactly max_tokens (load tests)
+    # The HTTP request it belongs to (one per prompt of a list share it): the unit of fair
+    # shares in the batch. None: a group of its own.
+    group: object = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     arrived: float = field(default_factory=time.perf_counter)
     # filled by the engine
