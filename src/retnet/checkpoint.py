@@ -26,7 +26,6 @@ the host (remove those by hand). Two trainers on one run directory are not suppo
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import io
 import json
@@ -42,6 +41,7 @@ from typing import Any
 import torch
 from safetensors.torch import load, save_file
 
+from retnet.files import WriteError, advice, as_write_failure, reason
 from retnet.model import RetNetConfig, RetNetLM
 from retnet.tokenizer import (
     CHAT_TEMPLATE_FILE,
@@ -60,7 +60,7 @@ OLD_PREFIX = ".old-"  # a step folder moved aside while it is re-saved
 _TEMP_NAME = re.compile(rf"({re.escape(TMP_PREFIX)}|{re.escape(OLD_PREFIX)})(step-\d+)-(.+)-(\d+)")
 
 
-class CheckpointWriteError(OSError):
+class CheckpointWriteError(WriteError):
     """A save failed (disk full, permissions); the message says what was kept and what to do."""
 
 
@@ -197,8 +197,9 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict[str, torch
     """Write RUN/checkpoints/step-N atomically, then point RUN/latest at it.
 
     On a failure before the new folder is in place, its partial copy is removed (a full disk
-    stays no fuller), a step folder being re-saved is put back, and `latest` is untouched; an
-    OSError becomes one CheckpointWriteError line that says what was kept."""
+    stays no fuller), a step folder being re-saved is put back, and `latest` is untouched; a
+    failure to write (an OSError, safetensors' or torch.save's own error types) becomes one
+    CheckpointWriteError line that says what was kept."""
     run_dir = Path(run_dir)
     name = f"step-{step:06d}"
     final = run_dir / "checkpoints" / name
@@ -219,11 +220,12 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict[str, torch
     except BaseException as err:
         pointer.with_suffix(".tmp").unlink(missing_ok=True)
         restored = placed or _put_back(tmp, aside, final)
-        if isinstance(err, OSError):
-            message = (_pointer_failed(run_dir, name, err) if placed else
-                       _write_failed(run_dir, name, err, restored, aside))
-            raise CheckpointWriteError(message) from None
-        raise
+        failure = as_write_failure(err)
+        if failure is None:
+            raise
+        message = (_pointer_failed(run_dir, name, failure) if placed else
+                   _write_failed(run_dir, name, failure, restored, aside))
+        raise CheckpointWriteError(message) from None
     finally:
         if placed:  # the old copy of a re-saved step is superseded either way
             shutil.rmtree(aside, ignore_errors=True)
@@ -249,21 +251,13 @@ def read_latest(run_dir: str | Path) -> str | None:
     return pointer.read_text().strip() if pointer.is_file() else None
 
 
-def _reason(err: OSError) -> str:
-    if err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return "no space left on the device"
-    return err.strerror or str(err) or type(err).__name__
-
-
 def _write_failed(run_dir: Path, name: str, err: OSError, restored: bool, aside: Path) -> str:
     previous = read_latest(run_dir) or "none yet"
     kept = f"the previous checkpoint ({previous}) and {run_dir / 'latest'} are intact"
     if not restored:
         kept = f"the old {name} could not be put back: it is at {aside}; rename it to {name}"
-    advice = ("; free some space, then resume with --resume"
-              if err.errno in (errno.ENOSPC, errno.EDQUOT) else "")
-    return (f"could not save {name} to {run_dir} ({_reason(err)}): the partial copy was "
-            f"removed and {kept}{advice}")
+    return (f"could not save {name} to {run_dir} ({reason(err)}): the partial copy was "
+            f"removed and {kept}; {advice(err)}, then resume with --resume")
 
 
 def _pointer_failed(run_dir: Path, name: str, err: OSError) -> str:
@@ -271,7 +265,7 @@ def _pointer_failed(run_dir: Path, name: str, err: OSError) -> str:
     named = ("already named it" if previous == name else f"still names {previous}"
              if previous else "was not written")
     return (f"saved {name} to {run_dir / 'checkpoints'} (the folder is complete), but could "
-            f"not make it the latest ({_reason(err)}): {run_dir / 'latest'} {named}; fix the "
+            f"not make it the latest ({reason(err)}): {run_dir / 'latest'} {named}; fix the "
             "cause, then resume with --resume")
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from retnet.files import staged_folder
 from retnet.options import opt
 from retnet.tokenizer import (
     DEFAULT_CHAT_TEMPLATE,
@@ -90,22 +91,31 @@ def export_model(model: RetNetForCausalLM, tokenizer: Tokenizer, out: str | Path
                  chat_template: dict[str, str] | None = None) -> Path:
     """Write a RetNetForCausalLM, its tokenizer and a model card to the folder `out`.
     `meta`: the checkpoint's meta.json (training data and metrics for the card)."""
-    from retnet.hf.bundle import AUTO_MAP, remote_code, write_remote_code
+    from retnet.hf.bundle import remote_code, write_remote_code
     from retnet.hf.card import model_card
 
     code = remote_code()  # first: a source that cannot be bundled fails before any writing
     out = Path(out)
-    model.save_pretrained(str(out))  # safetensors, config.json, generation_config.json
-    config_path = out / "config.json"
-    config = json.loads(config_path.read_text())
+    # Staged beside OUT and moved in at the end: a full disk leaves no partial config.json
+    # or weights in OUT, and an earlier export there stays whole.
+    with staged_folder(out) as folder:
+        model.save_pretrained(str(folder))  # safetensors, config.json, generation_config.json
+        _finish_config(folder / "config.json", model)
+        write_remote_code(folder, code)
+        save_hf_tokenizer(tokenizer, folder, chat_template)
+        (folder / "README.md").write_text(model_card(model.model, meta or {}), encoding="utf-8")
+    return out
+
+
+def _finish_config(path: Path, model: RetNetForCausalLM) -> None:
+    """config.json as save_pretrained wrote it, plus auto_map and the explicit tie flag."""
+    from retnet.hf.bundle import AUTO_MAP
+
+    config = json.loads(path.read_text())
     config["auto_map"] = AUTO_MAP
     # transformers 4.x leaves out values equal to its defaults (tie_word_embeddings=True)
     config["tie_word_embeddings"] = model.config.tie_word_embeddings
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    write_remote_code(out, code)
-    save_hf_tokenizer(tokenizer, out, chat_template)
-    (out / "README.md").write_text(model_card(model.model, meta or {}), encoding="utf-8")
-    return out
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 @dataclass

@@ -3,7 +3,8 @@
 from retnet.model.config import PRESETS, RetNetConfig
 from retnet.model.fast_decode import use_inference_layout
 from retnet.model.lm import RetNetLM, RetNetOutput, lm_loss
-from retnet.model.state import RetNetState, load_state, save_state
+from retnet.model.state import RetNetState
+from retnet.model.state_file import load_state, save_state
 from retnet.modules.layout import set_weight_layout, use_decode_layout
 
 __all__ = [

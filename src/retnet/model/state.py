@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -82,42 +80,3 @@ class RetNetState(NamedTuple):
             raise ValueError("cannot join states of models with different numbers of layers")
         kv = tuple(torch.cat([s.kv[i] for s in states]) for i in range(n_layers))
         return RetNetState(kv, torch.cat([s.offset for s in states]))
-
-
-STATE_FORMAT = "retnet-state-v1"
-
-
-def save_state(path: str | Path, state: RetNetState, fingerprint: str) -> None:
-    """Write a state as safetensors with the model config's fingerprint (atomic: temp + rename)."""
-    from safetensors.torch import save_file
-
-    tensors = {f"kv.{i}": t.detach().to("cpu").contiguous() for i, t in enumerate(state.kv)}
-    tensors["offset"] = state.offset.detach().to("cpu").contiguous()
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, tmp, metadata={"format": STATE_FORMAT, "config": fingerprint,
-                                      "layers": str(len(state.kv))})
-    os.replace(tmp, path)
-
-
-def load_state(path: str | Path, fingerprint: str, device: torch.device | str = "cpu"
-               ) -> RetNetState:
-    """Read a state saved by `save_state`; refuses a state made by a model of another config."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != STATE_FORMAT:
-                raise ValueError(f"{path} is not a retnet state file (format "
-                                 f"{meta.get('format')!r}, expected {STATE_FORMAT!r})")
-            if meta.get("config") != fingerprint:
-                raise ValueError(f"{path} was saved by a model with another config "
-                                 f"(fingerprint {meta.get('config')}, this model {fingerprint}); "
-                                 "use the model that made it")
-            kv = tuple(f.get_tensor(f"kv.{i}") for i in range(int(meta["layers"])))
-            return RetNetState(kv, f.get_tensor("offset"))
-    except (ValueError, FileNotFoundError):
-        raise
-    except Exception as err:
-        raise ValueError(f"cannot read state file {path}: {err}") from None

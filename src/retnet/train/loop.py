@@ -26,6 +26,7 @@ from retnet.checkpoint import (
 )
 from retnet.data import PackedWindows, load_documents, split_documents, tokenize
 from retnet.device import pick_device
+from retnet.files import append_text
 from retnet.model import RetNetConfig, RetNetLM
 from retnet.tokenizer import Tokenizer, load_tokenizer
 from retnet.train import distributed as dist
@@ -151,13 +152,14 @@ def _save(run: _Run, cfg: TrainConfig, ctx: dist.Context, step: int) -> None:
     error = None
     if ctx.is_main:
         try:
+            _check_finite(state, cfg, step)
             save_checkpoint(cfg.out, step, state["model"], run.model.config, run.tokenizer,
                             {"optimizer": state["optimizer"], "step": step,
                              "rng": _rng_state()}, run.meta)
         except Exception as err:
             if ctx.world == 1:
                 raise
-            error = str(err) if isinstance(err, CheckpointWriteError) else (
+            error = str(err) if isinstance(err, (CheckpointWriteError, NonFinite)) else (
                 f"rank 0 could not save step {step}: {type(err).__name__}: {err}")
     # Every rank learns how rank 0's save went (in place of a barrier), so that a failed save
     # (a full disk) stops them all with its message instead of leaving them waiting.
@@ -166,9 +168,44 @@ def _save(run: _Run, cfg: TrainConfig, ctx: dist.Context, step: int) -> None:
         raise CheckpointWriteError(error)
 
 
+class NonFinite(ValueError):
+    """The weights or optimiser state to be saved hold inf or NaN; nothing was saved."""
+
+
+def _check_finite(state: dict[str, Any], cfg: TrainConfig, step: int) -> None:
+    """A checkpoint with non-finite weights would be kept as the latest and push a good one
+    out (only the newest are kept), so the run stops before saving one."""
+    bad = _first_non_finite(state)
+    if bad is not None:
+        raise NonFinite(f"the training state became non-finite by step {step} ({bad} holds "
+                        f"inf or NaN; a too high --lr?); stopped without saving it; the last "
+                        f"good checkpoint is {_last_good(cfg)}")
+
+
+def _first_non_finite(tree: Any, name: str = "") -> str | None:
+    """The name of the first floating tensor in a nested dict/list holding inf or NaN."""
+    if isinstance(tree, torch.Tensor):
+        ok = not tree.is_floating_point() or bool(torch.isfinite(tree).all())
+        return None if ok else name
+    items = tree.items() if isinstance(tree, dict) else (
+        enumerate(tree) if isinstance(tree, (list, tuple)) else ())
+    for key, value in items:
+        bad = _first_non_finite(value, f"{name}.{key}" if name else str(key))
+        if bad is not None:
+            return bad
+    return None
+
+
+def _last_good(cfg: TrainConfig) -> str:
+    """The latest checkpoint of the run, and what to do with it, for a message that stops
+    the run; every saved checkpoint is finite, so the latest one is good."""
+    latest = read_latest(cfg.out)
+    return (f"{Path(cfg.out) / 'checkpoints' / latest} (resume from it with a lower --lr or "
+            "--clip, or check the data)") if latest else "none: none was saved"
+
+
 def _log(path: Path, record: dict[str, Any]) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+    append_text(path, json.dumps(record) + "\n")
 
 
 def _check_fresh(cfg: TrainConfig) -> None:
@@ -208,12 +245,9 @@ def _step(run: _Run, cfg: TrainConfig, ctx: dist.Context, step: int,
         return train_step(run.wrapped, run.optimizer, batches, cfg.lr_schedule.lr_at(step),
                           loss_of=run.loss_of, clip=cfg.clip, amp=amp, ctx=ctx)
     except Diverged as err:
-        latest = read_latest(cfg.out)
-        good = (f"{Path(cfg.out) / 'checkpoints' / latest} (resume from it with a lower --lr "
-                "or --clip, or check the data)") if latest else "none: none was saved"
         raise ValueError(f"{err} at step {step + 1}; stopped before the optimiser step, "
-                         f"saving or pruning anything; the last good checkpoint is {good}"
-                         ) from None
+                         "saving or pruning anything; the last good checkpoint is "
+                         f"{_last_good(cfg)}") from None
 
 
 def train(cfg: TrainConfig) -> dict[str, float]:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from retnet.files import atomic_write
 
 
 def plot_losses(metrics_path: str | Path, png_path: str | Path) -> Path:
@@ -24,9 +25,8 @@ def plot_losses(metrics_path: str | Path, png_path: str | Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    png_path = Path(png_path)
-    tmp = png_path.with_name(png_path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, png_path)
-    return png_path
+    try:
+        # format given: the temporary name's suffix is not .png
+        return atomic_write(png_path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
