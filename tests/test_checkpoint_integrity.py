@@ -210,6 +210,30 @@ def test_an_inf_gradient_with_a_finite_loss_stops_before_the_weights_change(
     assert snapshot(stopped_run) == before
 
 
+def test_non_finite_weights_are_never_saved_and_the_last_good_one_is_named(
+        stopped_run, corpus, capsys, monkeypatch):
+    """Issue #37 item 7: an optimiser step that makes the weights non-finite (as --lr inf
+    does) with a finite loss and gradient: step 5 was saved with NaN weights, step-2 pruned,
+    and step 6's stop named the broken step-5 as the last good checkpoint."""
+    import retnet.train.loop as tr
+
+    real = tr._prepare
+
+    def nan_after_step(cfg, ctx):
+        run = real(cfg, ctx)
+        weight = run.model.embed.weight
+        run.optimizer.register_step_post_hook(lambda *_: weight.data.fill_(math.nan))
+        return run
+
+    monkeypatch.setattr(tr, "_prepare", nan_after_step)
+    before = snapshot(stopped_run)
+    code, _, err = cli(train_args(corpus, stopped_run, "--resume", "--save-every", "1"), capsys)
+    assert code == 2
+    assert "non-finite by step 5" in err and "embed.weight" in err
+    assert "last good checkpoint is" in err and "step-000004" in err
+    assert snapshot(stopped_run) == before
+
+
 def resave(run: Path, step: int) -> Path:
     """Save the latest checkpoint's contents again, as step `step`."""
     ckpt = load_checkpoint(run)
