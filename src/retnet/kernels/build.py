@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -23,6 +24,8 @@ from importlib.resources import files
 from pathlib import Path
 
 import torch
+
+from retnet.files import atomic_write_text, reason
 
 SOURCES = ("cpu/decode.cpp", "cpu/simd.h", "cpu/products.h", "cpu/activations.h",
            "cpu/head_norm.h")
@@ -109,35 +112,92 @@ def library_path(name: str = "native") -> Path:
 
 def build(quiet: bool = False, name: str | None = None) -> Path:
     """The path of the compiled library (variant `name`, else this process's `variant()`),
-    compiling it first if this machine has none yet. Raises BuildError (one line) when there is
-    no compiler or the compile fails."""
+    compiling it first if this machine has none yet, or has one whose size or sha256 differ
+    from those recorded when it was built (a truncated library would die of SIGBUS when
+    loaded). Raises BuildError (one line) when there is no compiler, the compile fails, or
+    the cache folder cannot be written."""
     name = variant() if name is None else name
     target = library_path(name)
-    if target.exists():
+    if _problem(target) is None:
         return target
+    try:
+        return _rebuild(target, name, quiet)
+    except OSError as err:  # RETNET_CACHE is a file, a read-only folder, a full disk
+        raise BuildError(f"the kernel cache {cache_dir()} cannot be written "
+                         f"({reason(err)}); set {CACHE_ENV} to a writable folder") from None
+
+
+def _rebuild(target: Path, name: str, quiet: bool) -> Path:
+    """Compile variant `name` into `target`, one process at a time per folder."""
     compiler = os.environ.get("CXX", "g++")
     if shutil.which(compiler) is None:
-        raise BuildError(f"no C++ compiler ({compiler} not found; set CXX or install g++)")
+        missing = f"no C++ compiler ({compiler} not found; set CXX or install g++)"
+        if target.exists():
+            missing = (f"the cached {target} failed verification ({_problem(target)}), and "
+                       f"{missing}")
+        raise BuildError(missing)
     target.parent.mkdir(parents=True, exist_ok=True)
     # One build at a time per folder; whoever waited finds the library made.
     with open(target.parent / "lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if target.exists():
+        problem = _problem(target)
+        if problem is None:
             return target
         if not quiet:
-            print(f"retnet: building the CPU kernels once (about a minute) into {target.parent}",
-                  file=sys.stderr)
-        source = Path(str(files("retnet.kernels").joinpath("cpu", "decode.cpp")))
-        tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+            what = (f"the cached CPU kernels failed verification ({problem}): rebuilding them"
+                    if target.exists() else "building the CPU kernels once")
+            print(f"retnet: {what} (about a minute) into {target.parent}", file=sys.stderr)
+        _compile(compiler, target, name)
+    return target
+
+
+def _compile(compiler: str, target: Path, name: str) -> None:
+    """Compile into a temporary file, record its size and sha256 beside `target`, then
+    rename it into place (atomic: a half-written library is never loaded)."""
+    source = Path(str(files("retnet.kernels").joinpath("cpu", "decode.cpp")))
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    try:
         done = subprocess.run(command(compiler, source, tmp, name), capture_output=True,
                               text=True)
         if done.returncode != 0:
-            tmp.unlink(missing_ok=True)
             first = next((line for line in done.stderr.splitlines() if "error" in line),
                          done.stderr.strip()[:200])
             raise BuildError(f"the C++ compile failed: {first}")
-        os.replace(tmp, target)  # atomic: a half-written library is never loaded
-    return target
+        atomic_write_text(record_path(target), json.dumps(_fingerprint(tmp)))
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def record_path(library: Path) -> Path:
+    """The build record beside a library: {"bytes": size, "sha256": hex digest}."""
+    return library.with_name(library.name + ".json")
+
+
+def _fingerprint(path: Path) -> dict[str, int | str]:
+    data = path.read_bytes()
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _problem(library: Path) -> str | None:
+    """None where `library` is the one built here (size and sha256 as recorded beside it),
+    else what is wrong with it, in words. A library without a record (an older retnet's) is
+    rebuilt too: nothing unverified is loaded."""
+    if not library.exists():
+        return "not built"
+    if not record_path(library).exists():
+        return "no build record beside it: an older retnet built it"
+    try:
+        record = json.loads(record_path(library).read_text())
+        found = _fingerprint(library)
+    except (OSError, ValueError) as err:
+        return f"its build record {record_path(library).name} is unreadable ({err})"
+    if not isinstance(record, dict) or record.get("bytes") != found["bytes"]:
+        recorded = record.get("bytes") if isinstance(record, dict) else None
+        return f"{found['bytes']} bytes where {recorded} were built"
+    if record.get("sha256") != found["sha256"]:
+        return "its sha256 differs from the one recorded when it was built"
+    return None
 
 
 _loaded: set[Path] = set()
