@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from retnet.model import RetNetConfig, RetNetLM
+from retnet.ops.documents import block_causal_mask, document_positions
 from retnet.ops.loss import linear_cross_entropy
 
 LLAMA_HEAD_DIM = 64
@@ -51,11 +52,28 @@ def matched_llama(config: RetNetConfig, **overrides: Any):
     return model
 
 
-def llama_loss(model, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def document_inputs(resets: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The arguments that make a Llama read a packed row [B, T] as its documents alone, as
+    RetNet does with `resets`: a block-diagonal causal mask [B, 1, T, T] (passed to sdpa as
+    is, so no causal fast path) and position ids restarting at 0 per document. {} without
+    resets (the plain causal path)."""
+    if resets is None:
+        return {}
+    B, T = resets.shape
+    seen = torch.arange(1, T + 1, device=resets.device).expand(B, T)  # [B, T] tokens so far
+    every = torch.ones_like(resets)
+    positions, _ = document_positions(seen.new_zeros(B), seen, every, resets)
+    return {"attention_mask": block_causal_mask(resets), "position_ids": positions}
+
+
+def llama_loss(model, ids: torch.Tensor, targets: torch.Tensor,
+               resets: torch.Tensor | None = None) -> torch.Tensor:
     """A LlamaForCausalLM's mean next-token loss on ids [B, T] against targets [B, T]
     through RetNet's chunked cross-entropy (`retnet.ops.loss`) on its final hidden states,
-    so that a comparison of the two measures their architectures, not their losses."""
-    hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state  # [B, T, D]
+    so that a comparison of the two measures their architectures, not their losses. resets
+    [B, T]: documents packed in a row, each attending to itself only (`document_inputs`)."""
+    hidden = model.model(input_ids=ids, use_cache=False,
+                         **document_inputs(resets)).last_hidden_state  # [B, T, D]
     return linear_cross_entropy(hidden, model.lm_head.weight, targets)
 
 

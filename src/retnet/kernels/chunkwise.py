@@ -15,7 +15,9 @@ computed differently:
   chunk's write in the backward when the final state gets no gradient, the first chunk's
   share of the incoming state's gradient when that state needs none;
 - without a mask the decay factors depend on the position in the chunk only, so they are
-  [H, L, L] and [H, L], shared by every row and chunk, not [N, B, H, L, L];
+  [H, L, L] and [H, L], shared by every row and chunk, not [N, B, H, L, L]; document
+  boundaries (resets) zero them where a reset lies between two positions (a `where` over
+  the shared factors, not an exponential per row and chunk);
 - the backward keeps only q, k, v (in that layout) and the incoming state: the L×L scores,
   every chunk's write to the state and every chunk's incoming state [N, B, H, K, V] are
   recomputed there, one layer at a time, instead of held for the whole forward pass;
@@ -35,9 +37,10 @@ from torch import Tensor
 
 class _Decays:
     """The decay factors of a chunked sequence, for pos [Nm, Bm, L] (real tokens so far in
-    the chunk; Nm, Bm are 1 when every chunk and row has the same positions)."""
+    the chunk; Nm, Bm are 1 when every chunk and row has the same positions) and docs
+    [N, B, L] (resets so far in the chunk; None: no document starts in any chunk)."""
 
-    def __init__(self, pos: Tensor, log_decay: Tensor) -> None:
+    def __init__(self, pos: Tensor, log_decay: Tensor, docs: Tensor | None = None) -> None:
         lg = log_decay[:, None]  # [H, 1]
         total = pos[..., -1:]  # [Nm, Bm, 1]
         self.pos, self.total = pos, total
@@ -50,6 +53,22 @@ class _Decays:
         # masked in log space before exp: above the diagonal the exponent would be positive
         self.matrix = (self.dist.unsqueeze(2) * lg[..., None]).masked_fill(
             ~causal, float("-inf")).exp()  # [Nm, Bm, H, L, L]
+        if docs is not None:
+            self._split(docs)
+
+    def _split(self, docs: Tensor) -> None:
+        """Zero each factor across a document start: the scores between documents, the read
+        of the incoming state after a reset (d ≠ 0), the write of keys before the chunk's last
+        document (d ≠ d_last) and the carry of the state over a chunk with a reset. The
+        factors become [N, B, ...]; zero factors add nothing to the decay's gradient."""
+        zero = self.q.new_zeros(())
+        first = (docs == 0).unsqueeze(2)  # [N, B, 1, L]
+        last = (docs == docs[..., -1:]).unsqueeze(2)
+        self.q = torch.where(first, self.q, zero)  # [N, B, H, L]
+        self.k = torch.where(last, self.k, zero)
+        self.chunk = torch.where(first[..., -1], self.chunk, zero)  # [N, B, H]
+        same = (docs[..., :, None] == docs[..., None, :]).unsqueeze(2)  # [N, B, 1, L, L]
+        self.matrix = torch.where(same, self.matrix, zero)  # [N, B, H, L, L]
 
 
 def _take(x: Tensor, chunks: slice) -> Tensor:
@@ -96,17 +115,19 @@ def _states(kd: Tensor, v: Tensor, state: Tensor, chunk: Tensor, count: int) -> 
 
 
 class ChunkwiseRetention(torch.autograd.Function):
-    """(q, k, v, log_decay, state, mask, chunk_size) → (o [B, T, H, V], final state), all in
-    one compute dtype, k already masked (padding writes nothing), mask None = all real."""
+    """(q, k, v, log_decay, state, mask, resets, chunk_size) → (o [B, T, H, V], final state),
+    all in one compute dtype, k already masked (padding writes nothing), mask None = all
+    real, resets None = one document per row."""
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, state: Tensor,
-                mask: Tensor | None, chunk_size: int) -> tuple[Tensor, Tensor]:
+                mask: Tensor | None, resets: Tensor | None, chunk_size: int
+                ) -> tuple[Tensor, Tensor]:
         B, T = q.shape[:2]
         L = min(chunk_size, T)
         N = math.ceil(T / L)
         qb, kb, vb = (_blocks(x, N, L) for x in (q, k, v))
-        dec = _Decays(_positions(mask, B, T, N, L, q), log_decay)
+        dec = _Decays(_positions(mask, B, T, N, L, q), log_decay, _documents(resets, N, L))
         states = _states(kb * dec.k[..., None], vb, state, dec.chunk, N + 1)
         final = states[N].clone()
         # o = ((q kᵀ) ⊙ D) v + (q ⊙ γ^p) S_j, chunk by chunk as one batch of products; the
@@ -116,17 +137,17 @@ class ChunkwiseRetention(torch.autograd.Function):
         if z < N:
             qd = qb[z:] * _take(dec.q, slice(z, None))[..., None]
             _flat(o[z:]).baddbmm_(_flat(qd), _flat(states[z:N]))
-        ctx.save_for_backward(qb, kb, vb, log_decay, state, mask)
+        ctx.save_for_backward(qb, kb, vb, log_decay, state, mask, resets)
         ctx.shape = (T, N, L, z)
         return _unblock(o, T), final
 
     @staticmethod
     def backward(ctx, do: Tensor, dfinal: Tensor | None):
-        qb, kb, vb, log_decay, state, mask = ctx.saved_tensors
+        qb, kb, vb, log_decay, state, mask, resets = ctx.saved_tensors
         T, N, L, z = ctx.shape
         B = qb.shape[1]
         dob = _blocks(do, N, L)
-        dec = _Decays(_positions(mask, B, T, N, L, qb), log_decay)
+        dec = _Decays(_positions(mask, B, T, N, L, qb), log_decay, _documents(resets, N, L))
         kd = kb * dec.k[..., None]  # [N, B, H, L, K]
         incoming = _states(kd, vb, state, dec.chunk, N)  # S_0 … S_(N−1)
         # G_j, the gradient of the state entering chunk j: G_N = dfinal,
@@ -161,7 +182,7 @@ class ChunkwiseRetention(torch.autograd.Function):
         dk = torch.matmul(ds.transpose(-1, -2), qb)
         dk[:w].addcmul_(dkd, _take(dec.k, slice(None, w))[..., None])
         dstate = grads[0].clone() if lo == 0 else None
-        return _unblock(dq, T), _unblock(dk, T), _unblock(dv, T), dlog, dstate, None, None
+        return _unblock(dq, T), _unblock(dk, T), _unblock(dv, T), dlog, dstate, None, None, None
 
 
 def _first_read(state: Tensor) -> int:
@@ -180,6 +201,18 @@ def _positions(mask: Tensor | None, B: int, T: int, N: int, L: int, like: Tensor
     if N * L != T:
         m = torch.nn.functional.pad(m, (0, N * L - T))
     return m.view(B, N, L).cumsum(-1).transpose(0, 1)
+
+
+def _documents(resets: Tensor | None, N: int, L: int) -> Tensor | None:
+    """Resets so far within each chunk, [N, B, L] (0: the chunk's first document, the one
+    that reads the state entering the chunk), or None without resets."""
+    if resets is None:
+        return None
+    B, T = resets.shape
+    r = resets.to(torch.int32)
+    if N * L != T:  # the padded tail starts no document
+        r = torch.nn.functional.pad(r, (0, N * L - T))
+    return r.view(B, N, L).cumsum(-1).transpose(0, 1)  # [N, B, L]
 
 
 def _decay_grad(dec: _Decays, d_matrix: Tensor, d_q: tuple[int, Tensor],
@@ -202,15 +235,16 @@ def _decay_grad(dec: _Decays, d_matrix: Tensor, d_q: tuple[int, Tensor],
 
 
 def chunkwise_retention(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, state: Tensor,
-                        mask: Tensor | None, chunk_size: int) -> tuple[Tensor, Tensor]:
+                        mask: Tensor | None, chunk_size: int, resets: Tensor | None = None
+                        ) -> tuple[Tensor, Tensor]:
     """The chunkwise form through `ChunkwiseRetention`; arguments as `retention_chunkwise`
     after its `_prepare` (compute dtype, k masked), except mask None = every token real."""
-    return ChunkwiseRetention.apply(q, k, v, log_decay, state, mask, chunk_size)
+    return ChunkwiseRetention.apply(q, k, v, log_decay, state, mask, resets, chunk_size)
 
 
 def chunkwise_form(form, q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor,
-                   state: Tensor | None, mask: Tensor | None, out: Tensor | None = None
-                   ) -> tuple[Tensor, Tensor]:
+                   state: Tensor | None, mask: Tensor | None, resets: Tensor | None = None,
+                   out: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """`Form("chunkwise")` through `ChunkwiseRetention` (shapes checked by the Form): the
     float32 inputs prepared as `retention_chunkwise` prepares them. Returns (o, final state)."""
     B, _, H, K = q.shape
@@ -223,4 +257,4 @@ def chunkwise_form(form, q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor,
         if mask is not None:
             mask = mask.to(torch.float32)
             k = k * mask[:, :, None, None]  # a masked key writes nothing to the state
-        return chunkwise_retention(q, k, v, log_decay, state, mask, form.chunk_size)
+        return chunkwise_retention(q, k, v, log_decay, state, mask, form.chunk_size, resets)

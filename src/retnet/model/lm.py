@@ -18,6 +18,7 @@ from retnet.modules import RetNetBlock
 from retnet.modules.block import make_norm
 from retnet.modules.linear import Linear
 from retnet.ops import Form
+from retnet.ops.documents import document_positions
 from retnet.ops.linear import linear
 from retnet.ops.loss import linear_cross_entropy
 from retnet.ops.retention import Mode
@@ -37,6 +38,7 @@ class RetNetLM(nn.Module):
         model(input_ids)                                   # parallel
         model(input_ids, mode="chunkwise", chunk_size=64)  # or mode=Form("chunkwise", 64)
         model(next_ids, state=out.state, mode="recurrent")
+        model(packed_ids, resets=starts)                   # documents packed in a row
     """
 
     def __init__(self, config: RetNetConfig) -> None:
@@ -109,14 +111,17 @@ class RetNetLM(nn.Module):
 
     def forward(self, input_ids: Tensor, state: RetNetState | None = None, *,
                 mode: Mode | Form = "parallel", chunk_size: int | None = None,
-                attention_mask: Tensor | None = None, last_only: bool = False,
-                state_out: RetNetState | None = None,
+                attention_mask: Tensor | None = None, resets: Tensor | None = None,
+                last_only: bool = False, state_out: RetNetState | None = None,
                 hidden_out: list[Tensor] | None = None,
                 targets: Tensor | None = None) -> RetNetOutput:
         """input_ids [B, T]; attention_mask [B, T] (1 = real token; left padding for batches
-        of different lengths). mode: a retention Form, or a mode name with chunk_size
-        (default `DEFAULT_CHUNK_SIZE`). Returns logits and the state after the last position; the
-        caller's state is never modified. last_only=True computes logits for the last
+        of different lengths). resets [B, T] (bool): True where a document starts; each
+        document of a packed row then computes what it would alone (the state entering it
+        dropped, positions from 0; `retnet.ops.documents` converts cu_seqlens). mode: a
+        retention Form, or a mode name with chunk_size (default `DEFAULT_CHUNK_SIZE`).
+        Returns logits and the state after the last position; the caller's state is never
+        modified. last_only=True computes logits for the last
         position only (prefill). state_out (recurrent mode, no autograd): a state of the
         same shape whose buffers receive the new state, so that a decode loop alternates two
         states instead of allocating one per token; it must not be `state` itself. hidden_out:
@@ -125,11 +130,15 @@ class RetNetLM(nn.Module):
         targets [B, T] (the token each position predicts; -100: none): return the loss
         instead of the logits, through the chunked cross-entropy (`retnet.ops.loss`), which
         never holds the [B·T, vocab] logits or their gradient."""
-        B, _ = self._check_inputs(input_ids, state, attention_mask)
+        B, T = self._check_inputs(input_ids, state, attention_mask, resets)
         if targets is not None and (last_only or targets.shape != input_ids.shape):
             raise ValueError(f"targets must be [B, T] = {list(input_ids.shape)} (one per "
                              "position), without last_only")
         state = self.init_state(B, input_ids.device) if state is None else state
+        if resets is not None and T == 1:
+            # one token: a reset is an empty incoming state, which every path (the fused
+            # decode step included) reads without knowing about documents
+            state, resets = _restart(state, resets[:, 0]), None
         form = Form.of(mode, chunk_size)
         self._check_state_out(form, state, state_out)
         if (form.mode == "recurrent" and input_ids.shape[1] == 1 and hidden_out is None
@@ -144,13 +153,14 @@ class RetNetLM(nn.Module):
         mask = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
                 else attention_mask.to(torch.bool))
         seen = mask.long().cumsum(1)  # [B, T] real tokens so far
-        # Positions count from each row's first real token; padding sits at the last position.
-        positions = (state.offset[:, None] + seen - 1).clamp(min=0)
+        # Positions count from each row's (or document's) first real token; padding sits at
+        # the last position.
+        positions, offset = document_positions(state.offset, seen, mask, resets)
         x = self.embed(input_ids)  # [B, T, D]
         if self.config.scale_embeddings:
             x = x * math.sqrt(self.config.d_model)
         # Rotation and decay row sums depend only on the positions: once for all layers.
-        pos = self.blocks[0].retention.encode_positions(positions, state.kv[0].dtype)
+        pos = self.blocks[0].retention.encode_positions(positions, state.kv[0].dtype, resets)
         # None, not a mask of ones, when every token is real: the forms then share one decay
         # matrix among all rows and chunks instead of one per row and chunk
         mask = None if attention_mask is None else mask
@@ -168,7 +178,6 @@ class RetNetLM(nn.Module):
         x = self.norm(x)
         if hidden_out is not None:
             hidden_out.append(x)
-        offset = state.offset + seen[:, -1]
         if state_out is not None:
             offset = state_out.offset.copy_(offset)
         state = RetNetState(tuple(kvs), offset)
@@ -195,13 +204,17 @@ class RetNetLM(nn.Module):
         return [functools.partial(form, out=buf) for buf in state_out.kv]
 
     def _check_inputs(self, input_ids: Tensor, state: RetNetState | None,
-                      attention_mask: Tensor | None) -> tuple[int, int]:
+                      attention_mask: Tensor | None, resets: Tensor | None = None
+                      ) -> tuple[int, int]:
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must be [B, T] with T ≥ 1; got {tuple(input_ids.shape)}")
         B, T = input_ids.shape
         if attention_mask is not None and attention_mask.shape != (B, T):
             raise ValueError(f"attention_mask must be [B, T] = [{B}, {T}]; "
                              f"got {tuple(attention_mask.shape)}")
+        if resets is not None and (resets.shape != (B, T) or resets.dtype != torch.bool):
+            raise ValueError(f"resets must be bool [B, T] = [{B}, {T}] (True where a document "
+                             f"starts); got {resets.dtype} {tuple(resets.shape)}")
         if state is not None:
             if len(state.kv) != self.config.n_layers:
                 raise ValueError(f"state has {len(state.kv)} layers but the model has "
@@ -210,6 +223,13 @@ class RetNetLM(nn.Module):
                 raise ValueError(f"state holds {state.batch_size} rows but input_ids has {B}; "
                                  "use state.select(rows) to match the batch")
         return B, T
+
+
+def _restart(state: RetNetState, rows: Tensor) -> RetNetState:
+    """The state with the rows where `rows` [B] (bool) is True emptied (zero kv, offset 0), as
+    a document starting there sees it; a new state, the caller's is unchanged."""
+    kv = tuple(torch.where(rows.view(-1, 1, 1, 1), 0.0, t) for t in state.kv)  # [B, H, K, V+1]
+    return RetNetState(kv, torch.where(rows, 0, state.offset))
 
 
 def lm_loss(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:

@@ -22,6 +22,7 @@ class Positions(NamedTuple):
     rotation: Tensor  # [B, T, 1, K/2] complex: e^(i·angle), complex64 (complex128 for float64)
     key_rotation: Tensor  # the same times K^-1/2, the keys' scale folded into their rotation
     sqrt_c: Tensor  # [B, T, H] √(decay row sum c_n), in the state's dtype
+    resets: Tensor | None = None  # [B, T] bool: a document starts here (None: one per row)
 
 
 class MultiScaleRetention(nn.Module):
@@ -81,19 +82,21 @@ class MultiScaleRetention(nn.Module):
         return list(linear(x, fused).split([p.weight.shape[0]
                                             for p in self.input_projections()], dim=-1))
 
-    def encode_positions(self, positions: Tensor, dtype: torch.dtype) -> Positions:
-        """What this layer needs from the absolute positions [B, T]; identical for every layer
-        of a model, so the model computes it once per forward. dtype: the state's dtype."""
+    def encode_positions(self, positions: Tensor, dtype: torch.dtype,
+                         resets: Tensor | None = None) -> Positions:
+        """What this layer needs from the absolute positions [B, T] (restarting at each
+        document start in `resets`); identical for every layer of a model, so the model
+        computes it once per forward. dtype: the state's dtype."""
         rotation = rotary_factors(positions, self.key_dim, dtype)
         log_decay = self.log_decay(positions.device, dtype)
         return Positions(rotation, rotation * self.key_dim**-0.5,
-                         decay_row_sum(positions, log_decay).sqrt())
+                         decay_row_sum(positions, log_decay).sqrt(), resets)
 
     def forward(self, x: Tensor, kv: Tensor, pos: Positions, mask: Tensor | None,
                 form: RetentionForm, norm: nn.Module | None = None) -> tuple[Tensor, Tensor]:
         """x [B, T, D]; kv [B, H, K, V+1]; pos: `encode_positions` of the absolute positions
-        [B, T]; mask [B, T] (1 = real; None: every token is); norm: applied to x first (the
-        block's pre-norm).
+        [B, T] (and the document starts); mask [B, T] (1 = real; None: every token is); norm:
+        applied to x first (the block's pre-norm).
 
         Returns y [B, T, D] and the new kv [B, H, K, V+1].
         """
@@ -107,7 +110,7 @@ class MultiScaleRetention(nn.Module):
         ones = (v.new_ones(()) if mask is None else mask.to(v.dtype)[:, :, None, None]
                 ).expand(B, T, H, 1)
         log_decay = self.log_decay(x.device, kv.dtype)
-        o, kv = form(q, k, torch.cat([v, ones], dim=-1), log_decay, kv, mask)
+        o, kv = form(q, k, torch.cat([v, ones], dim=-1), log_decay, kv, mask, pos.resets)
         if g and self.group_norm is not None:
             # the division, GroupNorm, gate and W_O below in one fused pass where the table
             # chooses one (W_O inside when it is a plain float weight: its input is recomputed)
