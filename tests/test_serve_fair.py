@@ -2,6 +2,7 @@
 a few prefix states per request, saved states bounded in bytes, and connection limits. The
 scheduling is checked through its decisions (`scheduler`, `Engine.turns`), never wall time."""
 
+import http.client
 import logging
 import socket
 import threading
@@ -222,9 +223,11 @@ def test_save_state_on_a_server_without_a_state_store_is_a_400(srv):
 
 # ---- connections ---------------------------------------------------------------------------
 
-def half_sent(port: int) -> socket.socket:
+def half_sent(port: int, head: bytes = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+              ) -> socket.socket:
+    """A connection that sends `head` (never a whole request) and waits."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # never finished
+    sock.sendall(head)
     return sock
 
 
@@ -237,7 +240,7 @@ def closed_by_server(sock: socket.socket) -> bool:
 
 def test_connections_past_the_cap_are_closed_and_half_sent_headers_time_out(srv, caplog):
     caplog.set_level(logging.WARNING, logger="retnet.serve")
-    held = [half_sent(srv.port) for _ in range(6)]
+    held = [half_sent(srv.port) for _ in range(5)] + [half_sent(srv.port, b"")]  # one silent
     try:
         extra = [half_sent(srv.port) for _ in range(20)]
         assert all(closed_by_server(s) for s in extra)  # refused at once, not kept
@@ -257,7 +260,7 @@ def test_a_body_that_does_not_arrive_in_time_is_a_408(srv):
     with socket.create_connection(("127.0.0.1", srv.port), timeout=20) as sock:
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                      b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
-        reply = sock.recv(4096)
+        reply = b"".join(iter(lambda: sock.recv(4096), b""))  # until the server closes
     assert reply.startswith(b"HTTP/1.1 408") and b"--read-timeout-s" in reply
 
 
@@ -273,3 +276,15 @@ def test_a_repeated_log_message_passes_once_per_interval():
     limit = connections.RateLimited(every_s=60)
     record = logging.LogRecord("asyncio", logging.ERROR, "", 0, "accept failed", None, None)
     assert [limit.filter(record) for _ in range(5)] == [True] + [False] * 4
+
+
+def test_half_sent_headers_of_a_second_request_on_a_kept_alive_connection_time_out(srv):
+    """uvicorn's keep-alive timer stops at the first byte of the next request: the header
+    deadline must start again there."""
+    sock = half_sent(srv.port, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    with sock:
+        first = http.client.HTTPResponse(sock)
+        first.begin()
+        assert first.status == 200 and first.read() == b'{"status":"ok"}'
+        sock.sendall(b"GET /health HTTP/1.1\r\n")  # and nothing more
+        assert closed_by_server(sock)
