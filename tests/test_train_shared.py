@@ -99,9 +99,9 @@ def test_train_config_form_and_checks():
     assert TrainConfig(**TrainConfig.form_fields(CHUNKWISE)).form == CHUNKWISE
     with pytest.raises(ValueError, match="invalid device 'gpu0'; use cpu, cuda"):
         TrainConfig(device="gpu0")
-    with pytest.raises(ValueError, match="invalid chunk_size=0"):
+    with pytest.raises(ValueError, match="--chunk-size must be an integer ≥ 1; got 0"):
         TrainConfig(mode="chunkwise", chunk_size=0)
-    with pytest.raises(ValueError, match="invalid mode='recurrent'"):
+    with pytest.raises(ValueError, match="invalid --mode 'recurrent'; use one of parallel"):
         TrainConfig(mode="recurrent")
     with pytest.raises(ValueError, match="TrainConfig.from_file"):
         TrainConfig(config="run.toml")

@@ -2,14 +2,16 @@
 their --help text (`opt`), turned into argparse arguments by `add_options`, and checked by
 `check_types` (values from a TOML/YAML file or from KEY=VALUE overrides arrive untyped; a
 wrong type must be a one-line error naming the field, not a TypeError deep inside a
-comparison)."""
+comparison), then by `check_options` against each field's declared `Range` and choices."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 # Annotation names this checker understands; an int is a valid float, a bool is neither.
@@ -57,13 +59,84 @@ def check_types(cls: type, values: dict[str, Any], prefix: str = "") -> None:
             raise ValueError(f"{prefix}{name} must be {wanted}; got {short(value)}")
 
 
+@dataclass(frozen=True)
+class Range:
+    """The numbers a numeric option accepts: finite (argparse's float() takes "nan" and "inf"),
+    from `low` to `high`, each end included unless marked open. Shared by every options
+    dataclass (`opt(..., bounds=...)`) and by SamplingParams, so one rule gives one message."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+
+    def accepts(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        # An int is finite however long (math.isfinite would overflow converting 10**400).
+        return (isinstance(value, int) or math.isfinite(value)) and above and below
+
+    def check(self, name: str, value: float, integer: bool = False) -> None:
+        """Raise a one-line ValueError naming `name` when value is out of range."""
+        if not self.accepts(value):
+            kind = "an integer" if integer else "a finite number"
+            raise ValueError(f"{name} must be {kind} {self}; got {short(value)}")
+
+    def __str__(self) -> str:  # "> 0", "≥ 1", "in [0, 1)"
+        low, high = _number(self.low), _number(self.high)
+        if self.high == math.inf:
+            return f"{'>' if self.low_open else '≥'} {low}"
+        if self.low == -math.inf:
+            return f"{'<' if self.high_open else '≤'} {high}"
+        return f"in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+
+
+def _number(x: float) -> str:
+    """An int in full (a seed's limit), a float short (1e-06, 0.5)."""
+    return str(x) if isinstance(x, int) else f"{x:g}"
+
+
+POSITIVE = Range(0, low_open=True)  # a learning rate, a repetition penalty
+NON_NEGATIVE = Range(0)  # a count that may be 0, a weight decay, a clip norm (0: off)
+AT_LEAST_ONE = Range(1)  # steps, batch sizes, intervals
+FRACTION = Range(0, 1)
+# Seeds reach torch.manual_seed (at most 2**64 - 1) and numpy's SeedSequence (no negatives);
+# generate adds the sample index, so a margin below torch's limit.
+SEED = Range(0, 2**63 - 1)
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a field: "eval_batches" -> "--eval-batches"."""
+    return "--" + name.replace("_", "-")
+
+
+def check_options(options: Any) -> None:
+    """Check every field of an options dataclass instance: its type (`check_types`), then its
+    declared choices and `Range`; raise one ValueError naming the first bad --flag.
+
+    Choices are checked here as well as by argparse, because a TOML/YAML file or a Python
+    caller does not pass through argparse. None is left alone (it means "unset")."""
+    fields = dataclasses.fields(options)
+    check_types(type(options), {f.name: getattr(options, f.name) for f in fields})
+    for f in fields:
+        value, choices, bounds = (getattr(options, f.name), f.metadata.get("choices"),
+                                  f.metadata.get("bounds"))
+        if value is None or isinstance(value, (list, tuple, dict)):
+            continue
+        if choices is not None and value not in choices:
+            raise ValueError(f"invalid {flag(f.name)} {short(value)}; use one of "
+                             f"{', '.join(map(str, choices))}")
+        if bounds is not None:
+            bounds.check(flag(f.name), value, integer="int" in _parts(f.type))
+
+
 # ---- Declaring options: one dataclass per command, its fields' help becomes --help ----------
 
 def opt(default: Any = dataclasses.MISSING, help: str = "", *,
         factory: Callable[[], Any] | None = None, choices: Sequence[Any] | None = None,
         metavar: str | tuple[str, ...] | None = None, positional: bool = False,
         aliases: Sequence[str] = (), nargs: int | None = None, const: Any = None,
-        secret: bool = False) -> Any:
+        secret: bool = False, bounds: Range | None = None) -> Any:
     """A dataclass field of a command's options, with its --help text (as litgpt's option
     dataclasses do, but carried in the field's metadata, never parsed out of source):
 
@@ -72,9 +145,10 @@ def opt(default: Any = dataclasses.MISSING, help: str = "", *,
     factory: default_factory (lists, dicts); positional: an argument without a --flag;
     aliases: other flags for it (e.g. vLLM's names); nargs: a list flag of exactly that many
     values (`--hf CKPT OUT`) instead of a repeatable one; const: the value of the flag given
-    without one (`--perplexity` alone); secret: left out of repr."""
+    without one (`--perplexity` alone); secret: left out of repr; bounds: the `Range` of a
+    numeric option (checked by `check_options`)."""
     metadata = {"help": help, "choices": choices, "metavar": metavar, "nargs": nargs,
-                "const": const,
+                "const": const, "bounds": bounds,
                 "positional": positional, "aliases": tuple(aliases)}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=metadata, repr=not secret)
@@ -116,7 +190,7 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
             parser.add_argument(f.name, type=_scalar(annotation), default=None,
                                 nargs=None if default is dataclasses.MISSING else "?", **kwargs)
             continue
-        names = ["--" + f.name.replace("_", "-"), *meta.get("aliases", ())]
+        names = [flag(f.name), *meta.get("aliases", ())]
         if annotation.startswith("bool"):
             kwargs.pop("metavar")
             kwargs.pop("choices")

@@ -113,16 +113,29 @@ def load_tokenizer(path: str | Path | None) -> Tokenizer:
     if not path.is_file():
         raise FileNotFoundError(f"no tokenizer at {path}; pass a tokenizer.json, its folder, "
                                 "or 'byte'")
-    text = path.read_text(encoding="utf-8")
     try:
+        text = path.read_text(encoding="utf-8")
         data = json.loads(text)
+    except UnicodeDecodeError as err:
+        raise ValueError(_not_a_tokenizer(path, f"not UTF-8 text: byte {err.start}")) from None
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); retrain or re-copy it") from None
+        raise ValueError(_not_a_tokenizer(path, f"not valid JSON: {err}")) from None
+    if not isinstance(data, dict):
+        raise ValueError(_not_a_tokenizer(path, f"a JSON {type(data).__name__}, not an object"))
     if data.get("type") == BYTE_MARKER:
         return ByteTokenizer()
     from tokenizers import Tokenizer as HFTokenizer
 
-    return BPETokenizer(HFTokenizer.from_str(text))
+    try:
+        tok = HFTokenizer.from_str(text)
+    except Exception as err:  # tokenizers raises a bare Exception ("Model missing. at line 1")
+        raise ValueError(_not_a_tokenizer(path, str(err).splitlines()[0])) from None
+    return BPETokenizer(tok)
+
+
+def _not_a_tokenizer(path: Path, why: str) -> str:
+    return (f"{path} is not a tokenizer file ({why}); pass a tokenizer.json written by "
+            "`retnet tokenizer train` (or its folder), or 'byte'")
 
 
 # A role-tagged chat template, saved beside tokenizer.json as chat_template.json.

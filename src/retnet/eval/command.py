@@ -11,7 +11,7 @@ from typing import Any
 from retnet.device import check_device
 from retnet.generation.command import DTYPES, check_quantization
 from retnet.modules.quant import QUANTIZATIONS
-from retnet.options import opt, require, short
+from retnet.options import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, check_options, opt, require
 
 
 @dataclass
@@ -23,9 +23,10 @@ class EvalOptions:
     include_path: str | None = opt(None, "folder of extra task YAML files (the shipped tasks "
                                    "retnet_mc, retnet_rolling, retnet_gen and python_mc are "
                                    "always available)")
-    num_fewshot: int | None = opt(None, "examples in each prompt (lm-eval's default: 0)")
-    limit: float | None = opt(None, "documents per task (a fraction below 1)")
-    batch_size: int = opt(8, "sequences scored together")
+    num_fewshot: int | None = opt(None, "examples in each prompt (lm-eval's default: 0)",
+                                  bounds=NON_NEGATIVE)
+    limit: float | None = opt(None, "documents per task (a fraction below 1)", bounds=POSITIVE)
+    batch_size: int = opt(8, "sequences scored together", bounds=AT_LEAST_ONE)
     perplexity: str | None = opt(None, "also report document perplexity (each document whole, "
                                  "with its full context) on the validation split of DATA "
                                  "(alone, or `stdlib`: the stdlib corpus)", metavar="DATA",
@@ -47,8 +48,7 @@ class EvalOptions:
                                    choices=QUANTIZATIONS)
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"invalid --dtype {short(self.dtype)}; use {', '.join(DTYPES)}")
+        check_options(self)  # types, --dtype, and every number's range
         check_quantization(self.quantization, self.dtype)
         check_device(self.device)
         if self.log_samples and not self.output_path:

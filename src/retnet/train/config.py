@@ -15,13 +15,25 @@ from retnet.checkpoint import remove_orphans, resolve_checkpoint
 from retnet.device import check_device
 from retnet.model import RetNetConfig
 from retnet.ops import DEFAULT_CHUNK_SIZE, Form
-from retnet.options import check_types, opt
+from retnet.options import (
+    AT_LEAST_ONE,
+    FRACTION,
+    NON_NEGATIVE,
+    POSITIVE,
+    SEED,
+    Range,
+    check_options,
+    check_types,
+    opt,
+)
 from retnet.train.step import BETA2, MAX_GRAD_NORM, MIN_LR_RATIO, WEIGHT_DECAY, Schedule
 
 # Recurrent is for decoding: one token at a time would make training T times slower.
 _TRAINING_MODES = ("parallel", "chunkwise")
 # Options of one invocation: a resumed run takes them from the command line, never the store.
 _PER_INVOCATION = ("config", "stop_at", "resume", "overwrite")
+# AdamW's β₂: torch refuses 1 (the second moment would never move), and only after setup.
+_BETA = Range(0, 1, high_open=True)
 
 
 @dataclass
@@ -39,31 +51,38 @@ class TrainConfig:
     text_field: str = opt("text", "the JSONL field holding the text")
     tokenizer: str = opt("byte", '"byte" or a tokenizer.json (`retnet tokenizer train`)')
     out: str = opt("runs/train", "run directory: checkpoints, metrics.jsonl, loss.png")
-    steps: int = opt(1000, "optimiser steps (the schedule's length)")
+    steps: int = opt(1000, "optimiser steps (the schedule's length)", bounds=AT_LEAST_ONE)
     stop_at: int | None = opt(None, "end this invocation after this step and save (resume "
-                              "later with --resume)")
-    batch_size: int = opt(8, "sequences per micro-batch per process")
-    seq_len: int = opt(256, "training window length in tokens")
-    grad_accum: int = opt(1, "micro-batches per optimiser step (gradient accumulation)")
-    lr: float = opt(1e-3, "peak learning rate (AdamW)")
-    min_lr_ratio: float = opt(MIN_LR_RATIO, "final learning rate as a fraction of --lr")
-    warmup: int = opt(100, "linear warm-up steps")
+                              "later with --resume)", bounds=AT_LEAST_ONE)
+    batch_size: int = opt(8, "sequences per micro-batch per process", bounds=AT_LEAST_ONE)
+    seq_len: int = opt(256, "training window length in tokens", bounds=AT_LEAST_ONE)
+    grad_accum: int = opt(1, "micro-batches per optimiser step (gradient accumulation)",
+                          bounds=AT_LEAST_ONE)
+    lr: float = opt(1e-3, "peak learning rate (AdamW)", bounds=POSITIVE)
+    min_lr_ratio: float = opt(MIN_LR_RATIO, "final learning rate as a fraction of --lr",
+                              bounds=FRACTION)
+    warmup: int = opt(100, "linear warm-up steps", bounds=NON_NEGATIVE)
     schedule: str = opt("cosine", "decay after warm-up", choices=("cosine", "linear"))
     weight_decay: float = opt(WEIGHT_DECAY, "AdamW weight decay, on the linear layers' "
-                              "matrices only (not norms, embeddings, biases)")
-    beta2: float = opt(BETA2, "AdamW's second-moment decay β₂")
-    clip: float = opt(MAX_GRAD_NORM, "max gradient norm (0 disables clipping)")
+                              "matrices only (not norms, embeddings, biases)",
+                              bounds=NON_NEGATIVE)
+    beta2: float = opt(BETA2, "AdamW's second-moment decay β₂", bounds=_BETA)
+    clip: float = opt(MAX_GRAD_NORM, "max gradient norm (0 disables clipping)",
+                      bounds=NON_NEGATIVE)
     mode: str = opt("parallel", "retention form: parallel, or chunkwise for long sequences",
                     choices=_TRAINING_MODES)
-    chunk_size: int = opt(DEFAULT_CHUNK_SIZE, "chunk length of the chunkwise form")
+    chunk_size: int = opt(DEFAULT_CHUNK_SIZE, "chunk length of the chunkwise form",
+                          bounds=AT_LEAST_ONE)
     dtype: str | None = opt(None, "float32, or bfloat16 (autocast); default float32 on CPU, "
                             "bfloat16 on CUDA", choices=("float32", "bfloat16"))
     activation_checkpointing: bool = opt(False, "recompute each block in backward (less "
                                          "memory, about a third more compute)")
-    eval_every: int = opt(100, "evaluate the validation loss every N steps")
-    eval_batches: int = opt(8, "fixed validation batches per evaluation")
-    save_every: int = opt(200, "save a checkpoint every N steps (the two newest are kept)")
-    seed: int = opt(0, "seed of the initial weights and of the batch order")
+    eval_every: int = opt(100, "evaluate the validation loss every N steps",
+                          bounds=AT_LEAST_ONE)
+    eval_batches: int = opt(8, "fixed validation batches per evaluation", bounds=AT_LEAST_ONE)
+    save_every: int = opt(200, "save a checkpoint every N steps (the two newest are kept)",
+                          bounds=AT_LEAST_ONE)
+    seed: int = opt(0, "seed of the initial weights and of the batch order", bounds=SEED)
     device: str | None = opt(None, "cpu, cuda, cuda:N or mps (default: cuda if available, "
                              "else cpu)")
     parallel: str = opt("ddp", 'under torchrun: "ddp", or "fsdp" (FSDP2 fully_shard)',
@@ -74,26 +93,14 @@ class TrainConfig:
                           "metrics go)")
 
     def __post_init__(self) -> None:
-        # Values from a TOML/YAML file or --model KEY=VALUE arrive untyped: name a bad one.
-        check_types(TrainConfig, {f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+        # Values from a TOML/YAML file or --model KEY=VALUE arrive untyped: name a bad one,
+        # and one out of its range (--lr inf, --eval-batches 0) before any work.
+        check_options(self)
         check_types(RetNetConfig, self.model, prefix="model.")
         if self.config is not None:
             raise ValueError("config names a file for the command line; in Python use "
                              "TrainConfig.from_file(path, **overrides)")
         check_device(self.device)
-        checks = {"steps": self.steps >= 1, "batch_size": self.batch_size >= 1,
-                  "seq_len": self.seq_len >= 1, "grad_accum": self.grad_accum >= 1,
-                  "chunk_size": self.chunk_size >= 1,
-                  "lr": self.lr > 0, "warmup": self.warmup >= 0,
-                  "schedule": self.schedule in ("cosine", "linear"),
-                  "mode": self.mode in _TRAINING_MODES,
-                  "dtype": self.dtype in (None, "float32", "bfloat16"),
-                  "parallel": self.parallel in ("ddp", "fsdp"),
-                  "eval_every": self.eval_every >= 1, "save_every": self.save_every >= 1}
-        for name, ok in checks.items():
-            if not ok:
-                raise ValueError(f"invalid {name}={getattr(self, name)!r}; "
-                                 "see `retnet train --help`")
 
     @property
     def form(self) -> Form:
@@ -154,20 +161,7 @@ class TrainConfig:
     def read_file(cls, path: str | Path) -> dict[str, Any]:
         """The KEY: VALUE pairs of a .toml or .yaml/.yml file, keys checked (not `config`)."""
         path = Path(path)
-        if path.suffix == ".toml":
-            import tomllib
-
-            values = tomllib.loads(path.read_text())
-        elif path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            try:
-                values = yaml.safe_load(path.read_text()) or {}
-            except yaml.YAMLError as err:
-                raise ValueError(f"{path} is not valid YAML ({str(err).splitlines()[0]})"
-                                 ) from None
-        else:
-            raise ValueError(f"config file {path} must end in .toml, .yaml or .yml")
+        values = _parse(path)
         if not isinstance(values, dict):
             raise ValueError(f"{path} must hold KEY: VALUE pairs; got {type(values).__name__}")
         known = {f.name for f in dataclasses.fields(cls)} - {"config"}
@@ -176,3 +170,26 @@ class TrainConfig:
             raise ValueError(f"unknown key(s) {', '.join(unknown)} in {path}; "
                              f"valid keys: {', '.join(sorted(known))}")
         return values
+
+
+def _parse(path: Path) -> Any:
+    """The contents of a .toml or .yaml/.yml options file; a file that does not parse is one
+    line naming it and where it breaks (the parsers' own messages name neither)."""
+    if path.suffix not in (".toml", ".yaml", ".yml"):
+        raise ValueError(f"config file {path} must end in .toml, .yaml or .yml")
+    kind = "TOML" if path.suffix == ".toml" else "YAML"
+    try:
+        text = path.read_text(encoding="utf-8")
+        if kind == "TOML":
+            import tomllib
+
+            return tomllib.loads(text)
+        import yaml
+
+        return yaml.safe_load(text) or {}
+    except OSError:  # a missing or unreadable file: the CLI's own line names it
+        raise
+    except Exception as err:  # TOMLDecodeError, YAMLError, UnicodeDecodeError
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"--config {path} is not valid {kind} ({reason}); fix the file, "
+                         "or pass the options as flags") from None
