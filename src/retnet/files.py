@@ -37,6 +37,7 @@ def as_write_failure(err: BaseException) -> OSError | None:
     if isinstance(err, OSError):
         return err
     name, text = type(err).__name__, str(err)
+    # By name: safetensors is not imported for this (its error type lives in a Rust module).
     if name == "SafetensorError":
         code = _OS_ERROR.search(text)
         number = int(code[1]) if code else errno.EIO
@@ -63,6 +64,8 @@ def advice(err: OSError) -> str:
         return "free some space (or raise the file-size limit)"
     if err.errno in _ACCESS:
         return "make the folder writable or choose another"
+    if err.errno == errno.EISDIR:
+        return "name a file, not a folder"
     return "check that the disk has room and is writable"
 
 
