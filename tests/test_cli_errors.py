@@ -50,7 +50,7 @@ CASES = {
                    "--state-out", str(f / "states")], "is a directory"),
     "negative max-new-tokens": (
         lambda f: ["generate", "--checkpoint", str(f / "run"), "--max-new-tokens", "-1"],
-        "--max-new-tokens must be ≥ 0"),
+        "--max-new-tokens must be an integer ≥ 0"),
     "model override of the wrong type": (
         lambda f: train(f, "--model", "dropout=abc"), "model.dropout must be a number"),
     "model override null": (

@@ -101,8 +101,8 @@ def test_the_prompt_from_standard_input(run, model, monkeypatch, capsys):
     (["--prompt-file", "latin1.txt"], "is not UTF-8 text"),
     (["--stop", ""], "--stop needs non-empty"),
     (["--device", "quantum"], "invalid device 'quantum'"),
-    (["--top-p", "0"], "top_p must be in (0, 1]"),
-    (["--num-samples", "0"], "--num-samples must be in 1..256"),
+    (["--top-p", "0"], "--top-p must be a finite number in (0, 1]"),
+    (["--num-samples", "0"], "--num-samples must be an integer in [1, 256]"),
     (["-n", "2", "--state-out", "s.safetensors"], "--state-out saves one state"),
 ])
 def test_bad_options_exit_2_with_one_line_before_the_model_loads(run, tmp_path, monkeypatch,

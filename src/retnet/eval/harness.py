@@ -35,9 +35,10 @@ class RetNetHarnessLM(LM):
             if checkpoint is None:
                 raise ValueError("pass checkpoint=DIR (a run directory or checkpoint folder)")
             from retnet.checkpoint import load_checkpoint
+            from retnet.loading import build_model
 
             ckpt = load_checkpoint(checkpoint)
-            model, tokenizer = ckpt.build_model(), ckpt.tokenizer
+            model, tokenizer = build_model(ckpt), ckpt.tokenizer
         if tokenizer is None:
             raise ValueError("a model needs its tokenizer")
         if device is None and handed_over:

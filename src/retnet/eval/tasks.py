@@ -41,10 +41,23 @@ def evaluate_tasks(model: torch.nn.Module, tokenizer, tasks: Sequence[str], *,
     from retnet.eval.harness import RetNetHarnessLM  # registers "retnet" with lm-eval
 
     paths = [str(shipped_tasks())] + ([include_path] if include_path else [])
+    manager = TaskManager(include_path=paths)
+    check_task_names(manager.all_tasks, tasks)
     lm = RetNetHarnessLM(model=model, tokenizer=tokenizer, batch_size=batch_size)
     return simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
-                           task_manager=TaskManager(include_path=paths),
-                           log_samples=log_samples, gen_kwargs=gen_kwargs)
+                           task_manager=manager, log_samples=log_samples, gen_kwargs=gen_kwargs)
+
+
+def check_task_names(known: Sequence[str], tasks: Sequence[str]) -> None:
+    """A one-line ValueError naming the tasks that are neither a registered task, group or tag
+    nor a YAML file (lm-eval's own KeyError comes as a traceback)."""
+    names = set(known)
+    unknown = [t for t in tasks if t not in names and not Path(t).is_file()]
+    if unknown:
+        raise ValueError(f"--tasks: no lm-eval task, group or tag named "
+                         f"{', '.join(map(repr, unknown))}; list them with `retnet lm-eval ls "
+                         "tasks`, or pass a task YAML file (or a folder of them with "
+                         "--include-path)")
 
 
 def run_tasks(model: torch.nn.Module, tokenizer, tasks: Sequence[str],

@@ -3,8 +3,8 @@ save the state after the run (--state-out) or continue from a saved one (--state
 
 from __future__ import annotations
 
-import dataclasses
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,12 +12,20 @@ import torch
 
 from retnet.device import check_device, pick_device
 from retnet.generation.loop import generate_stream
-from retnet.generation.sampling import SamplingParams
 from retnet.generation.text import TextStream
 from retnet.model import RetNetLM, RetNetState, load_state, save_state, use_inference_layout
 from retnet.model.fast_decode import decode_path
 from retnet.modules.quant import QUANTIZATIONS, quantize
-from retnet.options import check_types, opt, short
+from retnet.options import (
+    AT_LEAST_ONE,
+    NON_NEGATIVE,
+    POSITIVE,
+    SEED,
+    Range,
+    check_options,
+    opt,
+    short,
+)
 from retnet.tokenizer import Tokenizer
 
 MAX_SAMPLES = 256  # rows decoded together: each holds its own state and sampler
@@ -34,15 +42,22 @@ class GenerateOptions:
                              "none, the model starts a document)")
     prompt_file: str | None = opt(None, "read the prompt from FILE ('-': standard input) "
                                   "instead of --prompt; it is not echoed", metavar="FILE")
-    max_new_tokens: int = opt(200, "tokens to generate; 0: only read the prompt (--state-out)")
-    temperature: float = opt(0.8, "0 for greedy")
-    top_k: int | None = opt(None, "sample among the k most likely tokens only")
+    max_new_tokens: int = opt(200, "tokens to generate; 0: only read the prompt (--state-out)",
+                              bounds=NON_NEGATIVE)
+    temperature: float = opt(0.8, "0 for greedy; one so small that the logits divided by it "
+                             "overflow (below about 1e-38) samples greedily too",
+                             bounds=NON_NEGATIVE)
+    top_k: int | None = opt(None, "sample among the k most likely tokens only",
+                            bounds=AT_LEAST_ONE)
     top_p: float = opt(0.95, "sample among the most likely tokens whose probabilities reach "
-                       "p (1: all)")
-    repetition_penalty: float = opt(1.0, "CTRL's penalty on tokens already seen (1: none)")
-    seed: int = opt(0, "seed of the sampler's random generator (sample i: seed + i)")
+                       "p (1: all)", bounds=Range(0, 1, low_open=True))
+    repetition_penalty: float = opt(1.0, "CTRL's penalty on tokens already seen (1: none)",
+                                    bounds=POSITIVE)
+    seed: int = opt(0, "seed of the sampler's random generator (sample i: seed + i)",
+                    bounds=SEED)
     num_samples: int = opt(1, "continuations of the same prompt, decoded together as a batch "
-                           "and printed one after another once all are done", aliases=("-n",))
+                           "and printed one after another once all are done", aliases=("-n",),
+                           bounds=Range(1, MAX_SAMPLES))
     stop: list[str] = opt(help="stop once the text holds this string (not printed); "
                           "several may be given", factory=list, metavar="TEXT")
     state_in: str | None = opt(None, "continue from a state saved by --state-out",
@@ -59,23 +74,15 @@ class GenerateOptions:
     def __post_init__(self) -> None:
         """Every value checked before anything loads: one line naming the bad option."""
         check_quantization(self.quantization, self.dtype)
-        check_types(GenerateOptions, {f.name: getattr(self, f.name)
-                                      for f in dataclasses.fields(self)})
-        if self.max_new_tokens < 0:
-            raise ValueError(f"--max-new-tokens must be ≥ 0; got {self.max_new_tokens}")
-        if not 1 <= self.num_samples <= MAX_SAMPLES:
-            raise ValueError(f"--num-samples must be in 1..{MAX_SAMPLES}; got {self.num_samples}")
+        check_options(self)  # types, --dtype, and every number's range (--temperature nan)
         if self.num_samples > 1 and self.state_out:
             raise ValueError("--state-out saves one state: use it with --num-samples 1")
-        SamplingParams(self.temperature, self.top_k, self.top_p, self.repetition_penalty)
         if self.prompt is not None and self.prompt_file is not None:
             raise ValueError("pass the prompt with --prompt or --prompt-file, not both")
         if not _is_text(self.prompt or ""):
             raise ValueError("--prompt is not valid UTF-8 text")
         if not all(s and _is_text(s) for s in self.stop):
             raise ValueError(f"--stop needs non-empty UTF-8 strings; got {short(self.stop)}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"invalid --dtype {short(self.dtype)}; use {', '.join(DTYPES)}")
         check_device(self.device)
 
 
@@ -95,9 +102,10 @@ def load_for_inference(checkpoint: str, device: str | None = None, dtype: str = 
     `quantization`), in the weight layout with the fastest one-token steps there. Shared by
     `retnet generate` and `serve`."""
     from retnet.checkpoint import load_checkpoint
+    from retnet.loading import build_model
 
     ckpt = load_checkpoint(checkpoint)
-    model = ckpt.build_model(pick_device(device)).to(DTYPES[dtype])
+    model = build_model(ckpt, pick_device(device)).to(DTYPES[dtype])
     if quantization is not None:
         quantize(model, quantization)
     return ckpt, use_inference_layout(model)
@@ -185,12 +193,28 @@ def _check_paths(opts: GenerateOptions) -> None:
         if out.is_dir():
             raise ValueError(f"--state-out {out} is a directory; name a file in it, such as "
                              f"{out / 'state.safetensors'}")
-        if not out.parent.is_dir():
-            raise ValueError(f"--state-out {out}: the directory {out.parent} does not exist; "
-                             "create it first")
+        check_writable("--state-out", out)
     if opts.state_in and not Path(opts.state_in).is_file():
         raise ValueError(f"--state-in {opts.state_in} is not a file; pass one that "
                          "--state-out wrote")
+
+
+def check_writable(option: str, path: Path) -> None:
+    """Raise a one-line ValueError now, not after the work, where the file `path` cannot be
+    written: its folder must exist and take a new file (tried: as root, os.access says yes to
+    /proc and to read-only mounts), and it must not be a device or other special file, which
+    the atomic rename of the save would replace."""
+    if not path.parent.is_dir():
+        raise ValueError(f"{option} {path}: the directory {path.parent} does not exist; "
+                         "create it first")
+    if path.exists() and not path.is_file():
+        raise ValueError(f"{option} {path} is not a regular file; name a new file")
+    try:
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".retnet-probe-"):
+            pass
+    except OSError as err:
+        raise ValueError(f"{option} {path}: cannot create a file in {path.parent} "
+                         f"({err.strerror or err}); name a file in a writable folder") from None
 
 
 def _read_prompt(path: str) -> str:

@@ -110,7 +110,9 @@ def generate_stream(model: RetNetLM, input_ids: Tensor, max_new_tokens: int, *,
 
     input_ids [B, T], left-padded under attention_mask [B, T]. A row stops at eos_token_id or
     once its text (decoded by tokenizer) holds one of the stop strings; finished rows yield
-    pad_token_id. The caller's state is never modified."""
+    pad_token_id. The caller's state is never modified. temperature 0 is greedy, and so is one
+    small enough to overflow the logits (1e-40); one that is not finite is a ValueError
+    (`SamplingParams`)."""
     params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
     B = _check(input_ids, attention_mask, stop, tokenizer)
     pad = pad_token_id if pad_token_id is not None else (eos_token_id or 0)

@@ -10,9 +10,19 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from retnet.options import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Range
+
+_TOP_P = Range(0, 1, low_open=True)
+_PENALTY = Range(-2, 2)  # OpenAI's range for presence and frequency penalties
+
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """How `sample` draws a token. Every number must be finite (a ValueError names the first
+    that is not). temperature 0 is greedy, and so is a positive one so small that the logits
+    divided by it overflow float32 (any below about 1e-38: 1e-40, 5e-324): that is the limit
+    of sampling as the temperature goes to 0, where dividing would give inf and NaN."""
+
     temperature: float = 0.0  # 0: greedy
     top_k: int | None = None
     top_p: float | None = None
@@ -21,17 +31,14 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # OpenAI's: subtracted once per time a token was drawn
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be ≥ 0; got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be ≥ 1; got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1]; got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0; got {self.repetition_penalty}")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if not -2.0 <= getattr(self, name) <= 2.0:
-                raise ValueError(f"{name} must be in [-2, 2]; got {getattr(self, name)}")
+        NON_NEGATIVE.check("temperature", self.temperature)
+        if self.top_k is not None:
+            AT_LEAST_ONE.check("top_k", self.top_k, integer=True)
+        if self.top_p is not None:
+            _TOP_P.check("top_p", self.top_p)
+        POSITIVE.check("repetition_penalty", self.repetition_penalty)
+        _PENALTY.check("presence_penalty", self.presence_penalty)
+        _PENALTY.check("frequency_penalty", self.frequency_penalty)
 
     @property
     def counts_tokens(self) -> bool:
@@ -71,7 +78,8 @@ def penalise_counts(logits: Tensor, counts: Tensor, presence: float, frequency: 
 
 def sample(logits: Tensor, params: SamplingParams, generators: Sequence[torch.Generator] | None,
            seen: Tensor | None = None, counts: Tensor | None = None) -> Tensor:
-    """One token per row from logits [B, V]; greedy at temperature 0. Returns [B] int64.
+    """One token per row from logits [B, V]; greedy at temperature 0, and in a row whose
+    logits / temperature overflow (see SamplingParams). Returns [B] int64.
     seen [B, V] bool: CTRL's repetition penalty; counts [B, V]: the presence / frequency ones."""
     logits = logits.float()
     if seen is not None:
@@ -81,7 +89,17 @@ def sample(logits: Tensor, params: SamplingParams, generators: Sequence[torch.Ge
                                  params.frequency_penalty)
     if params.temperature == 0:
         return logits.argmax(-1)
-    logits = filter_logits(logits / params.temperature, params.top_k, params.top_p)
+    scaled = logits / params.temperature
+    # A tiny temperature overflows the largest logit to inf (or 0/0 to NaN), and softmax would
+    # then give NaN: such a row takes its greedy token, the limit as the temperature falls.
+    overflow = ~torch.isfinite(scaled.amax(-1))  # [B]
+    drawn = _draw(filter_logits(scaled, params.top_k, params.top_p), generators)
+    return torch.where(overflow, logits.argmax(-1), drawn)
+
+
+def _draw(logits: Tensor, generators: Sequence[torch.Generator] | None) -> Tensor:
+    """Inverse-CDF draws from softmax(logits) [B, V]: one uniform per row (every row draws,
+    so a seeded row's sequence of draws does not depend on the others). Returns [B]."""
     cdf = logits.softmax(-1).cumsum(-1)
     # One uniform draw per row from that row's own generator (on the CPU, so any device
     # gives the same draws), then inverse-CDF sampling.
