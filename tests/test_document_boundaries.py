@@ -20,6 +20,7 @@ import torch
 
 from helpers import tiny_model, tokens
 from reference import reference_retention
+from retnet.compare import CompareConfig, build_models
 from retnet.compare.baselines import document_inputs, matched_llama
 from retnet.kernels import chunkwise as chunkwise_fn
 from retnet.model import RetNetState
@@ -278,3 +279,18 @@ def test_llama_packed_logits_equal_documents_alone():
         alone_ = torch.cat([torch.cat([llama(input_ids=ids[b:b + 1, s:e], use_cache=False).logits
                                        for s, e in documents(b)], dim=1) for b in range(B)])
     close(packed, alone_, torch.float64, "logits")
+
+
+def test_compare_models_read_a_window_as_its_documents():
+    """`retnet compare` (boundaries on by default): both models' adapters start a document at
+    each <|endoftext|>, so a packed window's logits are its documents' logits alone."""
+    separator = 256
+    ids = tokens(1, 20)
+    ids[0, [6, 13]] = separator
+    cuts = [(0, 6), (6, 13), (13, 20)]
+    for name, adapter in build_models(CompareConfig(quick=True), 300, 0, separator).items():
+        adapter = adapter.double().eval()
+        with torch.no_grad():
+            packed = adapter(ids)
+            alone_ = torch.cat([adapter(ids[:, s:e]) for s, e in cuts], dim=1)
+        close(packed, alone_, torch.float64, name)

@@ -43,6 +43,10 @@ class CompareConfig:
     tasks: str = opt("python_mc", "lm-eval tasks for zero-shot accuracy (comma-separated; "
                      "shipped local files)")
     out: str = opt("runs/compare", "where results.json, report.md and the plots go")
+    no_document_boundaries: bool = opt(False, "let the packed windows' documents see each "
+                                       "other: state, attention and positions carry across "
+                                       "<|endoftext|> (default: each document alone, in both "
+                                       "models)")
     quick: bool = opt(False, "tiny models and budget: a smoke run")
     device: str | None = opt(None, "cpu, cuda, cuda:N or mps (default: cuda if available, "
                              "else cpu)")

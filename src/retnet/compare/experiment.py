@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from retnet.compare.baselines import llama_loss
+from retnet.compare.baselines import document_inputs, llama_loss
 from retnet.compare.config import VARIANTS, CompareConfig
 from retnet.compare.report import summarise, write_report
 from retnet.data import PackedWindows, load_documents, split_documents, tokenize
@@ -22,57 +22,65 @@ from retnet.device import pick_device
 from retnet.memory import PeakMemory
 from retnet.model import RetNetConfig, RetNetLM
 from retnet.ops import CHUNKWISE
+from retnet.ops.documents import document_starts
 from retnet.train.step import Schedule, adamw, micro_batches, train_step, validation_loss
 
 # Chunkwise: linear cost, so the 4× length evaluation stays cheap; equal to parallel.
 FORM = CHUNKWISE
 
 
-class _LlamaAdapter(torch.nn.Module):
-    """ids [B, T] -> logits [B, T, vocab], like the RetNet adapter; `loss` through the same
-    chunked cross-entropy, so the two models differ in their architecture only."""
+class _Adapter(torch.nn.Module):
+    """ids [B, T] -> logits [B, T, vocab] and `loss`, for a model reading packed windows with
+    document boundaries at each `separator` token (None: windows read as one sequence)."""
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, separator: int | None = None) -> None:
         super().__init__()
-        self.model = model
+        self.model, self.separator = model, separator
+
+    def resets(self, ids: torch.Tensor) -> torch.Tensor | None:
+        return None if self.separator is None else document_starts(ids, self.separator)
+
+
+class _LlamaAdapter(_Adapter):
+    """Like the RetNet adapter; `loss` through the same chunked cross-entropy, so the two
+    models differ in their architecture only (boundaries: a block-diagonal mask)."""
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=ids, use_cache=False).logits
+        return self.model(input_ids=ids, use_cache=False,
+                          **document_inputs(self.resets(ids))).logits
 
     def loss(self, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return llama_loss(self.model, ids, targets)
+        return llama_loss(self.model, ids, targets, self.resets(ids))
 
 
-class _RetNetAdapter(torch.nn.Module):
-    """ids [B, T] -> logits [B, T, vocab], in the comparison's one retention form."""
-
-    def __init__(self, model: RetNetLM) -> None:
-        super().__init__()
-        self.model = model
+class _RetNetAdapter(_Adapter):
+    """In the comparison's one retention form."""
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model(ids, mode=FORM).logits
+        return self.model(ids, mode=FORM, resets=self.resets(ids)).logits
 
     def loss(self, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return self.model(ids, mode=FORM, targets=targets).loss
+        return self.model(ids, mode=FORM, targets=targets, resets=self.resets(ids)).loss
 
 
-def build_models(cfg: CompareConfig, vocab: int, seed: int) -> dict[str, torch.nn.Module]:
-    """RetNet, the matched Llama and each variant, each initialised from `seed`."""
+def build_models(cfg: CompareConfig, vocab: int, seed: int, separator: int | None = None
+                 ) -> dict[str, torch.nn.Module]:
+    """RetNet, the matched Llama and each variant, each initialised from `seed`; separator:
+    the token at which a document starts in packed windows (None: no boundaries)."""
     from retnet.compare.baselines import matched_llama
 
     base = RetNetConfig(vocab_size=vocab, d_model=cfg.d_model, n_layers=cfg.n_layers,
                         n_heads=cfg.retnet_heads)
     models: dict[str, torch.nn.Module] = {}
     torch.manual_seed(seed)
-    models["retnet"] = _RetNetAdapter(RetNetLM(base))
+    models["retnet"] = _RetNetAdapter(RetNetLM(base), separator)
     torch.manual_seed(seed)
     llama = matched_llama(base, max_position_embeddings=8 * cfg.seq_len)
-    models["transformer"] = _LlamaAdapter(llama)
+    models["transformer"] = _LlamaAdapter(llama, separator)
     for name in cfg.variants:
         torch.manual_seed(seed)
         models[f"retnet-{name}"] = _RetNetAdapter(RetNetLM(RetNetConfig.from_dict(
-            {**base.to_dict(), **VARIANTS[name]})))
+            {**base.to_dict(), **VARIANTS[name]})), separator)
     return models
 
 
@@ -183,7 +191,8 @@ def run(cfg: CompareConfig) -> dict[str, Any]:
     n_models = 2 + len(cfg.variants)
     with tqdm(total=cfg.seeds * n_models * cfg.steps, desc="compare", unit="step") as bar:
         for seed in range(cfg.seeds):
-            for name, model in build_models(cfg, tok.vocab_size, seed).items():
+            separator = None if cfg.no_document_boundaries else tok.eos_id
+            for name, model in build_models(cfg, tok.vocab_size, seed, separator).items():
                 model = model.to(device)
                 result = train_one(name, model, train, val, cfg, seed, bar)
                 result |= {"name": name, "seed": seed,
