@@ -99,3 +99,13 @@ def test_the_server_samples_greedily_at_a_tiny_temperature(run):
         assert text(1e-40) == WORD and text(5e-324) == WORD
     finally:
         stop_server(s)
+
+
+def test_a_draw_of_exactly_zero_never_picks_a_token_of_probability_zero(monkeypatch):
+    """Inverse-CDF sampling with half-open intervals: u = 0 lands on the first token with
+    mass, not on a leading token that top-k filtered out (cdf 0 there)."""
+    monkeypatch.setattr(torch, "rand", lambda *shape, **kw: torch.zeros(*shape))
+    logits = torch.tensor([[0.0, 5.0, 4.0, -3.0]])
+    # top-k 2 leaves tokens 1 and 2: token 0 has probability 0 and must not be drawn
+    assert sample(logits, SamplingParams(temperature=1.0, top_k=2), None).item() == 1
+    assert sample(logits, SamplingParams(temperature=1.0), None).item() == 0  # it has mass

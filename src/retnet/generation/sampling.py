@@ -108,7 +108,10 @@ def _draw(logits: Tensor, generators: Sequence[torch.Generator] | None) -> Tenso
     else:
         u = torch.cat([torch.rand(1, generator=g) for g in generators])
     u = u.to(cdf) * cdf[:, -1]
-    return torch.searchsorted(cdf, u[:, None]).squeeze(-1).clamp(max=logits.shape[-1] - 1)
+    # Token i owns [cdf[i-1], cdf[i]): "right" finds the first cdf[i] > u, so a draw of
+    # exactly 0 never picks a leading token of probability 0 (a filtered one).
+    return torch.searchsorted(cdf, u[:, None], side="right").squeeze(-1).clamp(
+        max=logits.shape[-1] - 1)
 
 
 def make_generators(seed: int | Sequence[int] | None, batch: int) -> list[torch.Generator] | None:
