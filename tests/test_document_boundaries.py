@@ -294,3 +294,27 @@ def test_compare_models_read_a_window_as_its_documents():
             packed = adapter(ids)
             alone_ = torch.cat([adapter(ids[:, s:e]) for s, e in cuts], dim=1)
         close(packed, alone_, torch.float64, name)
+
+
+@pytest.mark.parametrize("opt_out", [False, True], ids=["default", "no-document-boundaries"])
+def test_train_and_validation_start_a_document_at_each_separator(opt_out, corpus, tmp_path,
+                                                                  monkeypatch):
+    """`retnet train` passes resets at each <|endoftext|> of its windows to every training and
+    validation forward, and none with --no-document-boundaries."""
+    from retnet.model import RetNetLM
+    from retnet.tokenizer import ByteTokenizer
+    from retnet.train import TrainConfig, train
+
+    seen, real = [], RetNetLM.forward
+
+    def spy(self, input_ids, *args, resets=None, **kwargs):
+        seen.append((input_ids, resets))
+        return real(self, input_ids, *args, resets=resets, **kwargs)
+
+    monkeypatch.setattr(RetNetLM, "forward", spy)
+    train(TrainConfig(preset="tiny", data=str(corpus), out=str(tmp_path / "run"), steps=2,
+                      batch_size=2, seq_len=16, warmup=1, eval_every=1, eval_batches=1,
+                      save_every=2, no_document_boundaries=opt_out))
+    assert seen
+    for ids, resets in seen:
+        assert resets is None if opt_out else torch.equal(resets, ids == ByteTokenizer.eos_id)

@@ -77,6 +77,10 @@ class TrainConfig:
                             "bfloat16 on CUDA", choices=("float32", "bfloat16"))
     activation_checkpointing: bool = opt(False, "recompute each block in backward (less "
                                          "memory, about a third more compute)")
+    no_document_boundaries: bool = opt(False, "let packed windows' documents see each other: "
+                                       "the state and positions carry across <|endoftext|> "
+                                       "(default: each document alone, in training and "
+                                       "validation)")
     eval_every: int = opt(100, "evaluate the validation loss every N steps",
                           bounds=AT_LEAST_ONE)
     eval_batches: int = opt(8, "fixed validation batches per evaluation", bounds=AT_LEAST_ONE)

@@ -28,6 +28,7 @@ from retnet.data import PackedWindows, load_documents, split_documents, tokenize
 from retnet.device import pick_device
 from retnet.files import append_text
 from retnet.model import RetNetConfig, RetNetLM
+from retnet.ops.documents import document_starts
 from retnet.tokenizer import Tokenizer, load_tokenizer
 from retnet.train import distributed as dist
 from retnet.train.config import TrainConfig
@@ -102,9 +103,12 @@ def _prepare(cfg: TrainConfig, ctx: dist.Context) -> _Run:
             "corpus": _corpus_record(cfg, docs), "train_config": cfg.stored_options()}
     bits = val_meta["tokens"] / max(val_meta["bytes"], 1) / math.log(2)
     form = cfg.form
+    # a document starts at each <|endoftext|> of a window, unless the run opts out
+    separator = None if cfg.no_document_boundaries else tokenizer.eos_id
 
     def loss_of(ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return wrapped(ids, mode=form, targets=targets).loss  # through DDP's forward
+        resets = None if separator is None else document_starts(ids, separator)
+        return wrapped(ids, mode=form, targets=targets, resets=resets).loss  # through DDP's forward
 
     return _Run(model, wrapped, loss_of, optimizer,
                 tokenizer, train, val.evaluation_batches(cfg.batch_size, cfg.eval_batches),
