@@ -109,7 +109,10 @@ def _build(model: nn.Module) -> tuple[list[Tensor], Tensor, dict | None]:
     vectors += [_vec(model.norm, "weight"), _vec(model.norm, "bias")]
     weights = [layer.weight.detach() for layer in layers]
     made = None
-    if all(w.dtype == weights[0].dtype and w.is_contiguous() for w in weights):
+    # an unmerged LoRA layer (ours or PEFT's: both hold `lora_A`) adds to its base weight's
+    # product, which the kernel would leave out: decline, the reference runs
+    adapters = any("lora_A" in m._parameters or "lora_A" in m._modules for m in layers)
+    if not adapters and all(w.dtype == weights[0].dtype and w.is_contiguous() for w in weights):
         c = model.config
         made = {"embed": model.embed.weight.detach(), "embed_scale": _float_scales(model.embed),
                 "weights": weights, "scales": [_float_scales(layer) for layer in layers],

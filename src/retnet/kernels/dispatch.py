@@ -44,6 +44,7 @@ class Call(NamedTuple):
     backend: str = "auto"  # retention: the Form's backend
     dropout: bool = False  # a model whose dropout is active (training mode)
     autocast: bool = False  # autocast is on for the device
+    adapters: bool = False  # a model holding unmerged LoRA adapters (native or PEFT)
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,10 @@ GRAD = Need("under autograd", lambda c: c.grad, "no autograd: nothing to keep fo
 NO_GRAD = Need("no autograd", lambda c: not c.grad, "under autograd: it has no backward")
 NO_DROPOUT = Need("no active dropout", lambda c: not c.dropout, "dropout is active")
 NO_AUTOCAST = Need("no autocast", lambda c: not c.autocast, "autocast is on")
+# The fused step streams each projection's base weight; an unmerged adapter adds (α/r)·B·A
+# beside it, which only the reference reads (merge it for the fused step: retnet.merge_lora).
+NO_ADAPTERS = Need("no unmerged LoRA adapters", lambda c: not c.adapters,
+                   "the model holds unmerged LoRA adapters")
 ONE_ROW = Need("one row", lambda c: c.rows == 1, lambda c: f"{c.rows} rows, not one")
 AUTO = Need("Form(backend='auto')", lambda c: c.backend == "auto",
             lambda c: f"Form(backend={c.backend!r})", selects=True)
@@ -154,7 +159,14 @@ def _decode(model, token: Tensor, *_, backend: str = "auto") -> Call:
     weight = model.embed.weight
     device = weight.device.type if token.device == weight.device else "mixed-device"
     return Call(device, weight.dtype, torch.is_grad_enabled(), backend=backend,
-                dropout=model.training and model.config.dropout > 0)
+                dropout=model.training and model.config.dropout > 0,
+                adapters=bool(model.__dict__.get(ADAPTERS)))
+
+
+# Set on a model by `retnet.modules.lora.add_lora`, removed by `merge_lora`: a flag, since
+# walking the modules would cost ~150 µs a token at `small`. PEFT's layers, which set no
+# flag, make the fused step decline when it gathers its weights (`kernels.decode`).
+ADAPTERS = "_unmerged_lora"
 
 
 def _head_norm(o_full, floor, g, weight, bias, eps, out_weight=None) -> Call:
@@ -179,7 +191,8 @@ TABLE: dict[str, Row] = {
     ), _retention),
     "decode_step": Row("retnet.model.lm:RetNetLM.forward", (
         Fast("fused CPU kernel", "decode:fused_decode",
-             (AUTO, SWITCH, CPU, DECODE_WEIGHTS, NO_GRAD, NO_DROPOUT, CPU_KERNELS)),
+             (AUTO, SWITCH, CPU, DECODE_WEIGHTS, NO_GRAD, NO_DROPOUT, NO_ADAPTERS,
+              CPU_KERNELS)),
     ), _decode),
     "head_norm_gate": Row("retnet.modules.retention:MultiScaleRetention.forward", (
         Fast("fused CPU kernel", "head_norm:head_norm_gate",

@@ -52,6 +52,8 @@ def fused_weight(projections: list[nn.Linear]) -> Tensor | None:
     None. Checked on every call from the storage itself, so that anything that re-stores a
     weight (`.to()`, `load_state_dict`, the default layout) falls back to separate products
     instead of reading a stale buffer."""
+    if any(hasattr(p, "lora_A") for p in projections):
+        return None  # an unmerged LoRA adapter adds to its product (`retnet.modules.lora`)
     weights = [p.weight for p in projections]
     if not all(w.is_floating_point() for w in weights):
         return None  # int8 rows (`retnet.modules.quant`) multiply through their own scales
