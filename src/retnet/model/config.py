@@ -23,7 +23,8 @@ class RetNetConfig:
     value_dim = H·V, 2·d by default (W_V, W_G d×2d, W_O 2d×d); FFN hidden ffn_dim, 2·d by default.
     The defaults are the paper's model; the variant fields represent other published RetNets
     (torchscale: norm="rms", head_norm="rms", ffn="glu-gelu", scale_embeddings=False, decays="eq8")
-    and the paper's ablations (use_gate=False, head_norm="none", decays="none"/"single").
+    and the paper's ablations (use_gate=False, head_norm="none", decays="none"/"single"); with
+    decays="none", use_gate=False, rotation=False it is a plain linear-attention Transformer.
     """
 
     vocab_size: int = 32000
@@ -44,6 +45,9 @@ class RetNetConfig:
     ffn: str = "gelu"  # "gelu": W2·gelu(W1·x); "glu-gelu", "glu-swish": W2·(act(W1·x) ⊙ W3·x)
     scale_embeddings: bool = True  # multiply input embeddings by √d_model
     use_gate: bool = True  # the swish gate (paper Table 6 ablates it)
+    # False: q and k are not rotated, positions enter through decay and causality alone; with
+    # decays="none" and use_gate=False this is plain linear attention (the paper's baseline).
+    rotation: bool = True
 
     def __post_init__(self) -> None:
         # Resolve the derived widths once, so the config (and its fingerprint) is explicit.
@@ -119,7 +123,14 @@ class RetNetConfig:
     def fingerprint(self) -> str:
         """A short hash of the fields that shape the weights and the state."""
         fields = {k: v for k, v in self.to_dict().items() if k != "dropout"}
+        # Fields added later count only when set away from the old behaviour, so that the
+        # fingerprints of earlier checkpoints and state files still match.
+        fields = {k: v for k, v in fields.items()
+                  if k not in _ADDED_LATER or v != _ADDED_LATER[k]}
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+_ADDED_LATER: dict[str, Any] = {"rotation": True}
 
 
 def _divisors(n: int) -> list[int]:

@@ -49,7 +49,8 @@ class RetNetLM(nn.Module):
         self.blocks = nn.ModuleList(
             RetNetBlock(c.d_model, c.n_heads, c.key_head_dim, c.value_head_dim, c.ffn_dim,
                         decays=c.decays, norm_eps=c.norm_eps, dropout=c.dropout, norm=c.norm,
-                        head_norm=c.head_norm, ffn=c.ffn, use_gate=c.use_gate)
+                        head_norm=c.head_norm, ffn=c.ffn, use_gate=c.use_gate,
+                        rotation=c.rotation)
             for _ in range(c.n_layers)
         )
         self.norm = make_norm(c.norm, c.d_model, c.norm_eps)

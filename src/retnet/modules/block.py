@@ -43,12 +43,13 @@ class RetNetBlock(nn.Module):
 
     def __init__(self, d_model: int, n_heads: int, key_dim: int, value_dim: int, ffn_dim: int,
                  *, decays: str, norm_eps: float, dropout: float, norm: str = "layer",
-                 head_norm: str = "group", ffn: str = "gelu", use_gate: bool = True) -> None:
+                 head_norm: str = "group", ffn: str = "gelu", use_gate: bool = True,
+                 rotation: bool = True) -> None:
         super().__init__()
         self.norm1 = make_norm(norm, d_model, norm_eps)
         self.retention = MultiScaleRetention(d_model, n_heads, key_dim, value_dim, decays=decays,
                                              norm_eps=norm_eps, use_gate=use_gate,
-                                             head_norm=head_norm)
+                                             head_norm=head_norm, rotation=rotation)
         self.norm2 = make_norm(norm, d_model, norm_eps)
         self.ffn = FeedForward(d_model, ffn_dim, ffn)
         self.dropout = nn.Dropout(dropout)

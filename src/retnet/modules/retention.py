@@ -37,8 +37,9 @@ class MultiScaleRetention(nn.Module):
 
     def __init__(self, d_model: int, n_heads: int, key_dim: int, value_dim: int, *,
                  decays: str = "multiscale", norm_eps: float = 1e-5,
-                 use_gate: bool = True, head_norm: str = "group") -> None:
+                 use_gate: bool = True, head_norm: str = "group", rotation: bool = True) -> None:
         super().__init__()
+        self.rotation = rotation
         self.n_heads, self.key_dim, self.value_dim = n_heads, key_dim, value_dim
         self.decays = decays
         self._log_decay: dict[tuple[torch.device, torch.dtype], Tensor] = {}
@@ -87,7 +88,9 @@ class MultiScaleRetention(nn.Module):
         """What this layer needs from the absolute positions [B, T] (restarting at each
         document start in `resets`); identical for every layer of a model, so the model
         computes it once per forward. dtype: the state's dtype."""
-        rotation = rotary_factors(positions, self.key_dim, dtype)
+        # Without rotation every angle is 0: factors of exactly 1, the same code path.
+        angles_at = positions if self.rotation else torch.zeros_like(positions)
+        rotation = rotary_factors(angles_at, self.key_dim, dtype)
         log_decay = self.log_decay(positions.device, dtype)
         return Positions(rotation, rotation * self.key_dim**-0.5,
                          decay_row_sum(positions, log_decay).sqrt(), resets)
