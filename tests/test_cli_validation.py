@@ -1,6 +1,7 @@
 """The bad invocations of issue #37 (items 7 and 8), table-driven: each is exit status 2 and one
 line on stderr that names the option or file (no traceback), and nothing is written."""
 
+import os
 import shutil
 from pathlib import Path
 
@@ -36,6 +37,7 @@ def files(tmp_path_factory):
     (root / "binary.toml").write_bytes(bytes(range(256)))
     (root / "broken.yaml").write_text("steps: [1\n")
     (root / "tokdir").mkdir()
+    os.mkfifo(root / "pipe")
     return root
 
 
@@ -88,8 +90,9 @@ CASES = {
     # files the command would fail to write only after the work
     "state-out in /proc": (lambda f: gen(f, "--state-out", "/proc/version"),
                            "--state-out /proc/version: cannot create a file in /proc"),
-    "state-out onto a device": (lambda f: gen(f, "--state-out", "/dev/null"),
-                                "--state-out /dev/null is not a regular file"),
+    # a named pipe stands for a device: a broken check must never get to replace /dev/null
+    "state-out onto a pipe": (lambda f: gen(f, "--state-out", str(f / "pipe")),
+                              "/pipe is not a regular file"),
     # weights of another shape under a config and manifest that agree
     "weights of another shape": (
         lambda f: ["generate", "--checkpoint", str(f / "reshaped"), "--max-new-tokens", "2"],
@@ -98,8 +101,11 @@ CASES = {
     "eval of weights of another shape": (
         lambda f: ["eval", "--checkpoint", str(f / "reshaped"), "--perplexity"],
         "1 weight(s) do not have the shape its config.json gives"),
+    "export of weights of another shape": (  # every reader goes through load_checkpoint
+        lambda f: ["export", "--hf", str(f / "reshaped"), str(f / "out")],
+        "1 weight(s) do not have the shape its config.json gives"),
 }
-LINUX_ONLY = {"state-out in /proc": "/proc/version", "state-out onto a device": "/dev/null"}
+LINUX_ONLY = {"state-out in /proc": "/proc/version"}
 
 
 @pytest.mark.parametrize("case", list(CASES))

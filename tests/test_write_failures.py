@@ -12,6 +12,7 @@ import os
 import resource
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -166,3 +167,15 @@ def test_a_staged_folder_moves_in_only_when_complete_and_keeps_other_files(tmp_p
     with staged_folder(out) as folder:
         (folder / "config.json").write_text("{}")
     assert sorted(os.listdir(out)) == ["config.json", "mine.txt"]
+
+
+def test_a_save_never_replaces_a_device_or_pipe(tmp_path):
+    """The atomic rename would put a regular file in place of the special file (as root:
+    /dev/null itself); every writer is refused before writing anything."""
+    from retnet.files import WriteError, atomic_write_text
+
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    with pytest.raises(WriteError, match="is not a regular file"):
+        atomic_write_text(pipe, "x")
+    assert stat.S_ISFIFO(pipe.stat().st_mode) and sorted(tmp_path.iterdir()) == [pipe]

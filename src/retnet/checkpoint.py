@@ -364,10 +364,27 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"checkpoint {path}: tokenizer has {tokenizer.vocab_size} tokens but "
                          f"the model only {config.vocab_size}; they do not belong together")
-    with torch.device("meta"):
-        expected = set(RetNetLM(config).state_dict())
-    if set(weights) != expected:
-        missing = sorted(expected - set(weights))[:3]
+    check_shapes(path, config, weights)
+    return Checkpoint(path, config, weights, tokenizer, meta, manifest, template)
+
+
+def check_shapes(path: Path, config: RetNetConfig, weights: dict[str, torch.Tensor],
+                 names: bool = True) -> None:
+    """One line where the weights are not the ones `config` gives: names missing (names=True)
+    or a shape that differs — a config.json edited or swapped after saving (with a manifest
+    that agrees), where load_state_dict's message would list every tensor over dozens of
+    lines. Every reader of a checkpoint (generate, eval, serve, resume, export) goes through
+    here."""
+    with torch.device("meta"):  # the shapes only, no memory
+        expected = RetNetLM(config).state_dict()
+    if names and set(weights) != set(expected):
+        missing = sorted(set(expected) - set(weights))[:3]
         raise ValueError(f"checkpoint {path} does not match its config.json "
                          f"(missing e.g. {missing}); it is damaged or was edited")
-    return Checkpoint(path, config, weights, tokenizer, meta, manifest, template)
+    wrong = [k for k, t in expected.items() if k in weights and weights[k].shape != t.shape]
+    if wrong:
+        name = wrong[0]
+        raise ValueError(f"{path}: {len(wrong)} weight(s) do not have the shape its config.json "
+                         f"gives ({name} is {list(weights[name].shape)}, the config makes "
+                         f"{list(expected[name].shape)}); the config or the weights were "
+                         "replaced: use the checkpoint they were saved with")

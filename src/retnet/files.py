@@ -88,6 +88,11 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
     removes tmp and raises WriteError (an earlier `path` is left as it was); any other error
     removes tmp and propagates."""
     path = Path(path)
+    if path.exists() and not (path.is_file() or path.is_dir()):
+        # the rename would put a regular file in place of a device, pipe or socket (as root,
+        # /dev/null itself): refuse before writing anything (a folder fails below: EISDIR)
+        raise WriteError(f"{path} is not a regular file (a device, pipe or socket), which "
+                         "saving would replace; name a regular file")
     tmp = temporary_name(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from retnet.checkpoint import check_shapes
 from retnet.model import RetNetConfig, RetNetLM
 from retnet.modules.quant import quantize
 from retnet.tokenizer import Tokenizer, load_tokenizer
@@ -52,28 +53,12 @@ def _load_hf_folder(path: Path) -> tuple[RetNetLM, Tokenizer]:
     except (OSError, ValueError) as err:
         raise ValueError(f"{path} is not a readable `retnet export --hf` folder: {err}") from None
     weights = {k.removeprefix("model."): v for k, v in weights.items()}
-    check_shapes(path, config, weights)
+    check_shapes(path, config, weights, names=False)
     model = RetNetLM(config)
     model.load_state_dict(weights)
     return model, load_tokenizer(path / "tokenizer.json")
 
 
 def build_model(ckpt, device: torch.device | str | None = None) -> RetNetLM:
-    """A `Checkpoint`'s model in eval mode on `device`, its weights' shapes checked first."""
-    check_shapes(ckpt.path, ckpt.config, ckpt.weights)
+    """A `Checkpoint`'s model in eval mode on `device` (load_checkpoint checked its shapes)."""
     return ckpt.build_model(device)
-
-
-def check_shapes(path: Path, config: RetNetConfig, weights: dict[str, torch.Tensor]) -> None:
-    """One line where a weight's shape is not the one `config` gives: a config.json edited or
-    swapped after saving (with a manifest that agrees), where load_state_dict's message would
-    list every tensor over dozens of lines. Missing and extra names are not checked here."""
-    with torch.device("meta"):  # the shapes only, no memory
-        expected = RetNetLM(config).state_dict()
-    wrong = [k for k, t in expected.items() if k in weights and weights[k].shape != t.shape]
-    if wrong:
-        name = wrong[0]
-        raise ValueError(f"{path}: {len(wrong)} weight(s) do not have the shape its config.json "
-                         f"gives ({name} is {list(weights[name].shape)}, the config makes "
-                         f"{list(expected[name].shape)}); the config or the weights were "
-                         "replaced: use the checkpoint they were saved with")
