@@ -172,14 +172,14 @@ def _fsync_dir(path: Path) -> None:
 
 def _write_folder(tmp: Path, step: int, model_state: dict[str, torch.Tensor],
                   config: RetNetConfig, tokenizer: Tokenizer, train_state: dict[str, Any],
-                  meta: dict[str, Any]) -> None:
+                  meta: dict[str, Any], chat_template: dict[str, str] | None = None) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     weights = {k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}
     save_file(weights, tmp / "model.safetensors", metadata={"format": "retnet-v1"})
     (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
     tokenizer.save(tmp / "tokenizer.json")
-    save_chat_template(tmp)
+    save_chat_template(tmp, chat_template)
     torch.save(train_state, tmp / "train_state.pt")
     # "manifest": a missing manifest.json is then damage, not an older checkpoint.
     (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "manifest": 1,
@@ -193,8 +193,9 @@ def _write_folder(tmp: Path, step: int, model_state: dict[str, torch.Tensor],
 
 def save_checkpoint(run_dir: str | Path, step: int, model_state: dict[str, torch.Tensor],
                     config: RetNetConfig, tokenizer: Tokenizer, train_state: dict[str, Any],
-                    meta: dict[str, Any]) -> Path:
-    """Write RUN/checkpoints/step-N atomically, then point RUN/latest at it.
+                    meta: dict[str, Any], chat_template: dict[str, str] | None = None) -> Path:
+    """Write RUN/checkpoints/step-N atomically, then point RUN/latest at it (chat_template:
+    the one a fine-tuned model was trained with; None: the default).
 
     On a failure before the new folder is in place, its partial copy is removed (a full disk
     stays no fuller), a step folder being re-saved is put back, and `latest` is untouched; a
@@ -208,7 +209,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict[str, torch
     pointer = run_dir / "latest"
     placed = False  # the new folder is complete and in place under its final name
     try:
-        _write_folder(tmp, step, model_state, config, tokenizer, train_state, meta)
+        _write_folder(tmp, step, model_state, config, tokenizer, train_state, meta,
+                      chat_template)
         if final.exists():  # re-saving a step: move the old folder aside, never delete first
             shutil.rmtree(aside, ignore_errors=True)
             os.replace(final, aside)

@@ -85,6 +85,34 @@ class BPETokenizer:
         return hashlib.sha256(self.tok.to_str().encode()).hexdigest()[:16]
 
 
+def byte_tokenizer_json() -> str:
+    """The byte tokenizer as a `tokenizers` file: byte-level BPE with no merges whose ids are the
+    raw byte values (so encodings are identical), plus <|endoftext|> = 256, <|pad|> = 257."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+
+    alphabet = _bytes_to_unicode()
+    vocab = {alphabet[b]: b for b in range(256)}
+    tok = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([EOS, PAD])
+    return tok.to_str()
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte → printable character map, used by ByteLevel."""
+    keep = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    chars = keep[:]
+    n = 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + n)
+            n += 1
+    return dict(zip(keep, (chr(c) for c in chars)))
+
+
 def train_bpe(texts: Iterator[str], vocab_size: int) -> BPETokenizer:
     """Train a byte-level BPE (GPT-2 style pre-tokenisation) with <|endoftext|> and <|pad|>."""
     from tokenizers import Tokenizer as HFTokenizer

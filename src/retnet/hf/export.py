@@ -19,6 +19,7 @@ from retnet.tokenizer import (
     BPETokenizer,
     ByteTokenizer,
     Tokenizer,
+    byte_tokenizer_json,
     chat_template_jinja,
     load_chat_template,
 )
@@ -27,41 +28,13 @@ if TYPE_CHECKING:
     from retnet.hf.modeling import RetNetForCausalLM
 
 
-def _byte_tokenizer_json() -> str:
-    """The byte tokenizer as a `tokenizers` file: byte-level BPE with no merges whose ids are the
-    raw byte values (so encodings are identical), plus <|endoftext|> = 256, <|pad|> = 257."""
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers
-
-    alphabet = _bytes_to_unicode()
-    vocab = {alphabet[b]: b for b in range(256)}
-    tok = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([EOS, PAD])
-    return tok.to_str()
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte → printable character map, used by ByteLevel."""
-    keep = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
-    chars = keep[:]
-    n = 0
-    for b in range(256):
-        if b not in keep:
-            keep.append(b)
-            chars.append(256 + n)
-            n += 1
-    return dict(zip(keep, (chr(c) for c in chars)))
-
-
 def hf_tokenizer(tokenizer: Tokenizer):
     """A transformers PreTrainedTokenizerFast with our eos/pad tokens."""
     from tokenizers import Tokenizer as HFTokenizer
     from transformers import PreTrainedTokenizerFast
 
     if isinstance(tokenizer, ByteTokenizer):
-        inner = HFTokenizer.from_str(_byte_tokenizer_json())
+        inner = HFTokenizer.from_str(byte_tokenizer_json())
     elif isinstance(tokenizer, BPETokenizer):
         inner = tokenizer.tok
     else:

@@ -91,6 +91,27 @@ class TrainConfig:
                              "else cpu)")
     parallel: str = opt("ddp", 'under torchrun: "ddp", or "fsdp" (FSDP2 fully_shard)',
                         choices=("ddp", "fsdp"))
+    init_from: str | None = opt(None, "fine-tune: start from the weights, config, tokenizer "
+                                "and chat template of a run, checkpoint or `export --hf` "
+                                "folder (new optimiser, schedule and step 0; --preset and "
+                                "--tokenizer are not used)", metavar="SOURCE")
+    sft: bool = opt(False, "--data is a chat .jsonl ({\"messages\": [...]} or prompt/"
+                    "completion records): the loss on the assistant's tokens only")
+    chat_template: str | None = opt(None, "chat template file for --sft (default: the "
+                                    "source's)", metavar="FILE")
+    sft_long: str = opt("truncate", "a conversation longer than --seq-len + 1 tokens",
+                        choices=("truncate", "refuse"))
+    sft_pack: bool = opt(False, "pack several conversations per row (each read alone "
+                         "through document boundaries) instead of one per row with padding")
+    lora_rank: int = opt(0, "LoRA rank on the --lora-targets projections, the rest frozen "
+                         "(0: full fine-tuning)", bounds=NON_NEGATIVE)
+    lora_alpha: float = opt(16.0, "LoRA scale numerator: the update is (alpha/rank)·B·A",
+                            bounds=POSITIVE)
+    lora_targets: str = opt("q,k,v,g,o,ffn", "comma-separated projections for LoRA: q, k, v, "
+                            "g (gate), o (output), ffn (up, gate, down)")
+    lora_save: str = opt("merged", "what checkpoints hold under LoRA: merged weights, or the "
+                         "base weights with OUT/adapter.safetensors beside (for --adapter)",
+                         choices=("merged", "adapter"))
     resume: bool = opt(False, "continue from OUT/latest, with the options stored in the run "
                        "(flags given again win)")
     overwrite: bool = opt(False, "start again in an OUT that holds a run (its checkpoints and "
@@ -105,6 +126,7 @@ class TrainConfig:
             raise ValueError("config names a file for the command line; in Python use "
                              "TrainConfig.from_file(path, **overrides)")
         check_device(self.device)
+        check_finetune(self)
 
     @property
     def form(self) -> Form:
@@ -174,6 +196,19 @@ class TrainConfig:
             raise ValueError(f"unknown key(s) {', '.join(unknown)} in {path}; "
                              f"valid keys: {', '.join(sorted(known))}")
         return values
+
+
+def check_finetune(cfg: TrainConfig) -> None:
+    """The fine-tuning options that only make sense together, before any work."""
+    from retnet.modules.lora import parse_targets
+
+    parse_targets(cfg.lora_targets)
+    if cfg.sft and cfg.data is None:
+        raise ValueError("--sft needs --data CHAT.jsonl (records of \"messages\", or "
+                         "\"prompt\" and \"completion\")")
+    if cfg.lora_rank and cfg.resume:
+        raise ValueError("--resume of a LoRA run is not supported; start a new run with "
+                         "--init-from OUT (its latest checkpoint holds the merged weights)")
 
 
 def _parse(path: Path) -> Any:

@@ -9,6 +9,7 @@ import math
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,8 @@ class _Run:
     val_bits_per_token: float  # converts nats/token into bits per byte
     start_step: int
     meta: dict[str, Any]
+    template: dict[str, str] | None = None  # the chat template the checkpoints carry
+    samples: Callable[[], list[str]] | None = None  # --sft: a few validation prompts' answers
 
 
 def _model_and_tokenizer(cfg: TrainConfig):
@@ -69,15 +72,27 @@ def _model_and_tokenizer(cfg: TrainConfig):
                              f"vocab_size is {config.vocab_size}; drop the vocab_size override")
         return config, tokenizer, None
     ckpt = load_checkpoint(resolve_checkpoint(cfg.out))
-    wanted = RetNetConfig.from_preset(cfg.preset, vocab_size=ckpt.config.vocab_size, **cfg.model)
+    # a fine-tuned run's config came from its --init-from source, not --preset
+    base = (ckpt.config if cfg.init_from else RetNetConfig.from_preset(cfg.preset)).to_dict()
+    wanted = RetNetConfig.from_dict({**base, "vocab_size": ckpt.config.vocab_size, **cfg.model})
     if wanted.fingerprint() != ckpt.config.fingerprint():
         raise ValueError(f"{ckpt.path} was trained with another model config; resume with "
                          "the same --preset and overrides, or use a new --out")
     return ckpt.config, ckpt.tokenizer, ckpt
 
 
-def _prepare(cfg: TrainConfig, ctx: dist.Context) -> _Run:
-    config, tokenizer, ckpt = _model_and_tokenizer(cfg)
+@dataclass
+class Data:
+    """The training and validation data of a run and how the step reads it."""
+
+    train: Any  # PackedWindows, or `sft.ChatRows`: .batch(seed, step, rows, rank, world)
+    val_batches: list[torch.Tensor]
+    bits_per_token: float  # converts nats/token into bits per byte
+    meta: dict[str, Any]
+    loss: Callable[[torch.nn.Module], Loss]  # the wrapped model → its loss in the run's form
+
+
+def _text_data(cfg: TrainConfig, tokenizer: Tokenizer, ctx: dist.Context) -> Data:
     docs = load_documents(cfg.data, cfg.text_field)
     train_docs, val_docs = split_documents(docs)
     with ctx.rank_zero_first():  # rank 0 tokenises and caches; the others read the cache
@@ -85,11 +100,41 @@ def _prepare(cfg: TrainConfig, ctx: dist.Context) -> _Run:
         val_tokens, val_meta = tokenize(val_docs, tokenizer, "val")
     train = PackedWindows(train_tokens, cfg.seq_len, "training split")
     val = PackedWindows(val_tokens, cfg.seq_len, "validation split")
+    meta = {"python_corpus": cfg.data is None, "documents": len(docs),
+            "train_tokens": int(train_tokens.size), "val_tokens": int(val_tokens.size),
+            "corpus": _corpus_record(cfg, docs)}
+    bits = val_meta["tokens"] / max(val_meta["bytes"], 1) / math.log(2)
+    form = cfg.form
+    # a document starts at each <|endoftext|> of a window, unless the run opts out
+    separator = None if cfg.no_document_boundaries else tokenizer.eos_id
+
+    def loss(wrapped: torch.nn.Module) -> Loss:
+        def loss_of(ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            resets = None if separator is None else document_starts(ids, separator)
+            return wrapped(ids, mode=form, targets=targets, resets=resets).loss  # DDP's forward
+        return loss_of
+
+    return Data(train, val.evaluation_batches(cfg.batch_size, cfg.eval_batches), bits, meta,
+                loss)
+
+
+def _prepare(cfg: TrainConfig, ctx: dist.Context) -> _Run:
+    config, tokenizer, ckpt = _model_and_tokenizer(cfg)
+    tuned = None
+    if cfg.init_from or cfg.sft or cfg.lora_rank:  # `finetune_run`: source, template, SFT
+        from retnet.train.finetune_run import Tuning
+
+        tuned = Tuning.of(cfg, config, tokenizer, ckpt)
+        config, tokenizer = tuned.config, tuned.tokenizer
+    data = tuned.data(cfg, ctx) if tuned and cfg.sft else _text_data(cfg, tokenizer, ctx)
     torch.manual_seed(cfg.seed)
-    model = RetNetLM(config).to(ctx.device)
-    model.activation_checkpointing = cfg.activation_checkpointing
+    model = RetNetLM(config)
     if ckpt is not None:
         model.load_state_dict(ckpt.weights)
+    elif tuned is not None:
+        tuned.load(model)
+    model = model.to(ctx.device)
+    model.activation_checkpointing = cfg.activation_checkpointing
     wrapped = dist.wrap(model, ctx, cfg.parallel)
     optimizer = adamw(wrapped, cfg.lr, cfg.weight_decay, cfg.beta2)
     start = 0
@@ -98,21 +143,12 @@ def _prepare(cfg: TrainConfig, ctx: dist.Context) -> _Run:
         dist.load_optimizer_state(wrapped, optimizer, state["optimizer"])
         _set_rng_state(state["rng"])
         start = state["step"]
-    meta = {"python_corpus": cfg.data is None, "documents": len(docs),
-            "train_tokens": int(train_tokens.size), "val_tokens": int(val_tokens.size),
-            "corpus": _corpus_record(cfg, docs), "train_config": cfg.stored_options()}
-    bits = val_meta["tokens"] / max(val_meta["bytes"], 1) / math.log(2)
-    form = cfg.form
-    # a document starts at each <|endoftext|> of a window, unless the run opts out
-    separator = None if cfg.no_document_boundaries else tokenizer.eos_id
-
-    def loss_of(ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        resets = None if separator is None else document_starts(ids, separator)
-        return wrapped(ids, mode=form, targets=targets, resets=resets).loss  # through DDP's forward
-
-    return _Run(model, wrapped, loss_of, optimizer,
-                tokenizer, train, val.evaluation_batches(cfg.batch_size, cfg.eval_batches),
-                bits, start, meta)
+    meta = {**data.meta, **(tuned.meta() if tuned else {}),
+            "train_config": cfg.stored_options()}
+    return _Run(model, wrapped, data.loss(wrapped), optimizer, tokenizer, data.train,
+                data.val_batches, data.bits_per_token, start, meta,
+                tuned.template if tuned else None,
+                tuned.sampler(model) if tuned else None)
 
 
 def startup_summary(run: _Run, cfg: TrainConfig, ctx: dist.Context, amp: torch.dtype | None,
@@ -157,9 +193,14 @@ def _save(run: _Run, cfg: TrainConfig, ctx: dist.Context, step: int) -> None:
     if ctx.is_main:
         try:
             _check_finite(state, cfg, step)
-            save_checkpoint(cfg.out, step, state["model"], run.model.config, run.tokenizer,
+            weights = state["model"]
+            if cfg.lora_rank:  # checkpoints hold a plain model (`finetune_run.save_weights`)
+                from retnet.train.finetune_run import save_weights
+
+                weights = save_weights(run.model, cfg)
+            save_checkpoint(cfg.out, step, weights, run.model.config, run.tokenizer,
                             {"optimizer": state["optimizer"], "step": step,
-                             "rng": _rng_state()}, run.meta)
+                             "rng": _rng_state()}, run.meta, chat_template=run.template)
         except Exception as err:
             if ctx.world == 1:
                 raise
@@ -298,6 +339,9 @@ def _train(cfg: TrainConfig, ctx: dist.Context) -> dict[str, float]:
                 result = {k: record[k] for k in ("loss", "val_loss", "val_ppl", "val_bpb")}
                 bar.write(f"step {step}: val loss {val:.4f}, ppl {math.exp(val):.2f}, "
                           f"bits/byte {record['val_bpb']:.3f}")
+                if run.samples is not None and ctx.is_main:
+                    record["samples"] = run.samples()
+                    bar.write("\n".join(f"  sample: {line}" for line in record["samples"]))
             if ctx.is_main:
                 _log(out / "metrics.jsonl", record)
             if step % cfg.save_every == 0 or step == last:

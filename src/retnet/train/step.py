@@ -61,9 +61,12 @@ class Schedule:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on the matrices of linear layers only: not norms, embeddings or biases."""
+    """Weight decay on the matrices of linear layers only: not norms, embeddings or biases;
+    frozen parameters are left out."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
+        if not p.requires_grad:  # frozen (LoRA's base weights): no optimiser state
+            continue
         is_matrix = p.dim() >= 2 and "embed" not in name and "lm_head" not in name
         (decay if is_matrix else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
