@@ -17,10 +17,10 @@ LAYERS: list[tuple[str, ...]] = [
     ("retnet.modules",),
     ("retnet.model",),
     ("retnet.tokenizer", "retnet.data", "retnet.checkpoint", "retnet.loading",
-     "retnet.convert", "retnet.adapter"),
+     "retnet.convert"),
     ("retnet.generation", "retnet.train", "retnet.eval", "retnet.serve", "retnet.hf",
      "retnet.info"),
-    ("retnet.compare", "retnet.bench"),  # features built from other features
+    ("retnet.compare", "retnet.bench", "retnet.study"),  # features built from other features
     ("retnet.cli", "retnet.__main__"),
 ]
 

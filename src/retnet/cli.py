@@ -59,6 +59,10 @@ COMMANDS: dict[str, Command] = {
     "compare": Command("RetNet against a matched Transformer (and ablations) on the same data",
                        "retnet.compare:CompareConfig", "retnet.compare:command", "hf,eval,train",
                        ("transformers", "lm_eval", "tokenizers", "matplotlib")),
+    "study": Command("a resumable grid of training runs: architectures × sizes × seeds × "
+                     "variants, with a report", "retnet.study:StudyOptions",
+                     "retnet.study:command", "hf,train",
+                     ("transformers", "tokenizers", "matplotlib")),
     "demo": Command("the main job: train the demo model on the stdlib corpus, then sample",
                     "retnet.train.demo:DemoOptions", "retnet.train.demo:command", "train",
                     ("tokenizers", "matplotlib")),

@@ -1,0 +1,84 @@
+"""Named grids, in the TOML file's shape (`retnet study --grid NAME`): "quick" for the tests,
+"cpu" for the recorded study on two CPU cores (issue #38 items 3, 4 and 6), "gpu" the same
+study at sizes a GPU trains in hours. Print one as TOML to edit it: --print-grid."""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Every family's sizes; RetNet non-embedding parameters ≈ 12·d²·L (0.20M … 2.66M here: 13×).
+CPU_SIZES = {"s1": {"d_model": 64, "n_layers": 4}, "s2": {"d_model": 96, "n_layers": 4},
+             "s3": {"d_model": 128, "n_layers": 6}, "s4": {"d_model": 192, "n_layers": 6}}
+ABLATIONS = ["base", "no-gate", "no-groupnorm", "single-decay", "no-decay", "small-heads"]
+RIVALS = ["mamba", "mamba2", "rwkv", "linear"]
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Two sizes, one seed, three architectures, a few steps each: the test of the whole path.
+    "quick": {
+        "budget": {"batch_size": 4, "seq_len": 32, "tokens_per_param": 1e-3, "min_steps": 6,
+                   "eval_batches": 2, "checkpoint_every": 3, "tokenizer": "byte",
+                   "warmup_frac": 0.2},
+        "sizes": {"q1": {"d_model": 32, "n_layers": 1}, "q2": {"d_model": 64, "n_layers": 1}},
+        "block": [{"archs": ["retnet", "llama", "linear"], "sizes": ["q1", "q2"],
+                   "seeds": [0]}],
+    },
+    # The recorded CPU study: about 10 hours of 2-core time in all (run it in pieces: it resumes).
+    "cpu": {
+        "budget": {"batch_size": 8, "seq_len": 128, "tokens_per_param": 2.0, "min_steps": 200,
+                   "eval_batches": 8, "checkpoint_every": 100, "vocab_size": 1024,
+                   "max_cell_minutes": 60.0},
+        "sizes": CPU_SIZES,
+        "block": [
+            # learning-rate sweep per family at the smallest size (issue item 3)
+            {"archs": ["retnet", "llama", *RIVALS], "sizes": ["s1"], "seeds": [0],
+             "lrs": [1e-3, 2e-3, 4e-3]},
+            # scaling: RetNet and the matched Llama, four sizes (13×), three seeds
+            {"archs": ["retnet", "llama"], "sizes": list(CPU_SIZES), "seeds": [0, 1, 2]},
+            # the efficient rivals: two sizes, two seeds
+            {"archs": RIVALS, "sizes": ["s1", "s2"], "seeds": [0, 1]},
+            # ablations (paper Table 6): one size, three seeds
+            {"archs": ["retnet"], "sizes": ["s3"], "seeds": [0, 1, 2], "variants": ABLATIONS},
+        ],
+    },
+    # The same study where a GPU makes 10–100× larger models cheap (--device cuda).
+    "gpu": {
+        "budget": {"batch_size": 32, "seq_len": 512, "tokens_per_param": 20.0,
+                   "min_steps": 500, "eval_batches": 16, "checkpoint_every": 500,
+                   "vocab_size": 8192, "max_cell_minutes": 240.0},
+        "sizes": {"m1": {"d_model": 256, "n_layers": 6, "n_heads": 2},
+                  "m2": {"d_model": 384, "n_layers": 8, "n_heads": 3},
+                  "m3": {"d_model": 512, "n_layers": 12, "n_heads": 4},
+                  "m4": {"d_model": 768, "n_layers": 16, "n_heads": 6}},
+        "block": [
+            {"archs": ["retnet", "llama", *RIVALS], "sizes": ["m1"], "seeds": [0],
+             "lrs": [5e-4, 1e-3, 2e-3]},
+            {"archs": ["retnet", "llama"], "sizes": ["m1", "m2", "m3", "m4"], "seeds": [0, 1, 2]},
+            {"archs": RIVALS, "sizes": ["m1", "m2"], "seeds": [0, 1]},
+            {"archs": ["retnet"], "sizes": ["m2"], "seeds": [0, 1, 2], "variants": ABLATIONS},
+        ],
+    },
+}
+
+
+def to_toml(values: dict[str, Any]) -> str:
+    """A preset as TOML text, to copy and edit (tables of scalars and lists only)."""
+    lines = []
+    if values.get("budget"):
+        lines += ["[budget]", *(f"{k} = {_value(v)}" for k, v in values["budget"].items()), ""]
+    for name, size in values["sizes"].items():
+        lines += [f"[sizes.{name}]", *(f"{k} = {_value(v)}" for k, v in size.items()), ""]
+    for block in values["block"]:
+        lines += ["[[block]]", *(f"{k} = {_value(v)}" for k, v in block.items()), ""]
+    return "\n".join(lines)
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, str):
+        return f'"{v}"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} = {_value(x)}" for k, x in v.items()) + "}"
+    return repr(v)
