@@ -1,5 +1,8 @@
+"""Settings for the whole run: offline, Hugging Face and retnet caches in temporary folders,
+Triton's interpreter on CPU tensors, a fixed seed per test; fixtures shared by several files."""
+
 import os
-import sys
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -13,9 +16,6 @@ os.environ["TRITON_INTERPRET"] = "1"
 import pytest
 import torch
 
-# The reference and helpers beside the tests are imported as a plain module.
-sys.path.insert(0, str(Path(__file__).parent))
-
 
 @pytest.fixture(autouse=True)
 def _seed():
@@ -23,10 +23,26 @@ def _seed():
     yield
 
 
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path_factory, monkeypatch):
-    """Tokenised-data caches go to a per-session temp folder, never the user's home."""
-    monkeypatch.setenv("RETNET_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """Every cache the run writes (tokenised data, kernel builds) goes to one temporary folder,
+    set for the whole session so that module-scoped fixtures use it too, never the user's.
+    The compiled kernels are copied in from where `make kernels` built them, not rebuilt.
+    Yields (the private folder, the user's cache: $RETNET_CACHE, else ~/.cache/retnet)."""
+    from retnet.kernels.build import cache_dir
+
+    users, cache = cache_dir(), tmp_path_factory.mktemp("retnet-cache")
+    for built in users.glob("kernels-*"):
+        shutil.copytree(built, cache / built.name, ignore=shutil.ignore_patterns("lock", "*.tmp"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RETNET_CACHE", str(cache))
+        yield cache, users
+
+
+@pytest.fixture(scope="session")
+def user_cache(_private_cache) -> Path:
+    """The cache folder the user's own runs use, read before the run moved RETNET_CACHE."""
+    return _private_cache[1]
 
 
 @pytest.fixture

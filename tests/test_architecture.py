@@ -17,7 +17,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("retnet.modules",),
     ("retnet.model",),
     ("retnet.tokenizer", "retnet.data", "retnet.checkpoint", "retnet.loading",
-     "retnet.convert"),
+     "retnet.convert", "retnet.adapter"),
     ("retnet.generation", "retnet.train", "retnet.eval", "retnet.serve", "retnet.hf",
      "retnet.info"),
     ("retnet.compare", "retnet.bench", "retnet.study"),  # features built from other features

@@ -12,16 +12,26 @@ BACKENDS = {"retnet", "retnet-bfloat16", "retnet-int8", "llama-dynamic", "llama-
             "yet-another-retnet"} | REFERENCES
 
 
-def test_quick_bench_writes_results_report_and_plots(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def quick_bench(tmp_path_factory):
+    """One `retnet bench --quick` run (every phase, the reference cells included), whose
+    torchscale worker is the stand-in STUB under another interpreter: (out folder, results)."""
+    out = tmp_path_factory.mktemp("bench")
+    assert main(["bench", "--quick", "--out", str(out / "out"),
+                 "--torchscale-python", str(stub_python(out))]) == 0
+    return out / "out", json.loads((out / "out" / "results.json").read_text())
+
+
+@pytest.mark.slow
+def test_quick_bench_writes_results_report_and_plots(quick_bench):
     from retnet.bench.report import derived
 
-    assert main(["bench", "--quick", "--out", str(tmp_path)]) == 0
-    results = json.loads((tmp_path / "results.json").read_text())
+    tmp_path, results = quick_bench
     meta = results["meta"]
     for key in ("cpu", "cores", "threads", "versions", "bench_config", "retnet_config",
                 "backends", "skipped", "dtype"):
         assert key in meta
-    assert set(meta["backends"]) == BACKENDS
+    assert set(meta["backends"]) == BACKENDS | {"torchscale"}
     limits = results["limits"]  # the better of the start's and the end's measurements
     assert limits["matmul_flops"] == max(limits["start"]["matmul_flops"],
                                          limits["end"]["matmul_flops"]) > 0
@@ -76,6 +86,7 @@ def test_quick_bench_writes_results_report_and_plots(tmp_path, capsys):
     assert (tmp_path / "memory.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_only_decode_runs_just_its_cells_with_a_floor_per_format(tmp_path):
     from retnet.bench.report import derived
 
@@ -84,6 +95,7 @@ def test_only_decode_runs_just_its_cells_with_a_floor_per_format(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["decode"] and results["prefill"] == [] and results["train"] == []
     assert not REFERENCES & set(results["meta"]["backends"])  # --no-reference
+    assert results["meta"]["skipped"]["torchscale"].startswith("not run")  # no interpreter
     assert results["fast_vs_reference"] == {"cells": [], "worst": None}
     sizes = {n: results["meta"]["backends"][n]["weight_bytes"]
              for n in ("retnet", "retnet-bfloat16", "retnet-int8")}
@@ -142,20 +154,23 @@ print(json.dumps({
 '''
 
 
-def test_torchscale_runs_in_a_separate_interpreter_and_is_merged(tmp_path):
-    """The torchscale worker runs under another interpreter; a stand-in for it checks that
-    its job carries the matched sizes and that every cell it returns lands in the results."""
+def stub_python(folder):
+    """An "interpreter" that runs STUB with this one."""
     import sys
 
-    stub = tmp_path / "stub.py"
+    stub = folder / "stub.py"
     stub.write_text(STUB)
-    python = tmp_path / "python-ts"
+    python = folder / "python-ts"
     python.write_text(f"#!/bin/sh\nexec {sys.executable} {stub} \"$@\"\n")
     python.chmod(0o755)
-    out = tmp_path / "out"
-    assert main(["bench", "--quick", "--no-reference", "--out", str(out),
-                 "--torchscale-python", str(python)]) == 0
-    results = json.loads((out / "results.json").read_text())
+    return python
+
+
+@pytest.mark.slow
+def test_torchscale_runs_in_a_separate_interpreter_and_is_merged(quick_bench):
+    """The torchscale worker runs under another interpreter; a stand-in for it checks that
+    its job carries the matched sizes and that every cell it returns lands in the results."""
+    out, results = quick_bench
     assert "torchscale" not in results["meta"]["skipped"]
     assert results["meta"]["backends"]["torchscale"]["non_embedding"] == 123
     assert "separate process" in results["meta"]["backends"]["torchscale"]["process"]
@@ -408,6 +423,7 @@ def test_write_results_writes_json_and_markdown_and_prints(tmp_path, capsys):
 
 # ---- The benchmark scripts (retnet.bench.forms, .decode, ...; thin entry points in benchmarks/)
 
+@pytest.mark.slow
 def test_forms_measures_each_form_in_its_own_process(tmp_path):
     from retnet.bench import forms
 
@@ -419,6 +435,7 @@ def test_forms_measures_each_form_in_its_own_process(tmp_path):
     assert "| chunkwise | 16 |" in (tmp_path / "forms.md").read_text()
 
 
+@pytest.mark.slow
 def test_a_forms_cell_over_its_memory_cap_is_a_recorded_result(tmp_path):
     from retnet.bench import forms
 
@@ -429,6 +446,7 @@ def test_a_forms_cell_over_its_memory_cap_is_a_recorded_result(tmp_path):
     assert "| parallel | 16 | out of memory |" in (tmp_path / "forms.md").read_text()
 
 
+@pytest.mark.slow
 def test_decode_cells_report_the_state_size_of_the_config(tmp_path):
     from retnet.bench import decode
     from retnet.model import RetNetConfig

@@ -101,6 +101,7 @@ class Run:
 
     out: Path
     budget_s: float
+    device: torch.device
     start: float = field(default_factory=time.perf_counter)
     data: dict[str, Any] = field(default_factory=dict)
 
@@ -113,7 +114,7 @@ class Run:
             row["status"] = "skipped: budget"
         else:
             row.update(attempt(cell.run))
-            cells.free_memory()  # after the except block: an error's frames are released
+            cells.free_memory(self.device)  # after the except block: an error's frames are released
         self.data[cell.section].append(row)
         self.data["meta"]["elapsed_s"] = round(self.elapsed(), 2)
         self.write()
@@ -220,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parser().parse_args(argv)
     device = torch.device(args.device)
     plan = cells.Plan.quick(device) if args.quick else cells.Plan.full(device)
-    run = Run(Path(args.out), args.budget_s)
+    run = Run(Path(args.out), args.budget_s, device)
     try:
         counts: dict[str, Any] = cells.parameter_counts(plan.config)
     except ImportError as err:

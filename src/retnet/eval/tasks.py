@@ -3,6 +3,7 @@ task files shipped inside the package (found with importlib.resources, so a whee
 
 from __future__ import annotations
 
+import functools
 import re
 import tempfile
 from collections.abc import Sequence
@@ -16,9 +17,10 @@ import torch
 _DATA_LINE = re.compile(r"^(\s+\w+:\s*)(\S+\.jsonl)\s*$", re.M)
 
 
+@functools.cache
 def shipped_tasks() -> Path:
     """A temporary folder holding the shipped task YAMLs with their data paths made absolute
-    (lm-eval reads data paths relative to the working directory)."""
+    (lm-eval reads data paths relative to the working directory); one per process."""
     folder = Path(tempfile.mkdtemp(prefix="retnet-tasks-"))
     with as_file(files("retnet.eval") / "tasks") as source:
         for yaml_file in sorted(Path(source).glob("*.yaml")):
@@ -36,16 +38,32 @@ def evaluate_tasks(model: torch.nn.Module, tokenizer, tasks: Sequence[str], *,
     RetNetLM (or anything with its call signature, such as compare's transformers shim); the
     shipped tasks are always available by name."""
     from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
 
     from retnet.eval.harness import RetNetHarnessLM  # registers "retnet" with lm-eval
 
-    paths = [str(shipped_tasks())] + ([include_path] if include_path else [])
-    manager = TaskManager(include_path=paths)
+    manager = task_manager(tasks, include_path)
     check_task_names(manager.all_tasks, tasks)
     lm = RetNetHarnessLM(model=model, tokenizer=tokenizer, batch_size=batch_size)
     return simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
                            task_manager=manager, log_samples=log_samples, gen_kwargs=gen_kwargs)
+
+
+def task_manager(tasks: Sequence[str], include_path: str | None = None):
+    """lm-eval's TaskManager over the shipped tasks and include_path's; lm-eval's own task
+    files (~15k tasks, about 20 s to index) are indexed as well only when a task is not
+    found among those. Each index is built once per process."""
+    paths = (str(shipped_tasks()), *([include_path] if include_path else []))
+    ours = _task_manager(paths, include_defaults=False)
+    if all(t in ours.all_tasks for t in tasks):
+        return ours
+    return _task_manager(paths, include_defaults=True)
+
+
+@functools.cache
+def _task_manager(paths: tuple[str, ...], include_defaults: bool):
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=list(paths), include_defaults=include_defaults)
 
 
 def check_task_names(known: Sequence[str], tasks: Sequence[str]) -> None:

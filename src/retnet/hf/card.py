@@ -80,7 +80,33 @@ def _meta_sections(meta: dict[str, Any]) -> list[str]:
     metrics = {**{k: meta[k] for k in METRIC_KEYS if k in meta}, **(meta.get("metrics") or {})}
     if metrics:
         lines += ["", "## Metrics", "", *_table(list(metrics.items()), ("metric", "value"))]
-    return lines
+    return lines + _lineage_section(meta.get("init_from")) + _finetune_section(meta)
+
+
+def _lineage_section(origin: dict[str, Any] | None) -> list[str]:
+    """`retnet train --init-from`: the chain of sources the weights came from, nearest first,
+    so a reader sees what this model was fine-tuned from (and that from what)."""
+    if not origin:
+        return []
+    rows, depth = [], 0
+    while origin:
+        depth += 1
+        fields = ", ".join(f"{k}={v}" for k, v in origin.items() if k != "parent")
+        rows.append((depth, fields))
+        origin = origin.get("parent")
+    return ["", "## Lineage", "", "Initialised from (nearest first):", "",
+            *_table(rows, ("generation", "source"))]
+
+
+def _finetune_section(meta: dict[str, Any]) -> list[str]:
+    """The fine-tuning record (SFT on chat data, LoRA rank, alpha and targets)."""
+    record = meta.get("finetune")
+    if not record:
+        return []
+    lora = record.get("lora") or {}
+    rows = [("sft (loss on assistant tokens)", bool(record.get("sft"))),
+            ("lora", bool(lora)), *((f"lora {k}", v) for k, v in lora.items())]
+    return ["", "## Fine-tuning", "", *_table(rows, ("field", "value"))]
 
 
 def model_card(model: RetNetLM, meta: dict[str, Any]) -> str:

@@ -31,6 +31,7 @@ from retnet.train.finetune import (
     load_source,
     sample_lines,
 )
+from retnet.train.step import Data
 
 
 @dataclass
@@ -78,8 +79,6 @@ class Tuning:
 
     def data(self, cfg: TrainConfig, ctx: dist.Context):
         """The chat data as rows (`retnet.train.sft`), and a few validation prompts."""
-        from retnet.train.loop import Data
-
         convs = sft.read_conversations(cfg.data)
         train_c, val_c = sft.split(convs)
         rows = [sft.chat_rows(c, self.tokenizer, self.template, cfg.seq_len, cfg.sft_long,

@@ -34,6 +34,7 @@ from retnet.tokenizer import Tokenizer, load_tokenizer
 from retnet.train import distributed as dist
 from retnet.train.config import TrainConfig
 from retnet.train.step import (
+    Data,
     Diverged,
     Loss,
     adamw,
@@ -79,17 +80,6 @@ def _model_and_tokenizer(cfg: TrainConfig):
         raise ValueError(f"{ckpt.path} was trained with another model config; resume with "
                          "the same --preset and overrides, or use a new --out")
     return ckpt.config, ckpt.tokenizer, ckpt
-
-
-@dataclass
-class Data:
-    """The training and validation data of a run and how the step reads it."""
-
-    train: Any  # PackedWindows, or `sft.ChatRows`: .batch(seed, step, rows, rank, world)
-    val_batches: list[torch.Tensor]
-    bits_per_token: float  # converts nats/token into bits per byte
-    meta: dict[str, Any]
-    loss: Callable[[torch.nn.Module], Loss]  # the wrapped model → its loss in the run's form
 
 
 def _text_data(cfg: TrainConfig, tokenizer: Tokenizer, ctx: dist.Context) -> Data:

@@ -31,6 +31,17 @@ class Windows(Protocol):
               ) -> torch.Tensor: ...
 
 
+@dataclass
+class Data:
+    """The training and validation data of a run and how the step reads it."""
+
+    train: Windows  # PackedWindows, or `sft.ChatRows`
+    val_batches: list[torch.Tensor]
+    bits_per_token: float  # converts nats/token into bits per byte
+    meta: dict[str, Any]
+    loss: Callable[[torch.nn.Module], Loss]  # the wrapped model → its loss in the run's form
+
+
 class Diverged(ValueError):
     """The loss or the gradient norm of a step is inf or NaN; nothing was updated."""
 
