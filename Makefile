@@ -12,7 +12,7 @@ LOWEST_STAMP := $(LOWEST)/.installed
 WHEEL := .venv-wheel
 WHEEL_STAMP := $(WHEEL)/.installed
 
-.PHONY: demo test test-hf-lowest wheel kernels cross-tools lint bench mutations clean
+.PHONY: demo test test-fast test-hf-lowest wheel kernels cross-tools lint bench mutations clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ test: $(STAMP) $(LOWEST_STAMP) wheel kernels cross-tools
 	$(BIN)/ruff check src tests benchmarks scripts
 	$(BIN)/python -m pytest -q
 	$(LOWEST)/bin/python -m pytest -q tests/test_hf.py tests/test_hf_export.py
+
+# The inner loop: everything but the end-to-end runs of tools (tests marked `slow`: commands,
+# benchmarks, the installed package), in under two minutes on two cores.
+test-fast: $(STAMP) kernels
+	$(BIN)/python -m pytest -q -m "not slow"
 
 $(LOWEST_STAMP): pyproject.toml constraints-hf-lowest.txt
 	$(PYTHON) -m venv $(LOWEST)

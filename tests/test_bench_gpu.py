@@ -34,6 +34,7 @@ def quick_run(tmp_path_factory):
     return out, json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_quick_run_writes_every_section_and_the_summary(quick_run):
     out, data = quick_run
     assert set(gpu.SECTIONS) <= set(data)
@@ -49,6 +50,7 @@ def test_quick_run_writes_every_section_and_the_summary(quick_run):
     assert not list(out.parent.glob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_every_cell_has_numbers_or_a_status(quick_run):
     _, data = quick_run
     for row in _rows(data):
@@ -65,6 +67,7 @@ def test_every_cell_has_numbers_or_a_status(quick_run):
     assert all(r["status"] == "ok" for r in data["decode"] if r["name"] != "llama-static")
 
 
+@pytest.mark.slow
 def test_a_cell_that_raises_is_recorded_and_the_run_goes_on(quick_run):
     _, data = quick_run
     step = [r for r in data["check"] if r["name"] == "step"]

@@ -2,10 +2,13 @@
 
 import json
 
+import pytest
+
 from retnet.cli import main
 from retnet.compare import CompareConfig, build_models, non_embedding
 
 
+@pytest.mark.slow
 def test_quick_compare_writes_report_plots_and_json(corpus, tmp_path, capsys):
     out = tmp_path / "cmp"
     assert main(["compare", "--quick", "--data", str(corpus), "--out", str(out),

@@ -26,6 +26,7 @@ def user_task(folder: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_lm_eval_command_scores_like_retnet_eval(tmp_path):
     from retnet.eval.harness import RetNetHarnessLM
     from retnet.loading import load

@@ -14,6 +14,8 @@ import pytest
 
 from recall import save_recall_run
 
+pytestmark = pytest.mark.slow  # each test runs the installed retnet command
+
 ROOT = Path(__file__).resolve().parents[1]
 WHEEL_BIN = ROOT / ".venv-wheel" / "bin"
 
