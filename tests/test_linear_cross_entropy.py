@@ -160,3 +160,19 @@ def test_fifty_training_steps_follow_the_plain_loss_curve():
         lambda model, ids, t: lm_loss(model(ids, mode="chunkwise", chunk_size=8).logits, t))
     assert plain[-1] < plain[0] - 0.1  # it learns, so the curves are not flat
     assert max(abs(a - b) for a, b in zip(chunked, plain)) <= 1e-4
+
+
+def test_a_frozen_head_gets_no_weight_gradient():
+    """LoRA fine-tuning freezes the head: the chunked loss then neither computes nor keeps the
+    [V, D] weight gradient (saved for backward), and the hidden gradient is unchanged."""
+    hidden, weight, targets = _case(torch.float32)
+    hidden.requires_grad_(True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t,
+                                                  lambda t: t):
+        loss = chunked_cross_entropy(hidden, weight.detach(), targets, chunk_rows=8)
+    assert tuple(weight.shape) not in {tuple(s) for s in saved}
+    loss.backward()
+    expected = hidden.detach().clone().requires_grad_(True)
+    _plain(expected, weight.detach(), targets).backward()
+    torch.testing.assert_close(hidden.grad, expected.grad, rtol=1e-5, atol=1e-6)

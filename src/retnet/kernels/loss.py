@@ -62,7 +62,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dtype = _compute_dtype(hidden, weight)
         w = weight.to(dtype)
         grad_h = torch.empty(hidden.shape, dtype=dtype, device=hidden.device)
-        grad_w = torch.zeros_like(w)
+        # A frozen head (LoRA fine-tuning) gets no gradient: neither the [V, D] buffer nor
+        # the [V, C] × [C, D] product per chunk
+        grad_w = torch.zeros_like(w) if ctx.needs_input_grad[1] else None
         total = torch.zeros((), dtype=dtype, device=hidden.device)
         for start in range(0, hidden.shape[0], rows):
             h = hidden[start:start + rows].to(dtype)
@@ -71,9 +73,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             g[torch.arange(g.shape[0], device=g.device), target] -= 1  # softmax − onehot
             g *= real[:, None]
             torch.mm(g, w, out=grad_h[start:start + rows])
-            grad_w.addmm_(g.t(), h)
+            if grad_w is not None:
+                grad_w.addmm_(g.t(), h)
         count = (targets != ignore_index).sum()
-        ctx.save_for_backward(grad_h, grad_w, count)
+        ctx.save_for_backward(grad_h, grad_w, count)  # None is saved as None
         ctx.dtypes = (hidden.dtype, weight.dtype)
         return total / count
 
@@ -81,8 +84,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         grad_h, grad_w, count = ctx.saved_tensors
         scale = grad_out / count
-        return ((grad_h * scale).to(ctx.dtypes[0]), (grad_w * scale).to(ctx.dtypes[1]),
-                None, None, None)
+        grad_weight = None if grad_w is None else (grad_w * scale).to(ctx.dtypes[1])
+        return (grad_h * scale).to(ctx.dtypes[0]), grad_weight, None, None, None
 
 
 def chunked_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *,
