@@ -2,6 +2,8 @@
 says what is wrong (no traceback), before any slow work starts."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -178,3 +180,14 @@ def test_a_missing_extra_is_named_before_any_work_but_help_still_works(monkeypat
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "[train] extra (matplotlib missing)" in err[0]
     assert not out.exists()  # refused before the run directory, the corpus or the model
+
+
+def test_help_imports_no_torch():
+    """`retnet --help` reads only the command table and the package's metadata (3.8 s of
+    torch import before)."""
+    code = ("import sys, retnet.cli\n"
+            "try:\n    retnet.cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "generate" in done.stdout

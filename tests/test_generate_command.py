@@ -110,7 +110,7 @@ def test_bad_options_exit_2_with_one_line_before_the_model_loads(run, tmp_path, 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "p.txt").write_text("x")
     (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
-    monkeypatch.setattr("retnet.generation.command.load_for_inference", None)  # never reached
+    monkeypatch.setattr("retnet.generation.command.load", None)  # never reached
     assert generate_cli("--checkpoint", str(run), *args) == 2
     out, err = capsys.readouterr()
     assert out == "" and len(err.strip().splitlines()) == 1 and message in err, err
@@ -150,3 +150,37 @@ def test_num_samples_are_the_runs_of_successive_seeds(run, capsys):
         alone.append(capsys.readouterr().out.removeprefix("ab").removesuffix("\n"))
     assert [s.rstrip("\n") for s in samples] == [a.rstrip("\n") for a in alone]
     assert len(set(alone)) > 1
+
+
+class _Recorder:
+    """A stand-in for stdout or stderr that logs every write, in order, into one list."""
+
+    def __init__(self, name: str, log: list) -> None:
+        self.name, self.log = name, log
+
+    def write(self, text: str) -> int:
+        self.log.append((self.name, text))
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_notices_go_to_stderr_once_before_any_text(run, monkeypatch, kernels_on):
+    """bf16 weights: the head-norm kernel's note (printed while the prompt is read) came after
+    the echoed prompt, so on a terminal it sat inside the text; and it read like a failure."""
+    from retnet.kernels import switch
+
+    monkeypatch.setattr(switch, "_noticed", set())
+    log: list = []
+    monkeypatch.setattr("sys.stdout", _Recorder("out", log))
+    monkeypatch.setattr("sys.stderr", _Recorder("err", log))
+    assert main(["generate", "--max-new-tokens", "6", "--temperature", "0", "--checkpoint",
+                 str(run), "--prompt", PROMPT, "--dtype", "bfloat16"]) == 0
+    first_text = next(i for i, (name, text) in enumerate(log) if name == "out" and text)
+    notices = [text for name, text in log if name == "err" and text.strip()]
+    late = [text for name, text in log[first_text:] if name == "err" and text.strip()]
+    assert "".join(text for name, text in log if name == "out").startswith(PROMPT)
+    assert any("decode:" in n for n in notices) and any("retnet: note:" in n for n in notices)
+    assert late == [] and len(notices) == len(set(notices)), notices
+    assert not any("using the PyTorch reference" in n for n in notices)

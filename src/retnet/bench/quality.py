@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from retnet.generation import StepBuffers, prefill
-from retnet.model import RetNetLM, use_inference_layout
+from retnet.model import RetNetLM
 from retnet.model.fast_decode import decode_path
 
 FORMATS = {"float32": (torch.float32, None), "bfloat16": (torch.bfloat16, None),
@@ -28,7 +28,7 @@ def load_format(checkpoint: str, name: str) -> RetNetLM:
     from retnet.loading import load
 
     dtype, quantization = FORMATS[name]
-    return use_inference_layout(load(checkpoint, dtype=dtype, quantization=quantization)[0])
+    return load(checkpoint, dtype=dtype, quantization=quantization, layout="inference")[0]
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from retnet.device import check_device
-from retnet.generation.command import DTYPES, check_quantization
+from retnet.loading import DTYPES, check_quantization
 from retnet.modules.quant import QUANTIZATIONS
 from retnet.options import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, check_options, opt, require
 
@@ -100,10 +100,11 @@ def _write(path: Path, results: dict[str, Any], samples: dict[str, list]) -> Non
 
 
 def command(opts: EvalOptions) -> int:
+    from retnet.device import pick_device
     from retnet.loading import load
 
-    model, tok = load(opts.checkpoint, device=opts.device, dtype=DTYPES[opts.dtype],
-                      quantization=opts.quantization)
+    model, tok = load(opts.checkpoint, pick_device(opts.device), opts.dtype, opts.quantization,
+                      layout="inference")
     results: dict[str, Any] = {}
     samples: dict[str, list] = {}
     if opts.perplexity is not None:

@@ -34,11 +34,9 @@ class RetNetHarnessLM(LM):
         if model is None:
             if checkpoint is None:
                 raise ValueError("pass checkpoint=DIR (a run directory or checkpoint folder)")
-            from retnet.checkpoint import load_checkpoint
-            from retnet.loading import build_model
+            from retnet.loading import load
 
-            ckpt = load_checkpoint(checkpoint)
-            model, tokenizer = build_model(ckpt), ckpt.tokenizer
+            model, tokenizer = load(checkpoint)
         if tokenizer is None:
             raise ValueError("a model needs its tokenizer")
         if device is None and handed_over:

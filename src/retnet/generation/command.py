@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,9 +14,10 @@ import torch
 from retnet.device import check_device, pick_device
 from retnet.generation.loop import generate_stream
 from retnet.generation.text import TextStream
-from retnet.model import RetNetLM, RetNetState, load_state, save_state, use_inference_layout
+from retnet.loading import DTYPES, check_quantization, load
+from retnet.model import RetNetLM, RetNetState, load_state, save_state
 from retnet.model.fast_decode import decode_path
-from retnet.modules.quant import QUANTIZATIONS, quantize
+from retnet.modules.quant import QUANTIZATIONS
 from retnet.options import (
     AT_LEAST_ONE,
     NON_NEGATIVE,
@@ -29,8 +31,6 @@ from retnet.options import (
 from retnet.tokenizer import Tokenizer
 
 MAX_SAMPLES = 256  # rows decoded together: each holds its own state and sampler
-# The dtypes a command may load the weights in (the state stays float32, float64 for float64).
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 @dataclass
@@ -70,6 +70,8 @@ class GenerateOptions:
     quantization: str | None = opt(None, "int8: weight-only int8 with one scale per output "
                                    "channel (embedding and tied head included; float32 "
                                    "activations and state)", choices=QUANTIZATIONS)
+    adapter: str | None = opt(None, "a LoRA adapter.safetensors (`retnet train --lora-save "
+                              "adapter`) merged into the checkpoint's weights", metavar="FILE")
 
     def __post_init__(self) -> None:
         """Every value checked before anything loads: one line naming the bad option."""
@@ -86,38 +88,13 @@ class GenerateOptions:
         check_device(self.device)
 
 
-def check_quantization(quantization: str | None, dtype: str) -> None:
-    """One line for a quantization the commands cannot load (shared by generate and serve)."""
-    if quantization is not None and quantization not in QUANTIZATIONS:
-        raise ValueError(f"invalid --quantization {short(quantization)}; use "
-                         f"{', '.join(QUANTIZATIONS)}")
-    if quantization is not None and dtype != "float32":
-        raise ValueError(f"--quantization {quantization} quantises float32 weights: leave "
-                         f"--dtype at float32 (got {dtype})")
-
-
-def load_for_inference(checkpoint: str, device: str | None = None, dtype: str = "float32",
-                       quantization: str | None = None):
-    """(Checkpoint, model) for decoding: on `pick_device(device)`, in `dtype` (or weight-only
-    `quantization`), in the weight layout with the fastest one-token steps there. Shared by
-    `retnet generate` and `serve`."""
-    from retnet.checkpoint import load_checkpoint
-    from retnet.loading import build_model
-
-    ckpt = load_checkpoint(checkpoint)
-    model = build_model(ckpt, pick_device(device)).to(DTYPES[dtype])
-    if quantization is not None:
-        quantize(model, quantization)
-    return ckpt, use_inference_layout(model)
-
-
 def command(opts: GenerateOptions) -> int:
     """Print the prompt (when given with --prompt) and its continuation as it is made."""
     _check_paths(opts)
     prompt = _read_prompt(opts.prompt_file) if opts.prompt_file else opts.prompt or ""
-    ckpt, model = load_for_inference(opts.checkpoint, opts.device, opts.dtype,
-                                     opts.quantization)
-    tok, fingerprint = ckpt.tokenizer, model.config.fingerprint()
+    model, tok = load(opts.checkpoint, pick_device(opts.device), opts.dtype, opts.quantization,
+                      layout="inference", adapter=opts.adapter)
+    fingerprint = model.config.fingerprint()
     device = model.embed.weight.device
     state = None
     if opts.state_in:
@@ -125,13 +102,13 @@ def command(opts: GenerateOptions) -> int:
     ids = tok.encode(prompt) or [tok.eos_id]
     if max(ids) >= model.config.vocab_size:
         raise ValueError("the prompt encodes to ids beyond the model's vocabulary")
-    if opts.prompt_file is None:  # a document read from a file is not echoed back (#17)
-        sys.stdout.write(prompt)
-    print(f"decode: {decode_path(model)}", file=sys.stderr)
+    print(f"decode: {decode_path(model)}", file=sys.stderr, flush=True)
+    echo = prompt if opts.prompt_file is None else ""  # a file is not echoed back (#17)
     if opts.num_samples > 1:
-        _samples(model, tok, torch.tensor([ids] * opts.num_samples, device=device), state, opts)
+        ids = torch.tensor([ids] * opts.num_samples, device=device)
+        _samples(model, tok, ids, state, opts, echo)
         return 0
-    state = _stream(model, tok, torch.tensor([ids], device=device), state, opts)
+    state = _stream(model, tok, torch.tensor([ids], device=device), state, opts, echo)
     if opts.state_out:
         save_state(opts.state_out, state, fingerprint)
         print(f"state after {int(state.offset[0])} tokens saved to {opts.state_out}",
@@ -147,11 +124,23 @@ def _sampling(opts: GenerateOptions, tok: Tokenizer) -> dict:
                 tokenizer=tok)
 
 
+def _echoed(stream: Iterator, echo: str) -> Iterator:
+    """The stream, with `echo` written to stdout once the prompt has been read: the notices
+    the first forward may print (on stderr, once each) then come before the text, never
+    inside it on a terminal."""
+    first = next(stream)
+    sys.stderr.flush()
+    sys.stdout.write(echo)
+    yield first
+    yield from stream
+
+
 def _stream(model: RetNetLM, tok: Tokenizer, ids: torch.Tensor, state: RetNetState | None,
-            opts: GenerateOptions) -> RetNetState:
-    """Generate after ids [1, T], printing the text as TextStream releases it; returns the
-    state after every token (a stop string's tokens included)."""
+            opts: GenerateOptions, echo: str = "") -> RetNetState:
+    """Generate after ids [1, T], printing `echo` and then the text as TextStream releases
+    it; returns the state after every token (a stop string's tokens included)."""
     stream = generate_stream(model, ids, seed=opts.seed, state=state, **_sampling(opts, tok))
+    stream = _echoed(stream, echo)
     text = TextStream(tok, opts.stop)
     for token, final in stream:
         if final is not None:
@@ -164,14 +153,15 @@ def _stream(model: RetNetLM, tok: Tokenizer, ids: torch.Tensor, state: RetNetSta
 
 
 def _samples(model: RetNetLM, tok: Tokenizer, ids: torch.Tensor, state: RetNetState | None,
-             opts: GenerateOptions) -> None:
+             opts: GenerateOptions, echo: str = "") -> None:
     """--num-samples N: N rows of the prompt ids [N, T] decoded together, row i with its own
     generator seeded seed + i (so sample i is what `--seed seed+i` alone gives); each is
     printed after the prompt under a `--- sample i ---` line once every row has finished."""
     if state is not None:  # one saved state, read by every row
         state = state.select([0] * ids.shape[0])
     seeds = [opts.seed + i for i in range(ids.shape[0])]
-    stream = generate_stream(model, ids, seed=seeds, state=state, **_sampling(opts, tok))
+    stream = _echoed(generate_stream(model, ids, seed=seeds, state=state,
+                                     **_sampling(opts, tok)), echo)
     streams = [TextStream(tok, opts.stop) for _ in range(ids.shape[0])]
     texts, done = [""] * ids.shape[0], [False] * ids.shape[0]
     for token, final in stream:

@@ -9,7 +9,7 @@ import sys
 from dataclasses import dataclass
 
 from retnet.device import check_device
-from retnet.generation.command import DTYPES, check_quantization
+from retnet.loading import DTYPES, check_quantization
 from retnet.modules.quant import QUANTIZATIONS
 from retnet.options import check_types, opt, short
 from retnet.serve.guard import is_loopback
@@ -37,6 +37,8 @@ class ServeConfig:
     dtype: str = opt("float32", "the weights' dtype", choices=tuple(DTYPES))
     quantization: str | None = opt(None, "int8: weight-only int8 (as `retnet generate`)",
                                    choices=QUANTIZATIONS)
+    adapter: str | None = opt(None, "a LoRA adapter.safetensors merged into the weights (as "
+                              "`retnet generate`)", metavar="FILE")
     device: str | None = opt(None, "cpu, cuda, cuda:N or mps (default: cuda if available, "
                              "else cpu)")
     max_batch: int = opt(32, "sequences decoded together", aliases=("--max-num-seqs",))
@@ -113,25 +115,27 @@ class ServeConfig:
 
 
 def build_app(cfg: ServeConfig):
-    from retnet.generation.command import load_for_inference
+    from retnet.device import pick_device
+    from retnet.loading import load_run
     from retnet.model.fast_decode import decode_path
     from retnet.serve.api import Api, Limits, create_app
     from retnet.serve.engine import Engine
     from retnet.serve.guard import allowed_hosts
     from retnet.tokenizer import DEFAULT_CHAT_TEMPLATE
 
-    ckpt, model = load_for_inference(cfg.checkpoint, cfg.device, cfg.dtype,
-                                     cfg.quantization)
+    run = load_run(cfg.checkpoint, pick_device(cfg.device), cfg.dtype, cfg.quantization,
+                   layout="inference", adapter=cfg.adapter)
+    model, tok = run.model, run.tokenizer
     print(f"retnet serve: decode: {decode_path(model)}", file=sys.stderr)
-    engine = Engine(model, ckpt.tokenizer, max_batch=cfg.max_batch, max_queue=cfg.max_queue,
+    engine = Engine(model, tok, max_batch=cfg.max_batch, max_queue=cfg.max_queue,
                     cache_bytes=cfg.cache_mib << 20, state_bytes=cfg.state_store_mib << 20,
                     prefill_tokens=cfg.prefill_tokens, request_rows=cfg.max_rows_per_request)
-    name = cfg.model_name or ckpt.path.parent.parent.name or "retnet"
+    name = cfg.model_name or run.name or "retnet"
     limits = Limits(max_prompt_tokens=cfg.max_prompt_tokens, max_tokens=cfg.max_tokens,
                     max_request_bytes=cfg.max_request_kib << 10)
     template = (read_chat_template(cfg.chat_template) if cfg.chat_template else
-                ckpt.chat_template or dict(DEFAULT_CHAT_TEMPLATE))  # verified by load_checkpoint
-    api = Api(engine, ckpt.tokenizer, name, limits, template, read_timeout_s=cfg.read_timeout_s)
+                run.chat_template or dict(DEFAULT_CHAT_TEMPLATE))  # verified when loaded
+    api = Api(engine, tok, name, limits, template, read_timeout_s=cfg.read_timeout_s)
     app = create_app(api, on_shutdown=lambda: engine.shutdown(cfg.drain_s),
                      api_key=cfg.api_key, allowed_hosts=allowed_hosts(cfg.host, cfg.allowed_host))
     return app, engine, name
