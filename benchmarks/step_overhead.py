@@ -40,7 +40,7 @@ def variants(model, batch: int) -> dict:
             plan["floats"], sources, stamp)
 
     def forward():
-        return model(token[:, None], state=state, mode="recurrent", state_out=out).logits
+        return model.step(token[:, None], state, out).logits
 
     return {"kernel call": lambda: torch.ops.retnet.decode_step(*args).argmax(-1),
             "decode_one (the decode loop)":

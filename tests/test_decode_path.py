@@ -136,7 +136,7 @@ def test_state_out_misuse_is_refused():
         decode_one(model, x[:, 0], state, out=state.select([0]).empty_like())
     with pytest.raises(ValueError, match="mode='recurrent'"):
         with torch.no_grad():
-            model(x, state=state, mode="chunkwise", state_out=state.empty_like())
+            model.step(x, state, state.empty_like(), mode="chunkwise")
 
 
 def test_generate_with_alternating_buffers_equals_fresh_states(two_threads):

@@ -95,8 +95,7 @@ def test_step_matches_float64_reference(fast, variant, dtype):
     before = state.clone()
     out_buffers = state.empty_like()
     with torch.no_grad():
-        out = model(ids, state=state, mode="recurrent", attention_mask=mask,
-                    state_out=out_buffers)
+        out = model.step(ids, state, out_buffers, attention_mask=mask)
         used = fused_step(model, ids, state, mask, state.empty_like()) is not None
     assert used == fast  # on this machine the kernel builds, so "kernel" really ran it
     weights = _float64_weights(model)

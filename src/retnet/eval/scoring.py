@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from retnet.generation import TextStream, generate_stream
+from retnet.generation.scoring import score_segments, score_tokens
 from retnet.model import RetNetLM
 from retnet.ops import CHUNKWISE, Form
 from retnet.tokenizer import Tokenizer
@@ -41,14 +42,10 @@ def continuation_logprobs(model: RetNetLM, pairs: Sequence[tuple[list[int], list
         rows = [(pairs[i][0] + pairs[i][1])[:-1] for i in idx]
         ids, mask = _left_pad(rows, pad_id, device)
         logits = model(ids, attention_mask=mask, mode=form).logits
-        logprobs = logits.double().log_softmax(-1)
         for row, i in enumerate(idx):
             cont = pairs[i][1]
-            lp = logprobs[row, -len(cont):]  # positions predicting the continuation
-            target = torch.tensor(cont, device=device)
-            total = lp.gather(-1, target[:, None]).sum().item()
-            greedy = bool((lp.argmax(-1) == target).all())
-            results[i] = (total, greedy)
+            scores = score_tokens(logits[row, -len(cont):], cont)  # positions predicting it
+            results[i] = (scores.logprobs.sum().item(), bool(scores.greedy.all()))
     return results
 
 
@@ -57,18 +54,10 @@ def document_logprob(model: RetNetLM, ids: list[int], bos_id: int, segment: int 
                      form: Form = CHUNKWISE) -> float:
     """log P(document) with the whole document as context (the first token conditioned on
     bos_id), read in segments that carry the state: exact, at linear cost."""
-    device = model.embed.weight.device
     tokens = [bos_id, *ids]
-    total, state = 0.0, None
-    for start in range(0, len(tokens) - 1, segment):
-        inputs = torch.tensor([tokens[start:start + segment]], device=device)
-        targets = torch.tensor(tokens[start + 1:start + segment + 1], device=device)
-        inputs = inputs[:, :len(targets)]
-        out = model(inputs, state=state, mode=form)
-        state = out.state
-        lp = out.logits[0].double().log_softmax(-1)
-        total += lp.gather(-1, targets[:, None]).sum().item()
-    return total
+    inputs = torch.tensor([tokens[:-1]], device=model.embed.weight.device)
+    return sum(scores.logprobs.sum().item() for scores, _ in
+               score_segments(model, inputs, tokens[1:], form=form, segment=segment))
 
 
 def perplexity(model: RetNetLM, tokenizer: Tokenizer, texts: Sequence[str],

@@ -4,6 +4,7 @@ that take turns (`StepBuffers`)."""
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -12,7 +13,8 @@ from torch import Tensor
 from retnet.generation.sampling import SamplingParams, make_generators, sample
 from retnet.generation.text import TextStream
 from retnet.kernels.dispatch import choose
-from retnet.model import RetNetLM, RetNetState
+from retnet.model import RetNetLM, RetNetOutput, RetNetState
+from retnet.model.lm import check_ids
 from retnet.ops import CHUNKWISE, RECURRENT, Form
 from retnet.tokenizer import Tokenizer
 
@@ -34,19 +36,31 @@ def _segment_length(form: Form, batch: int, length: int) -> int:
 
 
 @torch.no_grad()
-def prefill(model: RetNetLM, input_ids: Tensor, attention_mask: Tensor | None = None,
-            state: RetNetState | None = None, *, form: Form = CHUNKWISE
-            ) -> tuple[Tensor, RetNetState]:
-    """Read a prompt input_ids [B, T] in `form`; return the last position's logits [B, V]
-    and the state after it. Chunkwise prompts longer than `PREFILL_SEGMENT_TOKENS` (over the
-    batch) are read in segments."""
-    B, T = input_ids.shape
-    step = _segment_length(form, B, T)
+def read_segments(model: RetNetLM, input_ids: Tensor, attention_mask: Tensor | None = None,
+                  state: RetNetState | None = None, *, form: Form = CHUNKWISE,
+                  segment: int | None = None, last_only: bool = True
+                  ) -> Iterator[tuple[int, RetNetOutput]]:
+    """Read input_ids [B, T] in segments of `segment` tokens per row (default: chunkwise
+    prompts longer than `PREFILL_SEGMENT_TOKENS` over the batch), each continuing the state
+    of the one before; yield (start, the segment's output) per segment. The one segmented
+    reading of a prompt: prefill, document scoring and the server's prompts use it."""
+    B, T = check_prompt(input_ids, attention_mask)
+    step = segment or _segment_length(form, B, T)
     for start in range(0, T, step):
         mask = None if attention_mask is None else attention_mask[:, start:start + step]
         out = model(input_ids[:, start:start + step], state=state, mode=form,
-                    attention_mask=mask, last_only=True)
+                    attention_mask=mask, last_only=last_only)
         state = out.state
+        yield start, out
+
+
+def prefill(model: RetNetLM, input_ids: Tensor, attention_mask: Tensor | None = None,
+            state: RetNetState | None = None, *, form: Form = CHUNKWISE
+            ) -> tuple[Tensor, RetNetState]:
+    """Read a prompt input_ids [B, T] in `form` (in segments: `read_segments`); return the
+    last position's logits [B, V] and the state after it."""
+    # only the last segment's output is kept: its logits and the state after every segment
+    _, out = deque(read_segments(model, input_ids, attention_mask, state, form=form), 1)[0]
     return out.logits[:, -1], out.state
 
 
@@ -66,8 +80,10 @@ def decode_one(model: RetNetLM, token: Tensor, state: RetNetState,
     if step is not None:
         return step
     mask = None if active is None else active[:, None]
-    result = model(token[:, None], state=state, mode=RECURRENT, attention_mask=mask,
-                   state_out=out)
+    if out is None:
+        result = model(token[:, None], state=state, mode=RECURRENT, attention_mask=mask)
+    else:
+        result = model.step(token[:, None], state, out, attention_mask=mask)
     return result.logits[:, -1], result.state
 
 
@@ -114,8 +130,10 @@ def generate_stream(model: RetNetLM, input_ids: Tensor, max_new_tokens: int, *,
     small enough to overflow the logits (1e-40); one that is not finite is a ValueError
     (`SamplingParams`)."""
     params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
-    B = _check(input_ids, attention_mask, stop, tokenizer)
-    pad = pad_token_id if pad_token_id is not None else (eos_token_id or 0)
+    B, _ = check_prompt(input_ids, attention_mask)
+    if stop and tokenizer is None:
+        raise ValueError("stop strings need the tokenizer: pass tokenizer=...")
+    pad = pad_id(pad_token_id, eos_token_id)
     generators = make_generators(seed, B)
     seen = _seen_tokens(input_ids, attention_mask, model.config.vocab_size, params)
     logits, state = prefill(model, input_ids, attention_mask, state, form=prefill_form)
@@ -143,8 +161,7 @@ def generate(model: RetNetLM, input_ids: Tensor, max_new_tokens: int, **kwargs
     filled with the pad id), or (tokens, state) with return_state=True; the state has consumed
     every returned token. Arguments as `generate_stream`, plus return_state."""
     return_state = kwargs.pop("return_state", False)
-    pad = kwargs.get("pad_token_id")
-    pad = pad if pad is not None else (kwargs.get("eos_token_id") or 0)
+    pad = pad_id(kwargs.get("pad_token_id"), kwargs.get("eos_token_id"))
     steps, final = [], None
     for token, state in generate_stream(model, input_ids, max_new_tokens, **kwargs):
         if state is not None:
@@ -160,16 +177,19 @@ def generate(model: RetNetLM, input_ids: Tensor, max_new_tokens: int, **kwargs
     return (tokens, final) if return_state else tokens
 
 
-def _check(input_ids: Tensor, attention_mask: Tensor | None, stop: Sequence[str] | None,
-           tokenizer: Tokenizer | None) -> int:
-    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        raise ValueError(f"input_ids must be [B, T] with T ≥ 1; got {tuple(input_ids.shape)}")
+def check_prompt(input_ids: Tensor, attention_mask: Tensor | None = None) -> tuple[int, int]:
+    """(B, T) of prompt ids [B, T] (the model's `check_ids`), left-padded under
+    attention_mask [B, T]: its last position must be real in every row."""
+    B, T = check_ids(input_ids, attention_mask)
     if attention_mask is not None and not bool(attention_mask[:, -1].all()):
         raise ValueError("the last position of every row must be a real token: pad prompts "
                          "on the left")
-    if stop and tokenizer is None:
-        raise ValueError("stop strings need the tokenizer: pass tokenizer=...")
-    return input_ids.shape[0]
+    return B, T
+
+
+def pad_id(pad_token_id: int | None, eos_token_id: int | None) -> int:
+    """The id finished rows are filled with: pad_token_id, else eos_token_id, else 0."""
+    return pad_token_id if pad_token_id is not None else (eos_token_id or 0)
 
 
 def _seen_tokens(input_ids: Tensor, mask: Tensor | None, vocab: int,

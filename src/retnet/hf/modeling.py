@@ -109,11 +109,14 @@ class RetNetForCausalLM(PreTrainedModel, GenerationMixin):
                              "past_key_values: pass retnet_cache=out.retnet_cache")
         if output_hidden_states is None:
             output_hidden_states = getattr(self.config, "output_hidden_states", False)
-        hidden: list[Tensor] | None = [] if output_hidden_states or labels is not None else None
         state = None if retnet_cache is None else retnet_cache.state
         form = RECURRENT if input_ids.shape[1] == 1 else CHUNKWISE  # a step, or a prompt
-        out = self.model(input_ids, state=state, mode=form, attention_mask=attention_mask,
-                         hidden_out=hidden)
+        hidden = None
+        if output_hidden_states or labels is not None:
+            out, hidden = self.model.hidden_states(input_ids, state, mode=form,
+                                                   attention_mask=attention_mask)
+        else:
+            out = self.model(input_ids, state=state, mode=form, attention_mask=attention_mask)
         loss = None
         if labels is not None:  # chunked over tokens: no [B·T, vocab] gradient is ever made
             loss = linear_cross_entropy(hidden[-1][:, :-1], self.model.output_weight,

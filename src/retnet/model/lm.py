@@ -17,7 +17,7 @@ from retnet.model.state import RetNetState
 from retnet.modules import RetNetBlock
 from retnet.modules.block import make_norm
 from retnet.modules.linear import Linear
-from retnet.ops import Form
+from retnet.ops import RECURRENT, Form
 from retnet.ops.documents import document_positions
 from retnet.ops.linear import linear
 from retnet.ops.loss import linear_cross_entropy
@@ -113,24 +113,46 @@ class RetNetLM(nn.Module):
     def forward(self, input_ids: Tensor, state: RetNetState | None = None, *,
                 mode: Mode | Form = "parallel", chunk_size: int | None = None,
                 attention_mask: Tensor | None = None, resets: Tensor | None = None,
-                last_only: bool = False, state_out: RetNetState | None = None,
-                hidden_out: list[Tensor] | None = None,
-                targets: Tensor | None = None) -> RetNetOutput:
+                last_only: bool = False, targets: Tensor | None = None) -> RetNetOutput:
         """input_ids [B, T]; attention_mask [B, T] (1 = real token; left padding for batches
         of different lengths). resets [B, T] (bool): True where a document starts; each
         document of a packed row then computes what it would alone (the state entering it
         dropped, positions from 0; `retnet.ops.documents` converts cu_seqlens). mode: a
         retention Form, or a mode name with chunk_size (default `DEFAULT_CHUNK_SIZE`).
         Returns logits and the state after the last position; the caller's state is never
-        modified. last_only=True computes logits for the last
-        position only (prefill). state_out (recurrent mode, no autograd): a state of the
-        same shape whose buffers receive the new state, so that a decode loop alternates two
-        states instead of allocating one per token; it must not be `state` itself. hidden_out:
-        a list that receives the residual stream as transformers' hidden_states: the input of
-        each block [B, T, D], then the final norm's output ([B, 1, D] with last_only).
+        modified. last_only=True computes logits for the last position only (prefill).
         targets [B, T] (the token each position predicts; -100: none): return the loss
         instead of the logits, through the chunked cross-entropy (`retnet.ops.loss`), which
         never holds the [B·T, vocab] logits or their gradient."""
+        return self._forward(input_ids, state, Form.of(mode, chunk_size), attention_mask,
+                             resets, last_only, targets)
+
+    def step(self, input_ids: Tensor, state: RetNetState, out: RetNetState, *,
+             attention_mask: Tensor | None = None, mode: Mode | Form = RECURRENT
+             ) -> RetNetOutput:
+        """The recurrent `forward` of input_ids [B, T] (no autograd) whose new state is written
+        into the buffers of `out`, a state of the same shape that is not `state` itself: a
+        decode loop alternates two states instead of allocating one per token
+        (`StepBuffers`)."""
+        return self._forward(input_ids, state, Form.of(mode, None), attention_mask, out=out)
+
+    def hidden_states(self, input_ids: Tensor, state: RetNetState | None = None, *,
+                      mode: Mode | Form = "parallel", attention_mask: Tensor | None = None,
+                      last_only: bool = False) -> tuple[RetNetOutput, list[Tensor]]:
+        """`forward`, and the residual stream as transformers' hidden_states: the input of
+        each block [B, T, D], then the final norm's output ([B, 1, D] with last_only)."""
+        hidden: list[Tensor] = []
+        out = self._forward(input_ids, state, Form.of(mode, None), attention_mask,
+                            last_only=last_only, hidden=hidden)
+        return out, hidden
+
+    def _forward(self, input_ids: Tensor, state: RetNetState | None, form: Form,
+                 attention_mask: Tensor | None, resets: Tensor | None = None,
+                 last_only: bool = False, targets: Tensor | None = None, *,
+                 out: RetNetState | None = None, hidden: list[Tensor] | None = None
+                 ) -> RetNetOutput:
+        """The one forward: `out` receives the new state (`step`), `hidden` the residual
+        stream (`hidden_states`)."""
         B, T = self._check_inputs(input_ids, state, attention_mask, resets)
         if targets is not None and (last_only or targets.shape != input_ids.shape):
             raise ValueError(f"targets must be [B, T] = {list(input_ids.shape)} (one per "
@@ -140,17 +162,16 @@ class RetNetLM(nn.Module):
             # one token: a reset is an empty incoming state, which every path (the fused
             # decode step included) reads without knowing about documents
             state, resets = _restart(state, resets[:, 0]), None
-        form = Form.of(mode, chunk_size)
-        self._check_state_out(form, state, state_out)
-        if (form.mode == "recurrent" and input_ids.shape[1] == 1 and hidden_out is None
+        self._check_state_out(form, state, out)
+        if (form.mode == "recurrent" and input_ids.shape[1] == 1 and hidden is None
                 and targets is None):  # a one-token step: the whole step may be one kernel
             active = None if attention_mask is None else attention_mask[:, 0]
-            args = (self, input_ids[:, 0], state, active, state_out)
+            args = (self, input_ids[:, 0], state, active, out)
             fast = choose("decode_step", *args, backend=form.backend)
             step = None if fast is None else fast(*args)  # None: it declined, see the table
             if step is not None:
                 return RetNetOutput(step[0].unsqueeze(1), step[1])
-        forms = self._forms(form, state_out)
+        forms = self._forms(form, out)
         mask = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
                 else attention_mask.to(torch.bool))
         seen = mask.long().cumsum(1)  # [B, T] real tokens so far
@@ -167,8 +188,8 @@ class RetNetLM(nn.Module):
         mask = None if attention_mask is None else mask
         kvs = []
         for block, kv, form in zip(self.blocks, state.kv, forms):
-            if hidden_out is not None:
-                hidden_out.append(x)
+            if hidden is not None:
+                hidden.append(x)
             if self.activation_checkpointing and torch.is_grad_enabled():
                 x, kv = checkpoint(block, x, kv, pos, mask, form, use_reentrant=False)
             else:
@@ -177,42 +198,37 @@ class RetNetLM(nn.Module):
         if last_only:
             x = x[:, -1:]
         x = self.norm(x)
-        if hidden_out is not None:
-            hidden_out.append(x)
-        if state_out is not None:
-            offset = state_out.offset.copy_(offset)
+        if hidden is not None:
+            hidden.append(x)
+        if out is not None:
+            offset = out.offset.copy_(offset)
         state = RetNetState(tuple(kvs), offset)
         if targets is not None:
             return RetNetOutput(None, state, linear_cross_entropy(x, self.output_weight, targets))
         return RetNetOutput(linear(x, self.output_weight), state)
 
     @staticmethod
-    def _check_state_out(form: Form, state: RetNetState, state_out: RetNetState | None
-                         ) -> None:
-        if state_out is None:
+    def _check_state_out(form: Form, state: RetNetState, out: RetNetState | None) -> None:
+        if out is None:
             return
         if form.mode != "recurrent" or torch.is_grad_enabled():
-            raise ValueError("state_out needs mode='recurrent' and torch.no_grad()")
-        if not state_out.fits(state):
-            raise ValueError("state_out must be a contiguous state of the input state's shape "
-                             "and dtype sharing no buffer with it, e.g. state.empty_like()")
+            raise ValueError("step() needs mode='recurrent' and torch.no_grad()")
+        if not out.fits(state):
+            raise ValueError("step()'s out must be a contiguous state of the input state's "
+                             "shape and dtype sharing no buffer with it, e.g. "
+                             "state.empty_like()")
 
-    def _forms(self, form: Form, state_out: RetNetState | None) -> list:
-        """The retention form for each layer; with state_out (checked by _check_state_out),
-        each writes into its buffer."""
-        if state_out is None:
+    def _forms(self, form: Form, out: RetNetState | None) -> list:
+        """The retention form for each layer; with `out` (checked by _check_state_out), each
+        writes into its buffer."""
+        if out is None:
             return [form] * len(self.blocks)
-        return [functools.partial(form, out=buf) for buf in state_out.kv]
+        return [functools.partial(form, out=buf) for buf in out.kv]
 
     def _check_inputs(self, input_ids: Tensor, state: RetNetState | None,
                       attention_mask: Tensor | None, resets: Tensor | None = None
                       ) -> tuple[int, int]:
-        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            raise ValueError(f"input_ids must be [B, T] with T ≥ 1; got {tuple(input_ids.shape)}")
-        B, T = input_ids.shape
-        if attention_mask is not None and attention_mask.shape != (B, T):
-            raise ValueError(f"attention_mask must be [B, T] = [{B}, {T}]; "
-                             f"got {tuple(attention_mask.shape)}")
+        B, T = check_ids(input_ids, attention_mask)
         if resets is not None and (resets.shape != (B, T) or resets.dtype != torch.bool):
             raise ValueError(f"resets must be bool [B, T] = [{B}, {T}] (True where a document "
                              f"starts); got {resets.dtype} {tuple(resets.shape)}")
@@ -224,6 +240,18 @@ class RetNetLM(nn.Module):
                 raise ValueError(f"state holds {state.batch_size} rows but input_ids has {B}; "
                                  "use state.select(rows) to match the batch")
         return B, T
+
+
+def check_ids(input_ids: Tensor, attention_mask: Tensor | None = None) -> tuple[int, int]:
+    """(B, T) of input_ids [B, T] with T ≥ 1 and attention_mask None or [B, T]; a one-line
+    ValueError otherwise (the one check of the model's inputs, also the decode loop's)."""
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be [B, T] with T ≥ 1; got {tuple(input_ids.shape)}")
+    B, T = input_ids.shape
+    if attention_mask is not None and attention_mask.shape != (B, T):
+        raise ValueError(f"attention_mask must be [B, T] = [{B}, {T}]; "
+                         f"got {tuple(attention_mask.shape)}")
+    return B, T
 
 
 def _restart(state: RetNetState, rows: Tensor) -> RetNetState:

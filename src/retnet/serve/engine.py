@@ -1,27 +1,27 @@
 """The serving engine: one thread, one loop over every active sequence (continuous batching).
-Each turn of the loop runs one decode step of the batch, then reads a bounded number of
-prompt tokens (chunked prefill) split across the prompts waiting to join, reusing cached
-prefix states; a prompt read whole joins the batch, finished or cancelled rows leave at once.
-Which requests join, and how the prompt tokens are shared, is decided in `scheduler`.
-
-Every sequence is a row of one batched RetNetState, so the whole batch costs the same per
-step whatever the lengths of the contexts."""
+Each turn of the loop runs one decode step of the batch (`batch`), turns its logits into
+tokens and events (`emit`), then reads a bounded number of prompt tokens (chunked prefill,
+`prefill`) split across the prompts waiting to join, reusing cached prefix states; a prompt
+read whole joins the batch, finished or cancelled rows leave at once. Which requests join, and
+how the prompt tokens are shared, is decided in `scheduler`."""
 
 from __future__ import annotations
 
 import threading
 import time
-import uuid
 from collections import deque
 from typing import NamedTuple
 
 import torch
 
-from retnet.generation import StepBuffers, TextStream, decode_one, sample
+from retnet.generation import TextStream
 from retnet.model import RetNetLM, RetNetState
 from retnet.ops import CHUNKWISE, Form
+from retnet.serve.batch import Batch
 from retnet.serve.cache import PrefixCache, StateStore
-from retnet.serve.prefill import Prefill, log_softmax
+from retnet.serve.counters import Counters
+from retnet.serve.emit import Emitter
+from retnet.serve.prefill import Prefill
 from retnet.serve.request import ABORT, Busy, Draining, Event, Request, Row
 from retnet.serve.scheduler import Waiting, pick, split_budget
 from retnet.tokenizer import Tokenizer
@@ -52,12 +52,12 @@ class Engine:
         self.request_rows = request_rows or max(1, max_batch // 2)
         self.cache = PrefixCache(cache_bytes)
         self.saved = StateStore(state_bytes)
-        self.state_nbytes = model.init_state(1).nbytes  # what one saved state costs
         self._waiting: list[Request] = []  # submitted, not yet admitted (under _lock)
-        self._rows: list[Row] = []
         self._prefilling: list[Prefill] = []  # admitted, their prompts being read
-        self._state: RetNetState | None = None  # one row per Row, made by cat and select
-        self._buffers = StepBuffers()  # the decode step's output buffers
+        self.batch = Batch()  # the rows being decoded
+        self.counters = Counters()
+        self.emitter = Emitter(model, tokenizer, self.saved, self.counters, self._close)
+        self.state_nbytes = self.emitter.state_nbytes  # what one saved state costs
         self.turns: deque[Turn] = deque(maxlen=256)  # the latest loop turns, for inspection
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -69,10 +69,6 @@ class Engine:
         self._lock = threading.Lock()
         self._in_flight = 0
         self.accepting = True
-        self.metrics = {"requests": 0, "rejected": 0, "prompt_tokens": 0, "cached_tokens": 0,
-                        "prefilled_tokens": 0, "generated_tokens": 0, "decode_steps": 0,
-                        "batch_size_last": 0, "batch_size_max": 0, "batch_size_sum": 0,
-                        "ttft_s_sum": 0.0, "ttft_count": 0, "step_s_sum": 0.0}
         self._thread = threading.Thread(target=self._loop, name="retnet-engine", daemon=True)
         self._thread.start()
 
@@ -88,25 +84,21 @@ class Engine:
             if not self.accepting:
                 raise Draining("the server is draining (shutting down)")
             if len(self._waiting) >= self.max_queue:
-                self.metrics["rejected"] += 1
+                self.counters.rejected += 1
                 raise Busy("too many requests in flight")
             self._waiting.append(request)
             self._in_flight += 1
-        self.metrics["requests"] += 1
+        self.counters.requests += 1
         self._wake.set()
 
     def snapshot(self) -> dict:
-        m = dict(self.metrics)
-        steps = max(m["decode_steps"], 1)
-        m |= {"active_sequences": len(self._rows), "queued_requests": len(self._waiting),
-              "prefilling_requests": len(self._prefilling),
-              "batch_size_mean": m["batch_size_sum"] / steps,
-              "step_ms_mean": 1e3 * m["step_s_sum"] / steps,
-              "ttft_ms_mean": 1e3 * m["ttft_s_sum"] / max(m["ttft_count"], 1),
-              "prefix_cache_entries": len(self.cache), "prefix_cache_bytes": self.cache.nbytes,
-              "saved_states": len(self.saved), "saved_state_bytes": self.saved.nbytes,
-              "saved_states_evicted": self.saved.evicted}
-        return m
+        """The counters, and what the engine holds now."""
+        return self.counters.snapshot() | {
+            "active_sequences": len(self.batch), "queued_requests": len(self._waiting),
+            "prefilling_requests": len(self._prefilling),
+            "prefix_cache_entries": len(self.cache), "prefix_cache_bytes": self.cache.nbytes,
+            "saved_states": len(self.saved), "saved_state_bytes": self.saved.nbytes,
+            "saved_states_evicted": self.saved.evicted}
 
     def busy(self) -> bool:
         """Whether any submitted request has not yet had its last event."""
@@ -147,23 +139,22 @@ class Engine:
                     self._abort_all()
                 self._drop_cancelled()
                 self._admit()
-                if self._rows or self._prefilling:
-                    decoded = self._step() if self._rows else 0
+                if self.batch.rows or self._prefilling:
+                    decoded = self._step() if self.batch.rows else 0
                     self.turns.append(Turn(decoded, self._read_prompts()))
                 else:
                     self._wake.wait(timeout=0.05)
                     self._wake.clear()
-            for row in self._rows:
-                self._finish(row, "cancelled")
-            self._rows, self._state = [], None
+            for row in self.batch.decoding():
+                self.emitter.finish(self.batch, row, "cancelled")
+            self.batch.clear()
 
     def _abort_all(self) -> None:
         """End every request now (the drain window is over): a last event per choice, then
         the usage event, so that each client sees a proper end."""
-        for row in self._rows:
-            if row.index >= 0:
-                self._finish(row, ABORT)
-        self._remove_finished()
+        for row in self.batch.decoding():
+            self.emitter.finish(self.batch, row, ABORT)
+        self.batch.remove_finished()
         with self._lock:
             waiting = [p.request for p in self._prefilling] + self._waiting
             self._prefilling, self._waiting = [], []
@@ -190,7 +181,7 @@ class Engine:
     def _held(self) -> dict[object, int]:
         """Rows each HTTP request holds: decoding, or about to (its prompt being read)."""
         held: dict[object, int] = {}
-        for row in self._rows:
+        for row in self.batch.rows:
             held[_group(row.request)] = held.get(_group(row.request), 0) + 1
         for p in self._prefilling:
             held[_group(p.request)] = held.get(_group(p.request), 0) + p.request.n
@@ -209,8 +200,8 @@ class Engine:
 
     def _begin(self, request: Request) -> None:
         p = Prefill(self.model, self.form, self.cache, request)
-        self.metrics["prompt_tokens"] += len(request.prompt_ids)
-        self.metrics["cached_tokens"] += request.cached_tokens
+        self.counters.prompt_tokens += len(request.prompt_ids)
+        self.counters.cached_tokens += request.cached_tokens
         self._prefilling.append(p)
 
     def _read_prompts(self) -> tuple[tuple[int, int], ...]:
@@ -225,7 +216,7 @@ class Engine:
                 self._prefilling.remove(p)
                 self._fail(p.request, err)
                 continue
-            self.metrics["prefilled_tokens"] += n
+            self.counters.prefilled_tokens += n
             read.append((id(p.request), n))
             if p.done:
                 self._prefilling.remove(p)
@@ -239,102 +230,31 @@ class Engine:
             self._fail(request, err)
 
     def _start(self, request: Request, logits: torch.Tensor, state: RetNetState) -> None:
-        self.metrics["ttft_s_sum"] += time.perf_counter() - request.arrived
-        self.metrics["ttft_count"] += 1
+        """A prompt read whole: its n rows join the batch with its state and sample their
+        first tokens from its logits [V]."""
+        self.counters.first_token(time.perf_counter() - request.arrived)
         request.open_rows = request.n
-        new_rows = []
-        for i in range(request.n):
-            seed = request.seed + i if request.seed is not None else None
-            gen = torch.Generator().manual_seed(seed if seed is not None
-                                                else int(torch.randint(2**62, ())))
-            row = Row(request, i, gen, last=-1, text=TextStream(self.tok, request.stop))
-            new_rows.append(row)
-        states = [state] * request.n
-        self._state = RetNetState.cat(([self._state] if self._state else []) + states)
-        self._rows += new_rows
-        logits = logits[None].expand(request.n, -1)
-        self._emit_tokens(new_rows, logits)
-        self._remove_finished()
+        rows = [Row(request, i, _generator(request, i), last=-1,
+                    text=TextStream(self.tok, request.stop)) for i in range(request.n)]
+        self.batch.join(rows, [state] * request.n)
+        self.emitter.emit(self.batch, rows, logits[None].expand(request.n, -1))
+        self.batch.remove_finished()
 
     def _step(self) -> int:
-        start = time.perf_counter()
-        tokens = torch.tensor([r.last for r in self._rows], device=self._state.device)
-        logits, self._state = self._buffers.step(self.model, tokens, self._state)
-        self._emit_tokens(self._rows, logits)
-        self._remove_finished()
-        m, b = self.metrics, len(tokens)
-        m["decode_steps"] += 1
-        m["batch_size_last"], m["batch_size_sum"] = b, m["batch_size_sum"] + b
-        m["batch_size_max"] = max(m["batch_size_max"], b)
-        m["step_s_sum"] += time.perf_counter() - start
+        """One decode step of every row; returns the rows it decoded."""
+        start, b = time.perf_counter(), len(self.batch)
+        logits = self.batch.step(self.model)
+        self.emitter.emit(self.batch, self.batch.rows, logits)
+        self.batch.remove_finished()
+        self.counters.decode_step(b, time.perf_counter() - start)
         return b
-
-    def _emit_tokens(self, rows: list[Row], logits: torch.Tensor) -> None:
-        logprobs = log_softmax(logits)
-        for row, row_logits, row_lp in zip(rows, logits, logprobs):
-            req = row.request
-            if req.params.counts_tokens and row.counts is None:
-                row.counts = row_logits.new_zeros(1, row_logits.shape[-1], dtype=torch.float32)
-            token = int(sample(row_logits[None], req.params, [row.generator],
-                               counts=row.counts)[0])
-            if row.counts is not None:
-                row.counts[0, token] += 1
-            row.last = token
-            self.metrics["generated_tokens"] += 1
-            req.completion_tokens += 1
-            top = None
-            if req.logprobs:
-                values, idx = row_lp.topk(req.logprobs)
-                top = list(zip(idx.tolist(), values.tolist()))
-            if token == self.tok.eos_id and not req.ignore_eos:
-                self._finish(row, "stop")
-                continue
-            text = row.text.push(token)
-            req.emit(Event(row.index, text, token, float(row_lp[token]), top))
-            if row.text.stopped:
-                self._finish(row, "stop")
-            elif len(row.text.ids) >= req.max_tokens:
-                self._finish(row, "length")
-
-    def _finish(self, row: Row, reason: str) -> None:
-        """End a row: its last event carries the text held back (none after a stop string)."""
-        row.request.open_rows -= 1
-        req = row.request
-        if reason != "cancelled":
-            rest = row.text.finish()
-            save = (req.save_state and row.index == 0 and reason != ABORT
-                    and self.saved.fits(self.state_nbytes))
-            state_id = self._save(row) if save else None
-            req.emit(Event(row.index, rest, finish_reason=reason, state_id=state_id))
-        row.index = -1 - row.index  # marks the row finished (removed after this step)
-        if req.open_rows == 0:
-            self._close(req, Event(-1, usage={"prompt_tokens": len(req.prompt_ids),
-                                              "completion_tokens": req.completion_tokens,
-                                              "cached_tokens": req.cached_tokens}))
-
-    def _save(self, row: Row) -> str:
-        """The state after every token of this row, kept under a new id (the store evicts
-        the least recently used beyond its bytes)."""
-        i = self._rows.index(row)
-        _, state = decode_one(self.model, torch.tensor([row.last], device=self._state.device),
-                              self._state.select([i]))
-        key = uuid.uuid4().hex
-        self.saved.put(key, state)
-        return key
-
-    def _remove_finished(self) -> None:
-        keep = [i for i, r in enumerate(self._rows) if r.index >= 0]
-        if len(keep) == len(self._rows):
-            return
-        self._rows = [self._rows[i] for i in keep]
-        self._state = self._state.select(keep) if keep else None
 
     def _drop_cancelled(self) -> None:
         """Rows, prompts being read and waiting requests whose client is gone leave now."""
-        for row in self._rows:
-            if row.request.cancelled.is_set() and row.index >= 0:
-                self._finish(row, "cancelled")
-        self._remove_finished()
+        for row in self.batch.decoding():
+            if row.request.cancelled.is_set():
+                self.emitter.finish(self.batch, row, "cancelled")
+        self.batch.remove_finished()
         gone = [p for p in self._prefilling if p.request.cancelled.is_set()]
         with self._lock:
             gone_waiting = [r for r in self._waiting if r.cancelled.is_set()]
@@ -343,6 +263,13 @@ class Engine:
             self._prefilling.remove(p)
         for request in [p.request for p in gone] + gone_waiting:
             self._close(request)
+
+
+def _generator(request: Request, choice: int) -> torch.Generator:
+    """Choice i of a seeded request draws from seed + i; an unseeded one from a random seed."""
+    seed = request.seed + choice if request.seed is not None else None
+    return torch.Generator().manual_seed(seed if seed is not None
+                                         else int(torch.randint(2**62, ())))
 
 
 def _group(request: Request) -> object:

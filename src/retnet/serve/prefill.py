@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from retnet.generation import prefill
+from retnet.generation.scoring import Scores, score_segments
 from retnet.model import RetNetLM, RetNetState
 from retnet.ops import Form
 from retnet.serve.cache import Entry, PrefixCache, boundaries
@@ -59,33 +60,19 @@ class Prefill:
     def _run(self, end: int) -> None:
         ids, req = self.request.prompt_ids, self.request
         segment = torch.tensor([ids[self.read:end]], device=self.model.embed.weight.device)
-        if self.scoring:
-            out = self.model(segment, state=self.state, mode=self.form)
-            self.state, self.logits = out.state, out.logits[0, -1]
-            req.prompt_logprobs += prompt_logprobs(out.logits[0], ids[self.read + 1:end + 1],
-                                                   req.logprobs)
+        if self.scoring:  # each position scores the prompt token after it
+            for scores, out in score_segments(self.model, segment, ids[self.read + 1:end + 1],
+                                              self.state, form=self.form, top=req.logprobs):
+                self.state, self.logits = out.state, out.logits[0, -1]
+                req.prompt_logprobs += prompt_entries(scores)
         else:
             out, self.state = prefill(self.model, segment, state=self.state, form=self.form)
             self.logits = out[0]
         self.read = end
 
 
-def prompt_logprobs(logits: torch.Tensor, targets: list[int], top: int
-                    ) -> list[tuple[int, float, list[tuple[int, float]] | None]]:
-    """Each prompt token's log-probability given the tokens before it, with the `top` most
-    likely alternatives: logits [T, V] of a segment, targets the T (or T − 1, at the prompt's
-    end) tokens that follow its positions."""
-    logprobs = log_softmax(logits[:len(targets)])  # [T', V]
-    picked = logprobs.gather(1, torch.tensor(targets, device=logits.device)[:, None])[:, 0]
-    alternatives = logprobs.topk(top, -1) if top else None
-    out = []
-    for i, token in enumerate(targets):
-        alts = (list(zip(alternatives.indices[i].tolist(), alternatives.values[i].tolist()))
-                if alternatives is not None else None)
-        out.append((token, float(picked[i]), alts))
-    return out
-
-
-def log_softmax(logits: torch.Tensor) -> torch.Tensor:
-    """In float32 at least, float64 for a float64 model (exact comparisons in tests)."""
-    return logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
+def prompt_entries(scores: Scores) -> list[tuple[int, float, list[tuple[int, float]] | None]]:
+    """(token, its log-probability, the top alternatives or None) per scored prompt token."""
+    alternatives = ([list(zip(i.tolist(), v.tolist())) for v, i in zip(*scores.top)]
+                    if scores.top is not None else [None] * len(scores.logprobs))
+    return list(zip(scores.targets.tolist(), scores.logprobs.tolist(), alternatives))

@@ -1,5 +1,6 @@
 """What the engine and the HTTP side exchange: a Request (what a client asked for), the Events
-its client hears, the Row each of its choices becomes while decoding, and the two refusals."""
+its client hears, the Row each of its choices becomes while decoding (and its status), and the
+two refusals."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import Enum
 
 import torch
 
@@ -70,13 +72,19 @@ class Request:
     closed: bool = False  # its last event was emitted (or it was dropped): no longer in flight
 
 
+class RowStatus(Enum):
+    DECODING = "decoding"
+    FINISHED = "finished"  # its last event is out; it leaves the batch after this step
+
+
 @dataclass
 class Row:
     """One sequence being decoded (one choice of one request)."""
 
     request: Request
-    index: int
+    index: int  # which choice of the request
     generator: torch.Generator
     last: int  # the newest token, not yet consumed by the state
     text: TextStream  # its tokens so far, and the part of their text already emitted
     counts: torch.Tensor | None = None  # [1, V] times each token was drawn (penalties only)
+    status: RowStatus = RowStatus.DECODING
