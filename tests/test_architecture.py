@@ -19,7 +19,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("retnet.tokenizer", "retnet.data", "retnet.checkpoint", "retnet.loading",
      "retnet.convert", "retnet.adapter"),
     ("retnet.generation", "retnet.train", "retnet.eval", "retnet.serve", "retnet.hf",
-     "retnet.info"),
+     "retnet.info", "retnet.prepare"),
     ("retnet.compare", "retnet.bench", "retnet.study"),  # features built from other features
     ("retnet.cli", "retnet.__main__"),
 ]

@@ -20,7 +20,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from retnet.options import Range, check_options, opt
 from retnet.tokenizer import Tokenizer
 
 VAL_PER_MILLE = 20  # 2% of documents, chosen by a hash of their name
@@ -204,35 +203,3 @@ class PackedWindows:
 def describe_default_corpus() -> dict:
     return {"source": "python-stdlib", "python": sys.version.split()[0],
             "root": str(stdlib_root())}
-
-
-@dataclass
-class TokenizerOptions:
-    """Options of `retnet tokenizer train`."""
-
-    action: str = opt(help="what to do", positional=True, choices=("train",))
-    out: str = opt(help="where to write tokenizer.json (its chat template goes beside it)")
-    data: str | None = opt(None, "text file, .jsonl, directory or glob (default: the stdlib)")
-    text_field: str = opt("text", "JSONL field holding the text")
-    vocab_size: int = opt(4096, "BPE vocabulary size (at least the 256 bytes and 2 specials)",
-                          bounds=Range(258))
-
-    def __post_init__(self) -> None:
-        check_options(self)
-
-
-def tokenizer_command(opts: TokenizerOptions) -> int:
-    """Train a byte-level BPE on the training split of the corpus and save it."""
-    from retnet.tokenizer import save_chat_template, train_bpe
-
-    out = Path(opts.out)
-    # Checked before training: the save would fail on its temporary file only afterwards.
-    if out.is_dir():
-        raise ValueError(f"--out {out} is a directory; name the file to write, such as "
-                         f"{out / 'tokenizer.json'}")
-    train_docs, _ = split_documents(load_documents(opts.data, opts.text_field))
-    tok = train_bpe((d.text for d in train_docs), opts.vocab_size)
-    tok.save(opts.out)
-    save_chat_template(Path(opts.out).parent)
-    print(f"wrote {opts.out}: {tok.vocab_size} tokens, trained on {len(train_docs)} documents")
-    return 0
