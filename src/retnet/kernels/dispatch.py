@@ -228,14 +228,14 @@ def choose(op: str, *args, **kwargs) -> Callable | None:
         return None
     call = row.facts(*args, **kwargs)
     for fast in row.fast:
-        if _holds(fast, call, say=True):
+        if _holds(op, fast, call, say=True):
             return fast.function()
     return None
 
 
 def first(op: str, call: Call) -> Fast | None:
     """The fast path `op` takes for a call with these facts, or None (the reference); quiet."""
-    return next((fast for fast in TABLE[op].fast if _holds(fast, call, say=False)), None)
+    return next((fast for fast in TABLE[op].fast if _holds(op, fast, call, say=False)), None)
 
 
 def explain(op: str, call: Call) -> str:
@@ -256,10 +256,11 @@ def explain(op: str, call: Call) -> str:
     return f"reference ({'; '.join(reasons or unselected)})"
 
 
-def _holds(fast: Fast, call: Call, say: bool) -> bool:
+def _holds(op: str, fast: Fast, call: Call, say: bool) -> bool:
     for need in fast.needs:
         if not need.holds(call):
             if say and need.notice:
-                switch.notice(f"{fast.name}: {need.reason(call)}")
+                switch.note(f"{op}: the {fast.name} does not take this call "
+                            f"({need.reason(call)})")
             return False
     return True

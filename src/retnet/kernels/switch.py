@@ -38,6 +38,15 @@ def notice(reason: str) -> None:
         print(f"retnet: {reason}; using the PyTorch reference", file=sys.stderr)
 
 
+def note(reason: str) -> None:
+    """Say once on stderr that a fast path is not made for this call (its dtype, device or
+    backend), so the reference runs it: by design and with the same results, not a failure."""
+    if reason not in _noticed:
+        _noticed.add(reason)
+        print(f"retnet: note: {reason}; the PyTorch reference runs it instead, with the same "
+              "results", file=sys.stderr)
+
+
 def cpu_kernels() -> bool:
     """Whether torch.ops.retnet's CPU kernels are loaded here (building them on first use)."""
     global _cpu
