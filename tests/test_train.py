@@ -74,6 +74,20 @@ def test_resume_with_only_out_uses_the_stored_options(corpus, tmp_path, capsys):
     assert load_checkpoint(split).meta["step"] == 6
 
 
+def test_resuming_a_finished_run_says_it_is_complete_and_how_to_extend_it(corpus, tmp_path,
+                                                                           capsys):
+    """It printed `{}` on stdout and nothing else."""
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--data", str(corpus), "--steps", "2",
+                 "--batch-size", "2", "--seq-len", "16", "--eval-every", "2",
+                 "--out", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--out", str(run), "--resume"]) == 0
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert f"{run} is complete" in err and "--resume --steps 4" in err
+
+
 def test_a_new_run_into_an_old_one_needs_overwrite(corpus, tmp_path, capsys):
     run = tmp_path / "run"
     train(cfg(corpus, run, steps=3, save_every=1))

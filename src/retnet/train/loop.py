@@ -83,6 +83,10 @@ def _model_and_tokenizer(cfg: TrainConfig):
 
 
 def _text_data(cfg: TrainConfig, tokenizer: Tokenizer, ctx: dist.Context) -> Data:
+    if cfg.data is not None:  # streamed into shards and read through them (retnet.corpus)
+        from retnet.train.corpus_data import corpus_data
+
+        return corpus_data(cfg, tokenizer, ctx)
     docs = load_documents(cfg.data, cfg.text_field)
     train_docs, val_docs = split_documents(docs)
     with ctx.rank_zero_first():  # rank 0 tokenises and caches; the others read the cache
@@ -310,6 +314,8 @@ def _train(cfg: TrainConfig, ctx: dist.Context) -> dict[str, float]:
                dynamic_ncols=True)
     result: dict[str, float] = {}
     step, last = run.start_step, min(cfg.steps, cfg.stop_at or cfg.steps)
+    if step >= last and ctx.is_main:
+        print(_complete(cfg, step), file=sys.stderr)
     run.wrapped.train()
     try:
         while step < last:
@@ -349,8 +355,20 @@ def _train(cfg: TrainConfig, ctx: dist.Context) -> dict[str, float]:
     return result
 
 
+def _complete(cfg: TrainConfig, step: int) -> str:
+    """What a resumed run that has nothing left to do says, and how to extend it."""
+    if cfg.stop_at is not None and step >= cfg.stop_at and step < cfg.steps:
+        return (f"{cfg.out} is already at step {step} (--stop-at {cfg.stop_at}): nothing to "
+                "train; resume without --stop-at, or with a later one, to go on")
+    return (f"{cfg.out} is complete: it has trained all {cfg.steps} steps; to train further, "
+            f"resume with more steps: retnet train --out {cfg.out} --resume --steps "
+            f"{2 * cfg.steps}")
+
+
 def command(cfg: TrainConfig) -> int:
-    """`retnet train`: train, then print the final metrics as one JSON line."""
+    """`retnet train`: train, then print the final metrics as one JSON line (none when a
+    resumed run had nothing left to train)."""
     result = train(cfg)
-    print(json.dumps({k: round(v, 4) for k, v in result.items()}))
+    if result:
+        print(json.dumps({k: round(v, 4) for k, v in result.items()}))
     return 0
