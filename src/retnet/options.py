@@ -187,8 +187,10 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
             shown = " ".join(map(str, default)) if isinstance(default, list) else default
             kwargs["help"] = f"{text} (default: {shown})"
         if meta.get("positional"):  # optional when it has a default
+            many = annotation.startswith("list")  # SRC...: one or more
             parser.add_argument(f.name, type=_scalar(annotation), default=None,
-                                nargs=None if default is dataclasses.MISSING else "?", **kwargs)
+                                nargs="+" if many else None if default is dataclasses.MISSING
+                                else "?", **kwargs)
             continue
         names = [flag(f.name), *meta.get("aliases", ())]
         if annotation.startswith("bool"):

@@ -46,9 +46,16 @@ class TrainConfig:
                       "from the tokenizer")
     model: dict[str, Any] = opt(help="RetNetConfig overrides, e.g. n_layers=4 dropout=0.1",
                                 factory=dict)
-    data: str | None = opt(None, "text file, .jsonl, directory or glob (default: the Python "
+    data: str | None = opt(None, "text files, .jsonl(.gz/.zst), .parquet, a datasets folder, a "
+                           "directory, a glob or a prepared corpus (default: the Python "
                            "standard library corpus)")
-    text_field: str = opt("text", "the JSONL field holding the text")
+    text_field: str = opt("text", "the JSONL field (Parquet, datasets column) holding the text")
+    val_data: str | None = opt(None, "validation data (same forms as --data); default: the "
+                               "tail of --data, --val-fraction of its tokens")
+    val_fraction: float = opt(0.02, "share of --data's tokens held out for validation "
+                              "(whole documents from its end)", bounds=Range(0, 1, True, True))
+    workers: int | None = opt(None, "processes tokenising --data (default: the core count)",
+                              bounds=AT_LEAST_ONE)
     tokenizer: str = opt("byte", '"byte" or a tokenizer.json (`retnet tokenizer train`)')
     out: str = opt("runs/train", "run directory: checkpoints, metrics.jsonl, loss.png")
     steps: int = opt(1000, "optimiser steps (the schedule's length)", bounds=AT_LEAST_ONE)

@@ -1,0 +1,146 @@
+"""A prepared corpus on disk and read back without loading it.
+
+DIR/shard-NNNNN.bin   the tokens of consecutive documents, each followed by <|endoftext|>
+                      (uint16 when the vocabulary fits, else uint32), read with np.memmap
+DIR/shard-NNNNN.idx.npy  int64 [documents, 2]: each document's tokens and source bytes
+DIR/shard-NNNNN.json  written last: the shard is complete (a resumed run keeps it)
+DIR/manifest.json     written last of all: source fingerprint, tokenizer hash, counts
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+from pathlib import Path
+
+import numpy as np
+
+from retnet.files import atomic_write, atomic_write_text
+
+MANIFEST = "manifest.json"
+FORMAT = 1
+
+
+def shard_stem(directory: Path, index: int) -> Path:
+    return directory / f"shard-{index:05d}"
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
+def write_shard(directory: Path, index: int, tokens: np.ndarray, docs: np.ndarray,
+                record: dict) -> None:
+    """tokens [n], docs int64 [documents, 2]; each file atomic, the record last, so a shard
+    whose record exists is whole (a crash or a full disk leaves at most temporary files)."""
+    stem = shard_stem(directory, index)
+    atomic_write(stem.with_suffix(".bin"), lambda tmp: _write_all(tmp, tokens))
+    atomic_write(stem.with_suffix(".idx.npy"),
+                 lambda tmp: np.save(tmp.open("wb"), docs, allow_pickle=False))
+    atomic_write_text(stem.with_suffix(".json"), json.dumps(record))
+
+
+def _write_all(path: Path, array: np.ndarray) -> None:
+    """Write the array's bytes or raise OSError: ndarray.tofile stops silently at a file-size
+    limit (RLIMIT_FSIZE), leaving a short file behind a clean return."""
+    with path.open("wb") as f:
+        f.write(memoryview(np.ascontiguousarray(array)).cast("B"))
+    if path.stat().st_size != array.nbytes:
+        raise OSError(errno.EFBIG, "the write stopped short of the shard's size")
+
+
+def complete_shards(directory: Path, key: str) -> list[dict]:
+    """The records of the shards 0, 1, ... already written for this `key`, in order; a gap or a
+    record of another key ends the list (what follows is prepared again)."""
+    records = []
+    while (path := shard_stem(directory, len(records)).with_suffix(".json")).is_file():
+        record = json.loads(path.read_text())
+        if record.get("key") != key:
+            break
+        records.append(record)
+    return records
+
+
+def remove_stale(directory: Path, keep: int) -> None:
+    """Delete shards from `keep` on, the manifest and temporary files left by a crash."""
+    for path in directory.glob("shard-*"):
+        number = path.name.split(".")[0].removeprefix("shard-")
+        if ".tmp" in path.name or (number.isdigit() and int(number) >= keep):
+            path.unlink()
+    (directory / MANIFEST).unlink(missing_ok=True)
+
+
+class Corpus:
+    """A prepared corpus: its shards memory-mapped, its documents' offsets in memory (16 bytes
+    per document). `starts` [documents + 1]: where each document's tokens begin in the
+    corpus-wide stream (cumulative lengths, cu_seqlens style); tokens are read on demand."""
+
+    def __init__(self, directory: str | Path, tokenizer_hash: str | None = None) -> None:
+        self.directory = Path(directory)
+        path = self.directory / MANIFEST
+        if not path.is_file():
+            raise FileNotFoundError(f"{self.directory} is not a prepared corpus (no {MANIFEST}); "
+                                    f"run retnet data prepare SRC... --out {self.directory}")
+        self.manifest = json.loads(path.read_text())
+        if tokenizer_hash is not None and self.manifest["tokenizer"] != tokenizer_hash:
+            raise ValueError(f"{self.directory} was tokenised with another tokenizer (hash "
+                             f"{self.manifest['tokenizer']}, this one {tokenizer_hash}); "
+                             "prepare it again with this tokenizer, or train with its own")
+        dtype = np.dtype(self.manifest["dtype"])
+        self.shards, sizes, docs = [], [], []
+        for i, record in enumerate(self.manifest["shards"]):
+            stem = shard_stem(self.directory, i)
+            self.shards.append(self._map(stem.with_suffix(".bin"), dtype, record["tokens"]))
+            sizes.append(record["tokens"])
+            docs.append(np.load(stem.with_suffix(".idx.npy")))
+        table = np.concatenate(docs) if docs else np.zeros((0, 2), np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(table[:, 0])]).astype(np.int64)
+        self.doc_bytes = table[:, 1]
+        self.shard_starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+
+    @staticmethod
+    def _map(path: Path, dtype: np.dtype, tokens: int) -> np.ndarray:
+        if not path.is_file() or path.stat().st_size != tokens * dtype.itemsize:
+            raise ValueError(f"{path} is missing or not the size its manifest says; prepare "
+                             "the corpus again (retnet data prepare)")
+        return np.memmap(path, dtype=dtype, mode="r", shape=(tokens,))
+
+    @property
+    def documents(self) -> int:
+        return self.starts.size - 1
+
+    @property
+    def tokens(self) -> int:
+        return int(self.starts[-1])
+
+    def read(self, lo: int, hi: int) -> np.ndarray:
+        """Tokens [hi - lo] of the corpus-wide stream, across shard edges."""
+        parts, at = [], lo
+        while at < hi:
+            s = int(np.searchsorted(self.shard_starts, at, side="right")) - 1
+            end = min(hi, int(self.shard_starts[s + 1]))
+            base = int(self.shard_starts[s])
+            parts.append(self.shards[s][at - base:end - base])
+            at = end
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+    def resets(self, lo: int, hi: int) -> np.ndarray:
+        """bool [hi - lo]: True where a document opens. A document opens with the
+        <|endoftext|> before it (`retnet.ops.documents.document_starts`' rule: the previous
+        document still learns to predict it), i.e. one token before its index start."""
+        opens = self.starts[1:-1] - 1  # the separators before documents 1..N-1
+        a, b = np.searchsorted(opens, [lo, hi], side="left")
+        out = np.zeros(hi - lo, dtype=bool)
+        out[opens[a:b] - lo] = True
+        return out
+
+    def document_range(self, first: int, last: int) -> tuple[int, int]:
+        """The token range [lo, hi) of documents first..last-1."""
+        return int(self.starts[first]), int(self.starts[last])
+
+    def bytes_between(self, lo: int, hi: int) -> float:
+        """Source bytes of the tokens [lo, hi): whole documents, and a straddled one pro rata."""
+        lengths = np.diff(self.starts)
+        overlap = np.clip(np.minimum(self.starts[1:], hi) - np.maximum(self.starts[:-1], lo),
+                          0, None)
+        return float((self.doc_bytes * overlap / np.maximum(lengths, 1)).sum())
