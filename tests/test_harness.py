@@ -116,6 +116,7 @@ def test_simple_evaluate_on_the_shipped_tasks(tmp_path, monkeypatch):
     assert "exact_match,none" in results["retnet_gen"]
 
 
+@pytest.mark.slow
 def test_eval_cli_runs_tasks_and_perplexity(corpus, tmp_path, monkeypatch, capsys):
     from retnet.train import TrainConfig, train
 

@@ -124,6 +124,7 @@ def test_tokenizer_and_pipeline(tmp_path):
     assert out.startswith("hello")
 
 
+@pytest.mark.slow
 def test_export_cli(corpus, tmp_path):
     from retnet.cli import main
     from retnet.train import TrainConfig, train

@@ -82,6 +82,7 @@ def exported(tmp_path_factory):
     return folder, json.loads((root / "child.json").read_text())
 
 
+@pytest.mark.slow
 def test_folder_loads_without_retnet_and_matches(exported):
     child = exported[1]
     assert child["retnet"] == [] and child["module"].endswith("modeling_retnet")
@@ -97,6 +98,7 @@ def test_folder_loads_without_retnet_and_matches(exported):
     assert bytes(generated[0, len(PROMPT):len(PROMPT) + 7]) == b"rtyuiop"  # it copies
 
 
+@pytest.mark.slow
 def test_remote_code_is_generated_from_source(exported):
     folder, _ = exported
     code = bundle.remote_code()
@@ -122,6 +124,7 @@ def test_bundle_refuses_a_missing_dependency(monkeypatch, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_tie_word_embeddings_follows_tie_embeddings(exported):
     assert exported[1]["tie"] is True
     untied = RetNetConfig.from_preset("tiny", vocab_size=258, tie_embeddings=False)
@@ -137,6 +140,7 @@ def retnet_chat(template: dict, prompt: bool = True) -> str:
     return text + (template["generation_prompt"] if prompt else "")
 
 
+@pytest.mark.slow
 def test_chat_template_renders_like_retnet(exported):
     folder, child = exported
     assert child["chat"] == retnet_chat(DEFAULT_CHAT_TEMPLATE)
@@ -155,6 +159,7 @@ def test_any_chat_template_exports_exactly(tmp_path, template):
         assert text == retnet_chat(template, prompt)
 
 
+@pytest.mark.slow
 def test_model_card(exported):
     card = (exported[0] / "README.md").read_text()
     params = recall_model().num_parameters()
