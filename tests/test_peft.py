@@ -76,24 +76,57 @@ def test_peft_and_native_lora_agree(exported):
                                    rtol=0, atol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=(
-    "TRL 1.16's SFTTrainer always patches in a fused LM head that calls the backbone "
-    "(RetNetForCausalLM.model, the core RetNetLM) with transformers' kwargs (use_cache=...) "
-    "and reads last_hidden_state; the core model takes neither: issue #36 item 4, open"))
 def test_trl_sft_trainer_runs(exported, tmp_path):
+    """TRL's SFTTrainer (its fused LM head reads `base_model(...).last_hidden_state` and
+    `get_output_embeddings()`) trains on six conversations: its loss is our model's loss on the
+    same batch, it falls, and the weights move."""
     trl = pytest.importorskip("trl")
     from datasets import Dataset
     from transformers import AutoTokenizer
 
     rows = [{"messages": [{"role": "user", "content": f"say {w}"},
                           {"role": "assistant", "content": w}]}
-            for w in ("yes", "no", "maybe", "ok") * 4]
-    args = trl.SFTConfig(output_dir=str(tmp_path / "trl"), max_steps=8, learning_rate=1e-2,
-                         per_device_train_batch_size=4, logging_steps=1, report_to=[],
-                         save_strategy="no", use_cpu=True, max_length=64)
-    trainer = trl.SFTTrainer(model=RetNetForCausalLM.from_pretrained(exported), args=args,
-                             train_dataset=Dataset.from_list(rows),
+            for w in ("yes", "no", "maybe", "ok", "stop", "go")]
+    args = trl.SFTConfig(output_dir=str(tmp_path / "trl"), max_steps=6, learning_rate=1e-2,
+                         per_device_train_batch_size=6, logging_steps=1, report_to=[],
+                         save_strategy="no", use_cpu=True, max_length=64, seed=0)
+    model = RetNetForCausalLM.from_pretrained(exported)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                              processing_class=AutoTokenizer.from_pretrained(exported))
+    batch = next(iter(trainer.get_train_dataloader()))
+    with torch.no_grad():  # the fused head over the backbone view = the wrapper's own loss
+        fused = model(**batch, fused_lm_head=True, use_cache=False).loss
+        ours = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     labels=batch["labels"], use_cache=False).loss
+    torch.testing.assert_close(fused, ours, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="position_ids"):  # packed rows: refused, not ignored
+        model.base_model(input_ids=batch["input_ids"], position_ids=batch["input_ids"] * 0)
     trainer.train()
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
-    assert len(losses) >= 4 and losses[-1] < losses[0]
+    assert len(losses) == 6 and losses[-1] < 0.7 * losses[0]
+    moved = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+    assert "model.embed.weight" in moved and any("blocks" in n for n in moved)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_resize_token_embeddings_keeps_logits_and_ties(tied, tmp_path):
+    """transformers' resize_token_embeddings through get/set_output_embeddings: the vocabulary
+    grows in the embedding and the head (tied: one matrix), old tokens' logits unchanged."""
+    torch.manual_seed(0)
+    core = RetNetLM(RetNetConfig.from_preset("tiny", vocab_size=258, tie_embeddings=tied))
+    save_checkpoint(tmp_path / "run", 1, core.state_dict(), core.config, ByteTokenizer(),
+                    {"optimizer": {}, "step": 1, "rng": {}}, {})
+    model = RetNetForCausalLM.from_pretrained(export_checkpoint(tmp_path / "run",
+                                                                tmp_path / "hf"))
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(ids).logits
+        model.resize_token_embeddings(270)
+        after = model(ids).logits
+    assert after.shape == (2, 9, 270) and model.config.vocab_size == 270
+    torch.testing.assert_close(after[..., :258], before, rtol=0, atol=0)
+    head = model.get_output_embeddings()
+    assert (head.weight is model.model.embed.weight) == tied
+    assert head.weight.shape == (270, core.config.d_model)
+    assert sum(1 for _ in model.state_dict()) == len(core.state_dict())  # no extra keys

@@ -6,7 +6,7 @@ the package modules the model is made of, in dependency order, with their `from 
 imports removed: the model stays defined once. Two files, as transformers expects:
 
     configuration_retnet.py   ops/decay.py, model/config.py, hf/configuration.py
-    modeling_retnet.py        the ops, modules, model and hf/modeling.py, plus
+    modeling_retnet.py        the ops, modules, model, hf/views.py and hf/modeling.py, plus
                               `from .configuration_retnet import ...` for the names above;
                               hf/reference_dispatch.py stands in for retnet.kernels.dispatch
                               (no fast path travels: every operation runs its reference)
@@ -33,7 +33,7 @@ MODELING_MODULES = ("ops/rotary.py", "hf/reference_dispatch.py", "ops/linear.py"
                     "ops/activation.py",
                     "ops/norm_linear.py", "modules/linear.py", "modules/layout.py",
                     "modules/retention.py", "modules/block.py", "model/state.py", "model/lm.py",
-                    "hf/modeling.py")
+                    "hf/views.py", "hf/modeling.py")
 # config.json's auto_map: what AutoConfig / AutoModelForCausalLM load with trust_remote_code.
 AUTO_MAP = {"AutoConfig": "configuration_retnet.RetNetHFConfig",
             "AutoModelForCausalLM": "modeling_retnet.RetNetForCausalLM"}

@@ -19,6 +19,7 @@ from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from retnet.hf.configuration import RetNetHFConfig
+from retnet.hf.views import Backbone, TiedHead
 from retnet.model import RetNetLM, RetNetState
 from retnet.ops import CHUNKWISE, RECURRENT
 from retnet.ops.loss import linear_cross_entropy
@@ -67,6 +68,8 @@ class RetNetForCausalLM(PreTrainedModel, GenerationMixin):
     def __init__(self, config: RetNetHFConfig) -> None:
         super().__init__(config)
         self.model = RetNetLM(config.to_retnet())
+        # The tied LM head as output embeddings (no parameters of its own); None when untied.
+        self.tied_head = TiedHead(self.model) if self.model.lm_head is None else None
         self.post_init()
 
     def _init_weights(self, module: torch.nn.Module) -> None:
@@ -94,8 +97,25 @@ class RetNetForCausalLM(PreTrainedModel, GenerationMixin):
     def set_input_embeddings(self, value: torch.nn.Module) -> None:
         self.model.embed = value
 
-    def get_output_embeddings(self) -> None:
-        return None  # tied inside the core model
+    @property
+    def base_model(self) -> torch.nn.Module:
+        """transformers' body of the model, called with its keyword arguments and read as
+        `.last_hidden_state` (TRL's fused LM head): a view of the core model, made on each
+        access, that owns nothing."""
+        return Backbone(self.model)
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        """The core's untied lm_head, or a view of the embedding when tied."""
+        return self.tied_head if self.model.lm_head is None else self.model.lm_head
+
+    def set_output_embeddings(self, value: torch.nn.Module) -> None:
+        """transformers' resize_token_embeddings hands back the resized head: an untied head
+        is replaced; a tied one is the embedding, already resized, so only itself is accepted."""
+        if self.model.lm_head is not None:
+            self.model.lm_head = value
+        elif value is not self.tied_head:
+            raise ValueError("the LM head is tied to the input embedding: resize or replace "
+                             "the input embedding instead")
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 retnet_cache: StateCache | None = None, labels: Tensor | None = None,
