@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from retnet.checkpoint import load_checkpoint
 from retnet.cli import main
 from retnet.corpus import Corpus, CorpusWindows, prepare, split_flags
 from retnet.corpus import stream as prepare_module
@@ -176,6 +177,7 @@ def test_undecodable_bytes_are_counted(tmp_path, capsys):
 FULL_DISK = """
 import resource, sys
 resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[3]), int(sys.argv[3])))
+from retnet.checkpoint import load_checkpoint
 from retnet.cli import main
 sys.exit(main(["data", "prepare", sys.argv[1], "--out", sys.argv[2], "--shard-bytes", "400",
                "--workers", "1"]))
@@ -228,3 +230,21 @@ def test_info_and_reuse_by_path(tmp_path, capsys):
         text_field, workers = "text", 1
 
     assert open_corpus(str(tmp_path / "o"), TOK, Cfg).directory == tmp_path / "o"
+
+
+def test_train_reads_windows_through_the_shards(tmp_path, capsys):
+    """200 JSONL documents: --val-fraction holds out whole documents worth a window at least
+    (the hash split gave 45 tokens); --val-data is read as a corpus of its own."""
+    records = "".join(json.dumps({"text": t}) + "\n" for t in texts(200))
+    (tmp_path / "train.jsonl").write_text(records)
+    (tmp_path / "val.jsonl").write_text("".join(records.splitlines(keepends=True)[:50]))
+    common = ["train", "--data", str(tmp_path / "train.jsonl"), "--preset", "tiny", "--steps",
+              "1", "--batch-size", "2", "--seq-len", "64", "--eval-every", "1",
+              "--eval-batches", "1", "--save-every", "1", "--workers", "1"]
+    for extra, name in (([], "a"), (["--val-data", str(tmp_path / "val.jsonl")], "b")):
+        assert main([*common, *extra, "--out", str(tmp_path / name)]) == 0
+    meta = [load_checkpoint(tmp_path / name).meta for name in "ab"]
+    corpus = Corpus(meta[0]["corpus"]["prepared"])
+    assert meta[0]["val_tokens"] >= max(65, 0.02 * corpus.tokens)
+    assert meta[0]["train_tokens"] + meta[0]["val_tokens"] == corpus.tokens
+    assert meta[1]["val_tokens"] == one_shot(texts(200)[:50]).size

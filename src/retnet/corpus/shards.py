@@ -134,10 +134,6 @@ class Corpus:
         out[opens[a:b] - lo] = True
         return out
 
-    def document_range(self, first: int, last: int) -> tuple[int, int]:
-        """The token range [lo, hi) of documents first..last-1."""
-        return int(self.starts[first]), int(self.starts[last])
-
     def bytes_between(self, lo: int, hi: int) -> float:
         """Source bytes of the tokens [lo, hi): whole documents, and a straddled one pro rata."""
         lengths = np.diff(self.starts)

@@ -31,14 +31,15 @@ class Item:
 
 def files_of(sources: list[str]) -> list[Path]:
     """Every input file, in a fixed order: each source a file, a directory (its files, sorted,
-    recursively) or a glob; a `datasets` folder is kept whole."""
+    recursively, without hidden ones and __pycache__) or a glob; a `datasets` folder is kept
+    whole."""
     files: list[Path] = []
     for source in sources:
         path = Path(source)
         if is_datasets_folder(path) or path.is_file():
             found = [path]
         elif path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file())
+            found = sorted(p for p in path.rglob("*") if p.is_file() and not _skipped(p, path))
         else:
             found = sorted(Path(p) for p in glob.glob(source, recursive=True) if Path(p).is_file())
         if not found:
@@ -46,6 +47,12 @@ def files_of(sources: list[str]) -> list[Path]:
                                     ".parquet, a datasets folder, a directory or a glob")
         files += found
     return files
+
+
+def _skipped(path: Path, root: Path) -> bool:
+    """Hidden files and folders (.git) and __pycache__ in a directory are not text to train on."""
+    return any(part.startswith(".") or part == "__pycache__"
+               for part in path.relative_to(root).parts)
 
 
 def is_datasets_folder(path: Path) -> bool:
