@@ -23,6 +23,7 @@ KERNEL_TESTS = ["test_kernels.py", "test_fast_decode.py", "test_head_norm.py",
 ISA = {"avx2": "avx2", "scalar": "scalar"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [v for v in variants() if v != "native"])
 def test_kernel_tests_pass_on_each_variant(name):
     env = {**os.environ, VARIANT_ENV: name}

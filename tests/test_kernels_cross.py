@@ -63,6 +63,9 @@ def _compile(target: str, out: Path) -> list[str]:
             str(out)]
 
 
+pytestmark = pytest.mark.slow  # compiles every variant (and for aarch64, run under qemu)
+
+
 @pytest.fixture(scope="module")
 def builds(tmp_path_factory):
     """Every compile of this module started at once (they are most of its time), as
