@@ -1,9 +1,21 @@
 """Corpora at any size: streamed multi-worker tokenisation into memory-mapped shards with a
 document index (`prepare`), read back without loading (`Corpus`), as training windows whose
-document starts come from the index (`CorpusWindows`); `retnet data prepare|info`."""
+document starts come from the index (`CorpusWindows`); `retnet data prepare|info`.
 
-from retnet.corpus.shards import Corpus
-from retnet.corpus.stream import prepare
-from retnet.corpus.windows import CorpusWindows, split_flags, validation_start
+Names are imported on first use (PEP 562): a tokenising worker imports `stream` alone, never
+torch (which `windows` needs), saving each worker's start-up time and a few hundred MB."""
 
-__all__ = ["Corpus", "CorpusWindows", "prepare", "split_flags", "validation_start"]
+from __future__ import annotations
+
+import importlib
+
+_WHERE = {"prepare": "stream", "Corpus": "shards", "CorpusWindows": "windows",
+          "split_flags": "windows", "validation_start": "windows"}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'retnet.corpus' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"retnet.corpus.{_WHERE[name]}"), name)

@@ -38,6 +38,9 @@ _tokenizer = None  # a worker's tokenizer, set once by `_init`
 def _init(tokenizer) -> None:
     global _tokenizer
     _tokenizer = tokenizer
+    # one thread per worker: the processes are the parallelism (a BPE's encode_batch would
+    # otherwise start a thread per core in every worker and oversubscribe the machine)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 
 def encode_batch(batch: list[sources.Item], tokenizer=None) -> tuple[np.ndarray, np.ndarray]:
