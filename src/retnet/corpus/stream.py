@@ -164,7 +164,8 @@ def prepare(inputs: list[str], out: str | Path, tokenizer, *, text_field: str = 
         for tokens, stats in _encoded(_batches(stream), tokenizer, workers or os.cpu_count()):
             builder.add(tokens, stats)
             bar.update(int(stats[:, 1].sum()))
-            bar.set_postfix(documents=f"{sum(r['documents'] for r in done):,}", refresh=False)
+            documents = sum(r["documents"] for r in done) + len(builder.docs)
+            bar.set_postfix(documents=f"{documents:,}", refresh=False)
         builder.flush()
     _finish(out, key, inputs, rows, tokenizer, text_field, done)
     return Corpus(out, tokenizer.fingerprint())
