@@ -45,6 +45,7 @@ def test_unknown_method_is_refused():
         retnet.quantize(RetNetLM(RetNetConfig.from_preset("tiny", vocab_size=61)), "int4")
 
 
+@pytest.mark.slow
 def test_eval_perplexity_in_each_weight_format(corpus, tmp_path, monkeypatch, capsys):
     """`retnet eval --dtype/--quantization` loads the weights as generate does: each format's
     perplexity is near float32's but not equal to it (the weights really changed); a

@@ -39,6 +39,7 @@ def loglikelihoods(out: dict) -> list[tuple[float, bool]]:
     return [tuple(r[0]) for s in samples for r in s["resps"]]
 
 
+@pytest.mark.slow
 def test_local_completions_against_the_server_scores_like_retnet_eval(srv):
     from retnet.eval.harness import RetNetHarnessLM
 
@@ -54,6 +55,7 @@ def test_local_completions_against_the_server_scores_like_retnet_eval(srv):
         assert served["results"]["retnet_mc"][metric] == local["results"]["retnet_mc"][metric]
 
 
+@pytest.mark.slow
 def test_local_chat_completions_generates_what_the_chat_template_prompts(srv):
     """lm-eval's chat client on a generate-until task: each answer equals greedy generate()
     on the prompt rendered with the server's chat template, cut at the task's stop string."""

@@ -55,6 +55,7 @@ def _row(report: str, first_cell: str) -> list[str]:
     return [c.strip() for c in line.strip("|").split("|")]
 
 
+@pytest.mark.slow
 def test_quick_study_report_matches_the_cell_records(corpus, tmp_path, capsys):
     out = tmp_path / "quick"
     assert main(["study", "--quick", "--data", str(corpus), "--out", str(out)]) == 0
@@ -107,6 +108,7 @@ def _run_until_mid_cell(args: list[str], out: Path) -> None:
             proc.wait()
 
 
+@pytest.mark.slow
 def test_a_killed_study_resumes_mid_cell_and_equals_an_uninterrupted_run(corpus, tmp_path):
     grid = tiny_grid(tmp_path, steps=16)
     killed, whole = tmp_path / "killed", tmp_path / "whole"
@@ -135,6 +137,7 @@ def test_shards_split_the_cells_once(tmp_path):
     assert sorted(ids) == sorted(c.id for c in grid.cells()) and len(set(ids)) == len(ids)
 
 
+@pytest.mark.slow
 def test_parallel_workers_record_every_cell(corpus, tmp_path):
     out = tmp_path / "par"
     grid = tiny_grid(tmp_path, steps=4, archs=("retnet", "linear"))

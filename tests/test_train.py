@@ -32,6 +32,7 @@ def max_diff(a, b):
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
+@pytest.mark.slow
 def test_tiny_model_overfits_fixed_text(corpus, tmp_path):
     result = train(cfg(corpus, tmp_path / "run", steps=60, lr=1e-2, warmup=5, eval_every=60,
                        save_every=60))
@@ -54,6 +55,7 @@ def test_resume_is_exact(corpus, tmp_path):
     assert loss == [json.loads(x)["loss"] for x in split]
 
 
+@pytest.mark.slow
 def test_dropout_rng_is_restored_on_resume(corpus, tmp_path):
     kw = dict(model={"dropout": 0.2}, eval_every=4)
     train(cfg(corpus, tmp_path / "a", steps=6, save_every=6, **kw))
