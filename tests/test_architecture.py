@@ -16,7 +16,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("retnet.ops", "retnet.kernels"),
     ("retnet.modules",),
     ("retnet.model",),
-    ("retnet.tokenizer", "retnet.data", "retnet.checkpoint", "retnet.loading",
+    ("retnet.tokenizer", "retnet.data", "retnet.corpus", "retnet.checkpoint", "retnet.loading",
      "retnet.convert", "retnet.adapter"),
     ("retnet.generation", "retnet.train", "retnet.eval", "retnet.serve", "retnet.hf",
      "retnet.info", "retnet.prepare"),
