@@ -64,6 +64,21 @@ def test_streamed_equals_one_shot(tmp_path, monkeypatch):
     assert corpus.manifest["documents"] == len(docs) and corpus.shards[0].dtype == np.uint16
 
 
+def test_streamed_bpe_equals_the_one_shot_cache(tmp_path, monkeypatch):
+    """A BPE (pickled into the workers, encode_batch) against `retnet.data.tokenize`, the
+    one-shot path that loads every document."""
+    from retnet.data import Document, tokenize
+    from retnet.tokenizer import train_bpe
+
+    docs = texts(40)
+    bpe = train_bpe(docs, 300)
+    monkeypatch.setattr(prepare_module, "BATCH_BYTES", 300)
+    corpus = prepare([str(write_files(tmp_path / "src", docs))], tmp_path / "out", bpe,
+                     workers=2, shard_bytes=500, progress=False)
+    reference, _ = tokenize([Document(str(i), t) for i, t in enumerate(docs)], bpe, "ref")
+    np.testing.assert_array_equal(stream(corpus), np.asarray(reference))
+
+
 def test_every_format(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
