@@ -175,7 +175,12 @@ def test_bad_input_one_line_nothing_half_written(tmp_path, capsys):
     assert not (tmp_path / "o2" / MANIFEST).exists()
     assert "no data at" in cli_error(capsys, "prepare", tmp_path / "nothing*", "--out",
                                      tmp_path / "o3")
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / MANIFEST).write_text('{"files": {}}')  # a checkpoint's, say
     src = write_files(tmp_path / "src", texts(3))
+    assert "not a prepared corpus's" in cli_error(capsys, "prepare", src, "--out",
+                                                 tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / MANIFEST).read_text() == '{"files": {}}'
     prepare([str(src)], tmp_path / "o4", TOK, progress=False)
     with pytest.raises(ValueError, match="another tokenizer"):
         Corpus(tmp_path / "o4", "bpe-0123")

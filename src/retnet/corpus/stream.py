@@ -149,8 +149,10 @@ def prepare(inputs: list[str], out: str | Path, tokenizer, *, text_field: str = 
     files = sources.files_of(inputs)
     rows = sources.fingerprint(files)
     key = sources.key_of(rows, tokenizer.fingerprint(), f"{text_field}|{shard_bytes}")
-    if (out / MANIFEST).is_file() and json.loads((out / MANIFEST).read_text()).get("key") == key:
-        return Corpus(out, tokenizer.fingerprint())
+    if (out / MANIFEST).is_file():
+        found = _read_manifest(out)
+        if found.get("key") == key:
+            return Corpus(out, tokenizer.fingerprint())
     out.mkdir(parents=True, exist_ok=True)
     done = complete_shards(out, key)
     remove_stale(out, len(done))
@@ -169,6 +171,19 @@ def prepare(inputs: list[str], out: str | Path, tokenizer, *, text_field: str = 
         builder.flush()
     _finish(out, key, inputs, rows, tokenizer, text_field, done)
     return Corpus(out, tokenizer.fingerprint())
+
+
+def _read_manifest(out: Path) -> dict:
+    """The manifest of an earlier preparation; any other manifest.json (a checkpoint's) is
+    refused, since preparing again would delete it."""
+    try:
+        found = json.loads((out / MANIFEST).read_text())
+    except (ValueError, UnicodeDecodeError):
+        found = None
+    if not isinstance(found, dict) or "shards" not in found:
+        raise ValueError(f"{out} holds a {MANIFEST} that is not a prepared corpus's; "
+                         "choose another --out")
+    return found
 
 
 def _compressed(path: Path) -> bool:
