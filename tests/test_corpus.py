@@ -264,6 +264,10 @@ def test_train_reads_windows_through_the_shards(tmp_path, capsys):
     for extra, name in (([], "a"), (["--val-data", str(tmp_path / "val.jsonl")], "b")):
         assert main([*common, *extra, "--out", str(tmp_path / name)]) == 0
     meta = [load_checkpoint(tmp_path / name).meta for name in "ab"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "a" / "tensorboard")).Reload()
+    assert {"loss", "val_loss", "lr"} <= set(events.Tags()["scalars"])  # beside metrics.jsonl
     corpus = Corpus(meta[0]["corpus"]["prepared"])
     assert meta[0]["val_tokens"] >= max(65, 0.02 * corpus.tokens)
     assert meta[0]["train_tokens"] + meta[0]["val_tokens"] == corpus.tokens

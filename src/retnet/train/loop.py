@@ -33,6 +33,7 @@ from retnet.ops.documents import document_starts
 from retnet.tokenizer import Tokenizer, load_tokenizer
 from retnet.train import distributed as dist
 from retnet.train.config import TrainConfig
+from retnet.train.sinks import MetricSinks
 from retnet.train.step import (
     Data,
     Diverged,
@@ -261,7 +262,7 @@ def _check_fresh(cfg: TrainConfig) -> None:
 def _make_run_dir(out: Path, overwrite: bool) -> None:
     """Create OUT (before any slow work) and remove the temp folders of killed saves."""
     if overwrite:
-        for name in ("checkpoints", "latest", "metrics.jsonl", "loss.png"):
+        for name in ("checkpoints", "latest", "metrics.jsonl", "loss.png", "tensorboard"):
             target = out / name
             if target.is_dir():
                 shutil.rmtree(target)
@@ -317,6 +318,7 @@ def _train(cfg: TrainConfig, ctx: dist.Context) -> dict[str, float]:
     if step >= last and ctx.is_main:
         print(_complete(cfg, step), file=sys.stderr)
     run.wrapped.train()
+    sinks = MetricSinks(out, cfg.stored_options()) if ctx.is_main else None
     try:
         while step < last:
             started = time.perf_counter()
@@ -340,6 +342,7 @@ def _train(cfg: TrainConfig, ctx: dist.Context) -> dict[str, float]:
                     bar.write("\n".join(f"  sample: {line}" for line in record["samples"]))
             if ctx.is_main:
                 _log(out / "metrics.jsonl", record)
+                sinks.log(record)
             if step % cfg.save_every == 0 or step == last:
                 _save(run, cfg, ctx, step)
     except KeyboardInterrupt:
@@ -348,6 +351,8 @@ def _train(cfg: TrainConfig, ctx: dist.Context) -> dict[str, float]:
         raise
     finally:
         bar.close()
+        if sinks is not None:
+            sinks.close()
     if ctx.is_main:
         from retnet.train.plot import plot_losses
 
