@@ -302,11 +302,11 @@ def test_a_failed_save_under_ddp_stops_every_rank_with_its_message(monkeypatch):
                                                                          "optimizer": {}})
     monkeypatch.setattr(tr, "save_checkpoint", full_disk)
     run = SimpleNamespace(wrapped=None, optimizer=None, model=SimpleNamespace(config=None),
-                          tokenizer=None, meta={})
+                          tokenizer=None, meta={}, template=None)
+    cfg = SimpleNamespace(out="unused", lora_rank=0)  # the fields _save reads
     for rank in (0, 1):
         with pytest.raises(CheckpointWriteError, match="no space left .* step-000006"):
-            tr._save(run, SimpleNamespace(out="unused"), dist.Context(rank, 2, torch.device("cpu")),
-                     6)
+            tr._save(run, cfg, dist.Context(rank, 2, torch.device("cpu")), 6)
 
 
 def test_full_disk_loses_nothing_and_the_run_goes_on(stopped_run, corpus, capsys, monkeypatch):
