@@ -63,6 +63,16 @@ class TiedHead(nn.Module):
     def weight(self) -> Tensor:
         return self.core.output_weight
 
+    def __setattr__(self, name: str, value) -> None:
+        """transformers before 5 ties by assigning the input embedding's weight to the head
+        (`_tie_or_clone_weights`): that is already this head's weight, so accept exactly it."""
+        if name == "weight":
+            if value is not self.core.output_weight:
+                raise ValueError("a tied head's weight is the input embedding's; untie the "
+                                 "model (tie_embeddings=False) to give the head its own")
+            return
+        super().__setattr__(name, value)
+
     @property
     def out_features(self) -> int:
         return self.weight.shape[0]
