@@ -104,7 +104,10 @@ def _jsonl_lines(path: Path, field: str) -> Iterator[Item]:
 
 
 def _parquet_rows(path: Path, field: str) -> Iterator[Item]:
-    import pyarrow.parquet as pq
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError(f"{path} is Parquet: pip install pyarrow (the 'data' extra)") from None
 
     table = pq.ParquetFile(path)
     if field not in table.schema_arrow.names:
