@@ -122,7 +122,10 @@ def _parquet_rows(path: Path, field: str) -> Iterator[Item]:
 
 
 def _datasets_rows(path: Path, field: str) -> Iterator[Item]:
-    from datasets import load_from_disk
+    try:
+        from datasets import load_from_disk
+    except ImportError:
+        raise ValueError(f"{path} is a `datasets` folder: pip install datasets") from None
 
     data = load_from_disk(str(path))
     if hasattr(data, "keys"):  # a DatasetDict: its train split
