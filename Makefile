@@ -33,7 +33,7 @@ demo: $(STAMP) kernels
 test: $(STAMP) $(LOWEST_STAMP) wheel kernels cross-tools
 	$(BIN)/ruff check src tests benchmarks scripts
 	$(BIN)/python -m pytest -q
-	$(LOWEST)/bin/python -m pytest -q tests/test_hf.py tests/test_hf_export.py
+	$(LOWEST)/bin/python -m pytest -q tests/hf/test_hf.py tests/hf/test_hf_export.py
 
 # The inner loop: everything but the end-to-end runs of tools (tests marked `slow`: commands,
 # benchmarks, the installed package), in under two minutes on two cores.
@@ -58,9 +58,9 @@ wheel: $(WHEEL_STAMP)
 	rm -rf build
 
 test-hf-lowest: $(LOWEST_STAMP)
-	$(LOWEST)/bin/python -m pytest -q tests/test_hf.py tests/test_hf_export.py
+	$(LOWEST)/bin/python -m pytest -q tests/hf/test_hf.py tests/hf/test_hf_export.py
 
-# The aarch64 cross compiler and user-mode qemu with which tests/test_kernels_cross.py builds and
+# The aarch64 cross compiler and user-mode qemu with which tests/kernels/test_kernels_cross.py builds and
 # runs the kernels' NEON back end (Debian's packages), installed only where either is missing.
 cross-tools:
 	@command -v aarch64-linux-gnu-g++ >/dev/null && command -v qemu-aarch64 >/dev/null || { \

@@ -4,7 +4,7 @@ the tests, and report whether the suite kills it. `make mutations` runs every pa
 A patch file starts with free text before its first `diff --git` line (git apply skips it):
 
     Bug: what the patch breaks, in one line
-    Caught by: tests/test_x.py::test_name [more test ids]
+    Caught by: tests/<layer>/test_x.py::test_name [more test ids]
 
 The named tests run first (fast); a mutation they miss is run against the whole suite, so the
 report says whether *any* test catches it. Usage:

@@ -2,7 +2,7 @@
 // activations and the weight-streaming products against plain scalar loops, on the back end the
 // compiler flags select. It links without libtorch (the few c10 / ATen functions the headers
 // call are defined at the end of this file), so it also runs cross-compiled for aarch64 under
-// qemu: tests/test_kernels_cross.py builds and runs it for NEON, AVX2 and the plain back end.
+// qemu: tests/kernels/test_kernels_cross.py builds and runs it for NEON, AVX2 and the plain back end.
 // Prints "isa=<back end> lanes=<kLanes>", then one line per mismatch; exits 1 on any.
 #include "simd.h"  // first: it picks at::vec's back end
 

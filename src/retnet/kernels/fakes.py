@@ -1,7 +1,7 @@
 """Fake (meta) implementations of the compiled ops, as pytorch/extension-cpp registers them: what
 each op returns given only shapes and dtypes, so torch.compile, export and FakeTensor tracing
 can see through `torch.ops.retnet.*` without running them. Registered once, right after the
-library is loaded (`retnet.kernels.build.load`); `tests/test_kernels_opcheck.py` checks each
+library is loaded (`retnet.kernels.build.load`); `tests/kernels/test_kernels_opcheck.py` checks each
 against the real kernel with `torch.library.opcheck`."""
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ Autograd's silu(g) * o saves g (for SiLU's backward) and both factors of the pro
 [B, T, H·V] tensors per layer, 0.75 GiB of a small-preset training step at 8192 tokens. This
 function saves g and o and recomputes silu(g) in the backward, running autograd's own steps
 (the product's backward, then ATen's silu_backward), so values and gradients equal the plain
-expression's bit for bit (tests/test_ops_gate.py)."""
+expression's bit for bit (tests/ops/test_ops_gate.py)."""
 
 from __future__ import annotations
 

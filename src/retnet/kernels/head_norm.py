@@ -3,7 +3,7 @@ autograd Function: silu(g) ⊙ GroupNorm(o / max(|z|, floor)) in one pass, forwa
 backward, then (optionally) the output projection. It keeps o and g for the backward, not
 autograd's four [B, T, H·V] tensors plus the projection's input: those are recomputed by one
 more pass of the kernel. The PyTorch expression in `retnet.modules.retention` is the
-reference (tests/test_head_norm.py)."""
+reference (tests/ops/test_head_norm.py)."""
 
 from __future__ import annotations
 
