@@ -2,6 +2,7 @@
 (no timing assertions: speed lives in benchmarks/ and docs/benchmarks.md)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -519,6 +520,16 @@ def test_bench_options_carry_their_help_and_parse_lists_as_integers():
     values = given(parser.parse_args(["--contexts", "16", "32", "--batches", "2"]), BenchConfig)
     cfg = BenchConfig(**values)
     assert (cfg.contexts, cfg.batches, cfg.preset) == ([16, 32], [2], "small")
+
+
+def test_a_quick_run_does_not_write_over_the_committed_results():
+    """`retnet bench --quick` from the repository root replaced benchmarks/results/cost (#34)."""
+    from retnet.bench.cost import COMMITTED, BenchConfig
+
+    assert BenchConfig().out == COMMITTED
+    quick = BenchConfig(quick=True).out
+    assert not Path(quick).resolve().is_relative_to(Path(COMMITTED).resolve())
+    assert BenchConfig(quick=True, out="elsewhere").out == "elsewhere"
 
 
 def test_quality_compares_decoded_logits_with_float32():

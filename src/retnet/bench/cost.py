@@ -44,6 +44,8 @@ from retnet.options import opt
 
 PHASES = ("decode", "prefill", "train", "llamacpp")  # llamacpp: with --llamacpp-python
 KV_LIMIT = 8 * 2**30  # decode cells whose KV cache would exceed this are skipped
+COMMITTED = "benchmarks/results/cost"  # the full run's results, kept in the repository
+QUICK_OUT = "bench-results/quick"  # a smoke run's: beside them, never over them
 
 
 @dataclass
@@ -64,7 +66,8 @@ class BenchConfig:
                                    factory=lambda: [512, 2048, 8192])
     train_tokens: int = opt(8192, "tokens per training step, the same for every length")
     repeats: int = opt(5, "timed repeats per cell (decode: steps per repeat = 4)")
-    out: str = opt("benchmarks/results/cost", "folder for results.json, report.md and plots")
+    out: str | None = opt(None, "folder for results.json, report.md and plots (default: "
+                          f"{COMMITTED}, or {QUICK_OUT} with --quick)")
     quick: bool = opt(False, "tiny sizes, one repeat: a smoke run")
     memory_cap_gib: float = opt(20.0, "an allocation beyond this is recorded as out of memory")
     only: list[str] = opt(help="run only these phases (decode, prefill, train, llamacpp); "
@@ -86,6 +89,9 @@ class BenchConfig:
                              "prefill and the chunkwise training step)")
 
     def __post_init__(self) -> None:
+        # A smoke run from the repository root must not replace the committed results.
+        if self.out is None:
+            self.out = QUICK_OUT if self.quick else COMMITTED
         if self.quick:
             self.preset, self.repeats = "tiny", 1
             self.contexts, self.batches = [64, 256], [1, 4]
