@@ -77,3 +77,29 @@ def test_document_perplexity_is_its_float64_definition():
     assert got["tokens"] == tokens and got["bytes"] == nbytes
     assert got["perplexity"] == pytest.approx(math.exp(-logprob / tokens), rel=1e-12)
     assert got["bits_per_byte"] == pytest.approx(-logprob / nbytes / math.log(2), rel=1e-12)
+
+
+@pytest.mark.slow
+def test_perplexity_reads_only_the_documents_limit_keeps(tmp_path, capsys):
+    """--limit shortened the lm-eval tasks only: the perplexity pass read every validation
+    document whatever the limit (#34)."""
+    from retnet.data import load_documents, split_documents
+    from retnet.eval.command import limited
+
+    run = save_recall_run(tmp_path / "run")
+    data = tmp_path / "notes.jsonl"
+    data.write_text("".join(json.dumps({"text": f"note {i}: " + "ab " * (i % 7)}) + "\n"
+                            for i in range(1000)))
+    _, val = split_documents(load_documents(str(data)))
+    _, tok = load(run)
+    out = tmp_path / "r.json"
+
+    def tokens(*limit: str) -> int:
+        assert main(["eval", "--checkpoint", str(run), "--perplexity", str(data),
+                     "--out", str(out), *limit]) == 0
+        return json.loads(out.read_text())["perplexity"]["tokens"]
+
+    assert len(val) >= 3  # about 20: 2% by a hash of each name
+    assert tokens("--limit", "2") == sum(len(tok.encode(d.text)) for d in val[:2])
+    assert tokens() == sum(len(tok.encode(d.text)) for d in val)
+    assert (limited(10, None), limited(10, 3), limited(10, 0.25), limited(2, 5)) == (10, 3, 3, 2)

@@ -4,6 +4,7 @@ whole-document perplexity of a checkpoint."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,8 @@ class EvalOptions:
                                    "always available)")
     num_fewshot: int | None = opt(None, "examples in each prompt (lm-eval's default: 0)",
                                   bounds=NON_NEGATIVE)
-    limit: float | None = opt(None, "documents per task (a fraction below 1)", bounds=POSITIVE)
+    limit: float | None = opt(None, "documents per task, and with --perplexity validation "
+                              "documents (the first ones; a fraction below 1)", bounds=POSITIVE)
     batch_size: int = opt(8, "sequences scored together", bounds=AT_LEAST_ONE)
     perplexity: str | None = opt(None, "also report document perplexity (each document whole, "
                                  "with its full context) on the validation split of DATA "
@@ -61,12 +63,20 @@ class EvalOptions:
             require("eval", "lm_eval")
 
 
-def _perplexity(model, tok, data: str) -> dict[str, Any]:
+def limited(count: int, limit: float | None) -> int:
+    """How many of `count` documents --limit keeps, read as lm-eval reads its own: all (None),
+    that many (1 or more), or that fraction rounded up (below 1)."""
+    if limit is None:
+        return count
+    return min(count, math.ceil(count * limit) if limit < 1 else int(limit))
+
+
+def _perplexity(model, tok, data: str, limit: float | None) -> dict[str, Any]:
     from retnet.data import load_documents, split_documents
     from retnet.eval.scoring import perplexity
 
     _, val = split_documents(load_documents(None if data == "stdlib" else data))
-    result = perplexity(model, tok, [d.text for d in val])
+    result = perplexity(model, tok, [d.text for d in val[:limited(len(val), limit)]])
     print(f"document perplexity {result['perplexity']:.3f}, bits per byte "
           f"{result['bits_per_byte']:.4f} over {result['tokens']:,} tokens (each validation "
           "document whole, from BOS with the state carried; training's window perplexity "
@@ -108,7 +118,7 @@ def command(opts: EvalOptions) -> int:
     results: dict[str, Any] = {}
     samples: dict[str, list] = {}
     if opts.perplexity is not None:
-        results["perplexity"] = _perplexity(model, tok, opts.perplexity)
+        results["perplexity"] = _perplexity(model, tok, opts.perplexity, opts.limit)
     if opts.tasks:
         results["tasks"], samples = _tasks(model, tok, opts)
     if opts.output_path:
