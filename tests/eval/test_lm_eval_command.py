@@ -81,3 +81,45 @@ def test_lm_eval_without_its_extra_fails_in_one_line(monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert err == ("retnet lm-eval: error: this needs the [eval] extra (lm_eval missing): "
                    "pip install 'retnet-exact[eval]'")
+
+
+def test_retnet_model_args_name_the_results_folder_after_the_run():
+    """lm-eval takes the folder's name from pretrained= (and the like), else a random one:
+    results landed in `results/i82qcls7/` (#34)."""
+    import argparse
+
+    from lm_eval.loggers.evaluation_tracker import GeneralConfigTracker
+
+    args = argparse.Namespace(model="retnet", model_args={"checkpoint": "runs/demo"},
+                              batch_size=None, device="cpu", include_path=None, config=None)
+    adjust(args)
+    assert GeneralConfigTracker._get_model_name(args.model_args) == "runs/demo"
+
+
+def test_the_git_hash_is_recorded_without_git_talking_outside_a_clone(tmp_path, monkeypatch,
+                                                                        capfd):
+    """lm-eval let git print `fatal: not a git repository` on every run outside a clone."""
+    import lm_eval.evaluator
+
+    from retnet.eval.harness import quiet_git
+
+    monkeypatch.setattr(lm_eval.evaluator, "get_git_commit_hash",
+                        lm_eval.evaluator.get_git_commit_hash)  # restored afterwards
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+    quiet_git()
+    assert lm_eval.evaluator.get_git_commit_hash() is None
+    assert capfd.readouterr().err == ""
+
+
+def test_the_shipped_tasks_load_without_warnings(caplog):
+    """retnet_rolling declared no aggregation nor direction for its metrics: six lm-eval
+    warnings on every run."""
+    import logging
+
+    from retnet.eval.tasks import task_manager
+
+    names = ["retnet_mc", "retnet_rolling", "retnet_gen", "python_mc"]
+    with caplog.at_level(logging.WARNING):
+        task_manager(names).load(names)
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("lm_eval")] == []

@@ -5,6 +5,8 @@ drives lm-eval imports it (`retnet.eval.run_tasks`, used by `retnet eval` and `r
 
 from __future__ import annotations
 
+import os
+import subprocess
 from typing import Any
 
 # lm-eval's own models before ours: it imports them only while its registry is empty, so
@@ -21,6 +23,26 @@ from retnet.model import RetNetLM
 from retnet.tokenizer import Tokenizer
 
 
+def quiet_git_hash() -> str | None:
+    """lm-eval's record of the working directory's git commit, without the `fatal: not a git
+    repository` that its own `get_git_commit_hash` lets git print outside a clone."""
+    from lm_eval.loggers.utils import get_commit_from_path
+
+    try:
+        return subprocess.run(["git", "describe", "--always"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (subprocess.CalledProcessError, FileNotFoundError):  # not a clone; no git
+        return get_commit_from_path(os.getcwd())
+
+
+def quiet_git() -> None:
+    """Make lm-eval's evaluator record the commit with `quiet_git_hash` (called by the two
+    drivers of lm-eval, never at import)."""
+    import lm_eval.evaluator
+
+    lm_eval.evaluator.get_git_commit_hash = quiet_git_hash
+
+
 @register_model("retnet")
 class RetNetHarnessLM(LM):
     """loglikelihood / loglikelihood_rolling / generate_until over the one RetNetLM."""
@@ -28,8 +50,10 @@ class RetNetHarnessLM(LM):
     def __init__(self, checkpoint: str | None = None, model: RetNetLM | None = None,
                  tokenizer: Tokenizer | None = None, batch_size: int | str = 8,
                  max_length: int = 2048, device: str | None = None,
-                 dtype: str | None = None, **kwargs: Any) -> None:
+                 dtype: str | None = None, pretrained: str | None = None,
+                 **kwargs: Any) -> None:
         super().__init__()
+        checkpoint = checkpoint or pretrained  # lm-eval's name for it (`--model hf`)
         handed_over = model is not None
         if model is None:
             if checkpoint is None:

@@ -39,8 +39,9 @@ def evaluate_tasks(model: torch.nn.Module, tokenizer, tasks: Sequence[str], *,
     shipped tasks are always available by name."""
     from lm_eval import simple_evaluate
 
-    from retnet.eval.harness import RetNetHarnessLM  # registers "retnet" with lm-eval
+    from retnet.eval.harness import RetNetHarnessLM, quiet_git  # registers "retnet"
 
+    quiet_git()
     manager = task_manager(tasks, include_path)
     check_task_names(manager.all_tasks, tasks)
     lm = RetNetHarnessLM(model=model, tokenizer=tokenizer, batch_size=batch_size)
