@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from safetensors.torch import load, save_file
 
-from retnet.files import WriteError, advice, as_write_failure, reason
+from retnet.files import WriteError, advice, as_write_failure, follow_umask, reason
 from retnet.model import RetNetConfig, RetNetLM
 from retnet.tokenizer import (
     CHAT_TEMPLATE_FILE,
@@ -186,6 +186,7 @@ def _write_folder(tmp: Path, step: int, model_state: dict[str, torch.Tensor],
                                                "config_fingerprint": config.fingerprint()},
                                               indent=1))
     _write_manifest(tmp)  # last: it covers every other file
+    follow_umask(tmp)
     for f in tmp.iterdir():
         with f.open("rb") as fh:
             os.fsync(fh.fileno())

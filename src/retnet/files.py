@@ -82,6 +82,17 @@ def temporary_name(path: Path) -> Path:
     return path.with_name(f"{path.name}.tmp{os.getpid()}")
 
 
+def follow_umask(path: Path) -> None:
+    """Give `path`, or every file under it where it is a folder, the mode a plain open()
+    gives under this process's umask (0644 under 022): safetensors creates its files 0600,
+    which left weights and states unreadable to the group, and kept them from being shared."""
+    mask = os.umask(0)  # the only way to read it (besides Linux's /proc): set, then restore
+    os.umask(mask)
+    files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
+    for f in files:
+        os.chmod(f, 0o666 & ~mask)
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
     """Call `write(tmp)` to write the file, then rename tmp to `path`: readers see the old
     file or the new one, never a mixture. Parent folders are created. A failure to write
@@ -97,6 +108,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
+        follow_umask(tmp)
         os.replace(tmp, path)
     except BaseException as err:
         _remove(tmp)
@@ -145,6 +157,7 @@ def staged_folder(out: str | Path) -> Iterator[Path]:
         _remove(tmp)
         tmp.mkdir(parents=True)
         yield tmp
+        follow_umask(tmp)
         _move_into(tmp, out)
     except BaseException as err:
         failure = as_write_failure(err)

@@ -184,3 +184,34 @@ def test_a_save_never_replaces_a_device_or_pipe(tmp_path):
     with pytest.raises(WriteError, match="is not a regular file"):
         atomic_write_text(pipe, "x")
     assert stat.S_ISFIFO(pipe.stat().st_mode) and sorted(tmp_path.iterdir()) == [pipe]
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027])
+def test_saved_files_follow_the_umask(mask, tmp_path):
+    """safetensors creates its files 0600: checkpoint weights, saved states and exported
+    weights were unreadable to anyone else whatever the umask (#34)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from retnet.checkpoint import save_checkpoint
+    from retnet.model import RetNetConfig, RetNetLM, save_state
+    from retnet.tokenizer import ByteTokenizer
+
+    model = RetNetLM(RetNetConfig.from_preset("tiny", vocab_size=256))
+    weights = {"w": torch.zeros(2)}
+    old = os.umask(mask)
+    try:
+        save_checkpoint(tmp_path / "run", 1, model.state_dict(), model.config, ByteTokenizer(),
+                        {"step": 1}, {})
+        save_state(tmp_path / "doc.state", model(torch.tensor([[1, 2]])).state,
+                   model.config.fingerprint())
+        atomic_write(tmp_path / "w.safetensors", lambda tmp: save_file(weights, tmp))
+        with staged_folder(tmp_path / "export") as folder:
+            save_file(weights, folder / "model.safetensors")
+    finally:
+        os.umask(old)
+    files = [f for f in tmp_path.rglob("*") if f.is_file()]
+    assert len(files) >= 10
+    assert {f.relative_to(tmp_path).as_posix(): oct(stat.S_IMODE(f.stat().st_mode))
+            for f in files} == {f.relative_to(tmp_path).as_posix(): oct(0o666 & ~mask)
+                                for f in files}
