@@ -266,6 +266,7 @@ def launch(tmp_path, corpus, out, nproc, batch, parallel="ddp"):
                f"--nproc-per-node={nproc}", "-m", "retnet", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
 
 
 @pytest.mark.slow
@@ -275,5 +276,9 @@ def test_two_processes_equal_one_with_the_global_batch(parallel, corpus, tmp_pat
     normalised step turns that into parameter differences proportional to lr (measured
     1.7e-5 at lr 3e-3 and 5.5e-6 at lr 1e-3, the same for DDP and FSDP2)."""
     launch(tmp_path, corpus, tmp_path / "one", 1, batch=4)
-    launch(tmp_path, corpus, tmp_path / "two", 2, batch=2, parallel=parallel)
+    two = launch(tmp_path, corpus, tmp_path / "two", 2, batch=2, parallel=parallel)
     assert max_diff(weights(tmp_path / "one"), weights(tmp_path / "two")) <= 1e-5
+    # rank 0 alone prints the validation line and the final JSON (each rank printed them)
+    lines = two.stdout.splitlines()
+    assert sum("val loss" in line for line in lines) == 1, two.stdout
+    assert sum(line.startswith("{") for line in lines) == 1, two.stdout

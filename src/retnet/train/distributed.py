@@ -55,6 +55,11 @@ class Context:
             self.barrier()
 
 
+def main_process() -> bool:
+    """Whether this process is torchrun's rank 0, or runs alone: the one that prints."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def setup(device: str | None = None) -> Context:
     """Read torchrun's RANK/WORLD_SIZE/LOCAL_RANK; start the process group when WORLD_SIZE > 1."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -335,8 +335,9 @@ def _train(cfg: TrainConfig, ctx: dist.Context) -> dict[str, float]:
                 record |= {"val_loss": val, "val_ppl": math.exp(val),
                            "val_bpb": val * run.val_bits_per_token}
                 result = {k: record[k] for k in ("loss", "val_loss", "val_ppl", "val_bpb")}
-                bar.write(f"step {step}: val loss {val:.4f}, ppl {math.exp(val):.2f}, "
-                          f"bits/byte {record['val_bpb']:.3f}")
+                if ctx.is_main:  # tqdm.write prints whatever the bar's `disable` says
+                    bar.write(f"step {step}: val loss {val:.4f}, ppl {math.exp(val):.2f}, "
+                              f"bits/byte {record['val_bpb']:.3f}")
                 if run.samples is not None and ctx.is_main:
                     record["samples"] = run.samples()
                     bar.write("\n".join(f"  sample: {line}" for line in record["samples"]))
@@ -372,8 +373,8 @@ def _complete(cfg: TrainConfig, step: int) -> str:
 
 def command(cfg: TrainConfig) -> int:
     """`retnet train`: train, then print the final metrics as one JSON line (none when a
-    resumed run had nothing left to train)."""
+    resumed run had nothing left to train; under torchrun, from rank 0 only)."""
     result = train(cfg)
-    if result:
+    if result and dist.main_process():
         print(json.dumps({k: round(v, 4) for k, v in result.items()}))
     return 0
