@@ -88,6 +88,8 @@ def test_resuming_a_finished_run_says_it_is_complete_and_how_to_extend_it(corpus
     out, err = capsys.readouterr()
     assert out == ""
     assert f"{run} is complete" in err and "--resume --steps 4" in err
+    # on a line of its own, not after the progress bar's (which has no newline of its own)
+    assert any(line.startswith(f"{run} is complete") for line in err.splitlines()), err
 
 
 def test_a_new_run_into_an_old_one_needs_overwrite(corpus, tmp_path, capsys):

@@ -311,12 +311,12 @@ def _train(cfg: TrainConfig, ctx: dist.Context) -> dict[str, float]:
     if ctx.is_main:
         print(startup_summary(run, cfg, ctx, amp, tokens_per_step), file=sys.stderr,
               flush=True)
-    bar = tqdm(total=cfg.steps, initial=run.start_step, disable=not ctx.is_main, unit="step",
-               dynamic_ncols=True)
     result: dict[str, float] = {}
     step, last = run.start_step, min(cfg.steps, cfg.stop_at or cfg.steps)
-    if step >= last and ctx.is_main:
+    if step >= last and ctx.is_main:  # before the bar, or it shares the bar's line
         print(_complete(cfg, step), file=sys.stderr)
+    bar = tqdm(total=cfg.steps, initial=run.start_step, disable=not ctx.is_main, unit="step",
+               dynamic_ncols=True)
     run.wrapped.train()
     sinks = MetricSinks(out, cfg.stored_options()) if ctx.is_main else None
     try:
