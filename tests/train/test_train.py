@@ -193,6 +193,10 @@ def test_train_with_bpe_tokenizer_from_cli(corpus, tmp_path, capsys):
     tok = tmp_path / "tok.json"
     assert main(["tokenizer", "train", "--data", str(corpus), "--vocab-size", "300",
                  "--out", str(tok)]) == 0
+    # the chat template written beside the tokenizer is announced, on the same one line
+    [line] = capsys.readouterr().out.splitlines()
+    template = tmp_path / "chat_template.json"
+    assert str(template) in line and template.exists()
     assert main(["train", "--preset", "tiny", "--data", str(corpus), "--tokenizer", str(tok),
                  "--out", str(tmp_path / "run"), "--steps", "2", "--batch-size", "2",
                  "--seq-len", "16", "--eval-every", "2", "--model", "n_layers=1"]) == 0
