@@ -127,3 +127,12 @@ def test_the_checker_sees_cycles_and_upward_imports():
     assert _cycle({"a": {"b"}, "b": {"a"}}) == ["a", "b", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
     assert layer("retnet.ops.retention") < layer("retnet.model.lm") < layer("retnet.cli")
+
+
+def test_only_the_loader_builds_a_model_from_a_checkpoint():
+    """One inference loader (`retnet.load`, retnet/loading.py): a feature that read a run's
+    weights itself (`load_checkpoint(...).build_model()`) could drift from what generate,
+    serve and eval load (#34)."""
+    callers = [module_name(path) for path in SRC.joinpath("retnet").rglob("*.py")
+               if "build_model()" in path.read_text()]
+    assert callers == ["retnet.loading"]

@@ -42,8 +42,8 @@ def _tokenizer(out: Path, data: str | None) -> Path:
 
 def command(opts: DemoOptions) -> int:
     """Tokenizer, training, checkpoint and a sample, with the figures printed."""
-    from retnet.checkpoint import load_checkpoint
     from retnet.generation import generate
+    from retnet.loading import load
     from retnet.train import TrainConfig, train
 
     run = Path(opts.out)
@@ -59,8 +59,7 @@ def command(opts: DemoOptions) -> int:
     start = time.perf_counter()
     result = train(cfg)
     minutes = (time.perf_counter() - start) / 60
-    ckpt = load_checkpoint(run)
-    model, tok = ckpt.build_model(), ckpt.tokenizer
+    model, tok = load(run)  # the one inference loader, as `retnet generate` reads the run
     prompt = "def "
     ids = generate(model, torch.tensor([tok.encode(prompt)]), 120, temperature=0.8, top_p=0.95,
                    seed=0, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
