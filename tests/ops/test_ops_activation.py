@@ -41,3 +41,28 @@ def test_the_block_uses_it_in_training_only(kernels_on):
     assert ffn(x).grad_fn.name() == "_ActLinearBackward"
     with torch.no_grad():
         assert torch.allclose(ffn(x), F.linear(F.gelu(ffn.up(x)), ffn.down.weight), atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["gelu", "swish"])
+@pytest.mark.parametrize("frozen", [True, False], ids=["frozen-weight", "trained-weight"])
+def test_a_lora_update_inside_the_function_equals_it_written_out(kind, frozen):
+    """act(h) Wᵀ + s·(act(h) Aᵀ) Bᵀ written out by hand: the value and the gradients of h, A,
+    B (and W when trained) to float64 1e-12; gradcheck too."""
+    from retnet.ops.low_rank import LowRank
+
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(3, 5, 37, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(11, 37, generator=g, dtype=torch.float64, requires_grad=not frozen)
+    a = torch.randn(4, 37, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(11, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    got = act_linear(h, w, kind, LowRank(a, b, 0.25))
+    act = ACT[kind](h)
+    want = act @ w.T + 0.25 * (act @ a.T) @ b.T
+    inputs = (h, a, b) + (() if frozen else (w,))
+    grad = torch.randn(want.shape, generator=g, dtype=torch.float64)
+    for x, y in zip([got, *torch.autograd.grad(got, inputs, grad)],
+                    [want, *torch.autograd.grad(want, inputs, grad)]):
+        assert (x - y).abs().max() <= 1e-12 * y.abs().max()
+    small = h[:1, :2].detach().requires_grad_()
+    assert torch.autograd.gradcheck(lambda h, a, b: act_linear(h, w, kind, LowRank(a, b, 0.25)),
+                                    (small, a, b))

@@ -141,3 +141,60 @@ def test_merged_model_is_a_plain_model():
     merge_lora(model)
     fresh = RetNetLM(RetNetConfig.from_preset("tiny", vocab_size=256, ffn="glu-swish"))
     fresh.load_state_dict(model.state_dict())
+
+
+def _saved_activation_bytes(model: RetNetLM, ids: torch.Tensor) -> int:
+    """Bytes of the distinct storages autograd keeps for the backward of a training loss,
+    parameters left out: the activation memory of the step."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(ids[:, :-1], mode="chunkwise", targets=ids[:, 1:])
+    return sum(seen.values())
+
+
+def _graph_nodes(t: torch.Tensor) -> set[str]:
+    """The names of every node of t's autograd graph."""
+    seen, todo = set(), [t.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            todo.extend(n for n, _ in node.next_functions)
+    return {n.name() for n in seen}
+
+
+@pytest.mark.usefixtures("kernels_on")
+@pytest.mark.parametrize("ffn", ["gelu", "glu-swish"])
+def test_training_takes_the_fused_paths_with_the_same_gradients(ffn):
+    """With adapters on every projection, a training step runs the norm+projections and the
+    activation+down projection through the recomputing Functions (LoRA inside them), with the
+    loss and every adapter gradient of the reference (switch off) to float64 1e-10, and keeps
+    no more activation memory than full fine-tuning of the same model."""
+    from retnet import kernels
+
+    _, model = _with_adapters(torch.float64, ffn=ffn)
+    model.train()
+    ids = tokens(2, 24)
+    loss = model(ids[:, :-1], targets=ids[:, 1:]).loss
+    names = _graph_nodes(loss)
+    assert "_LayerNormLinearBackward" in names
+    assert ("_ActLinearBackward" in names) == (ffn == "gelu")  # a GLU's down has no fusion
+    adapters = [p for n, p in model.named_parameters() if p.requires_grad]
+    got = torch.autograd.grad(loss, adapters)
+    kernels.set_enabled(False)
+    ref_loss = model(ids[:, :-1], targets=ids[:, 1:]).loss
+    want = torch.autograd.grad(ref_loss, adapters)
+    kernels.set_enabled(True)
+    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=1e-10)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    full = tiny_model(torch.float64, ffn=ffn).train()
+    assert _saved_activation_bytes(model, ids) <= _saved_activation_bytes(full, ids)

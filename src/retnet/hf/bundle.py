@@ -28,7 +28,7 @@ from retnet import __version__
 CONFIG_FILE, MODELING_FILE = "configuration_retnet.py", "modeling_retnet.py"
 # Paths inside the retnet package; each module after those it imports from.
 CONFIG_MODULES = ("ops/decay.py", "model/config.py", "hf/configuration.py")
-MODELING_MODULES = ("ops/rotary.py", "hf/reference_dispatch.py", "ops/linear.py",
+MODELING_MODULES = ("ops/rotary.py", "hf/reference_dispatch.py", "ops/linear.py", "ops/low_rank.py",
                     "ops/documents.py", "ops/retention.py", "ops/loss.py", "ops/gate.py",
                     "ops/activation.py",
                     "ops/norm_linear.py", "modules/linear.py", "modules/layout.py",

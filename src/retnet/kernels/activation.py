@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from retnet.ops.low_rank import LowRank, add_low_rank
+
 _BACKWARD = {"gelu": lambda grad, h: torch.ops.aten.gelu_backward(grad, h),
              "swish": lambda grad, h: torch.ops.aten.silu_backward(grad, h)}
 _FORWARD = {"gelu": F.gelu, "swish": F.silu}
@@ -20,24 +22,40 @@ _FORWARD = {"gelu": F.gelu, "swish": F.silu}
 
 class _ActLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h: Tensor, weight: Tensor, kind: str) -> Tensor:
-        ctx.save_for_backward(h, weight)
-        ctx.kind = kind
-        return F.linear(_FORWARD[kind](h), weight)
+    def forward(ctx, h: Tensor, weight: Tensor, kind: str, scale: float | None,
+                *low: Tensor) -> Tensor:
+        """low: A [r, hidden] and B [out, r] of a LoRA update when scale is not None."""
+        ctx.save_for_backward(h, weight, *low)
+        ctx.kind, ctx.scale = kind, scale
+        a = _FORWARD[kind](h)
+        y = F.linear(a, weight)
+        return y if scale is None else add_low_rank(y, a, LowRank(*low, scale))
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        h, weight = ctx.saved_tensors
-        grad_h = grad_w = None
-        if ctx.needs_input_grad[1]:
-            a = _FORWARD[ctx.kind](h)  # [..., hidden], recomputed
-            grad_w = grad.reshape(-1, grad.shape[-1]).t().mm(a.reshape(-1, a.shape[-1]))
-        if ctx.needs_input_grad[0]:
-            grad_h = _BACKWARD[ctx.kind](grad.matmul(weight), h)
-        return grad_h, grad_w, None
+        h, weight, *low = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        g = grad.reshape(-1, grad.shape[-1])  # [N, out]
+        a = None
+        if needs[1] or low:
+            a = _FORWARD[ctx.kind](h).reshape(g.shape[0], -1)  # [N, hidden], recomputed
+        grad_w = g.t().mm(a) if needs[1] else None
+        grad_a = g.mm(weight)  # [N, hidden]
+        grad_low: tuple[Tensor | None, ...] = ()
+        if low:  # y += s·(a Aᵀ) Bᵀ: dA = (s g B)ᵀ a, dB = s gᵀ (a Aᵀ)
+            A, B = low
+            g_low = g.mm(B) * ctx.scale  # [N, r]
+            grad_low = (g_low.t().mm(a), g.t().mm(a.mm(A.t())) * ctx.scale)
+            grad_a.addmm_(g_low, A)
+        grad_h = _BACKWARD[ctx.kind](grad_a.view(h.shape), h) if needs[0] else None
+        return grad_h, grad_w, None, None, *grad_low
 
 
-def act_linear(h: Tensor, weight: Tensor, kind: str) -> Tensor:
-    """F.linear(act(h), weight) for act "gelu" or "swish", h [..., hidden], weight [out,
-    hidden] of h's dtype; h and the weight are all it keeps for the backward."""
-    return _ActLinear.apply(h, weight, kind)
+def act_linear(h: Tensor, weight: Tensor, kind: str, low: LowRank | None = None) -> Tensor:
+    """F.linear(act(h), weight) (+ the LoRA update `low`) for act "gelu" or "swish", h [...,
+    hidden], weight [out, hidden] of h's dtype; h, the weight and the LoRA factors are all it
+    keeps for the backward (act(h), LoRA's input too, is recomputed there)."""
+    if low is None:
+        return _ActLinear.apply(h, weight, kind, None)
+    return _ActLinear.apply(h, weight, kind, float(low.scale), low.a.to(h.dtype),
+                            low.b.to(h.dtype))

@@ -31,9 +31,10 @@ class FeedForward(nn.Module):
         """x [B, T, D] → [B, T, D], of norm(x) when a norm is given (the block's pre-norm)."""
         inputs = [self.up] if self.gate is None else [self.up, self.gate]
         up, *gate = project(x, nn.Identity() if norm is None else norm, inputs)
-        if not gate and type(self.down) is Linear:
+        down = self.down.projection() if isinstance(self.down, Linear) else None
+        if not gate and down is not None:
             # one operation: under autograd it keeps up(x) only, act(up x) is recomputed
-            return act_linear(up, self.down.weight, self.kind)
+            return act_linear(up, down[0], self.kind, down[1])
         h = self.act(up)
         return self.down(h if not gate else h * gate[0])
 

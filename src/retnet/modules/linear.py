@@ -6,6 +6,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from retnet.ops.linear import linear
+from retnet.ops.low_rank import LowRank
 from retnet.ops.norm_linear import layer_norm_linear
 
 
@@ -18,13 +19,20 @@ class Linear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         return linear(x, self.weight)
 
+    def projection(self) -> tuple[Tensor, LowRank | None] | None:
+        """(weight, LoRA update or None) where a fused path may compute this projection
+        itself; None for subclasses it does not know (quantised weights, other layouts)."""
+        return (self.weight, None) if type(self) is Linear else None
+
 
 def project(x: Tensor, norm: nn.Module, linears: list[nn.Module]) -> list[Tensor]:
-    """[p(norm(x)) for p in linears]. A LayerNorm with plain float projections is one operation
-    (`retnet.ops.norm_linear`: under autograd, a function that keeps x for the backward and
-    recomputes norm(x) there)."""
+    """[p(norm(x)) for p in linears]. A LayerNorm with plain float projections (LoRA-wrapped
+    ones too) is one operation (`retnet.ops.norm_linear`: under autograd, a function that keeps
+    x for the backward and recomputes norm(x) there)."""
+    parts = [p.projection() if isinstance(p, Linear) else None for p in linears]
     if (type(norm) is nn.LayerNorm and norm.elementwise_affine and norm.bias is not None
-            and all(type(p) is Linear for p in linears)):
-        return layer_norm_linear(x, norm.weight, norm.bias, norm.eps, [p.weight for p in linears])
+            and all(part is not None for part in parts)):
+        weights, lows = zip(*parts)
+        return layer_norm_linear(x, norm.weight, norm.bias, norm.eps, list(weights), list(lows))
     x = norm(x)
     return [p(x) for p in linears]

@@ -5,10 +5,12 @@
 `add_lora` wraps the targeted projections (`TARGETS`) in place and freezes every other
 weight; `merged_state_dict` gives the weights W + (α/r)·B·A of a plain model (what a
 checkpoint saves by default), `merge_lora` writes them back and removes the adapters, and
-`save_adapter` / `apply_adapter` keep A and B in a file of their own. An unmerged adapter is
-read by the reference paths only: `retnet.kernels.dispatch` sends a model holding one
-(`has_adapters`) away from the fused decode step, and `retnet.modules.layout` never reads
-its projections as one fused weight.
+`save_adapter` / `apply_adapter` keep A and B in a file of their own. In training, the fused
+norm+projections and activation+down paths take the update inside (`LowRank`: they recompute
+LoRA's input in the backward, as they recompute the norm's and the activation's output); at
+inference, `retnet.kernels.dispatch` sends a model holding an unmerged adapter (`has_adapters`)
+away from the fused decode step, and `retnet.modules.layout` never reads its projections as one
+fused weight.
 """
 
 from __future__ import annotations
@@ -17,13 +19,13 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from retnet.kernels.decode import forget_plan
 from retnet.kernels.dispatch import ADAPTERS
 from retnet.modules.linear import Linear
 from retnet.ops.linear import linear
+from retnet.ops.low_rank import LowRank, add_low_rank
 
 # --lora-targets names → the projections they wrap, relative to each block.
 TARGETS: dict[str, tuple[str, ...]] = {
@@ -58,8 +60,14 @@ class LoRALinear(Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         """x [..., in] → [..., out]."""
-        update = F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
-        return linear(x, self.weight) + update * self.scale
+        return add_low_rank(linear(x, self.weight), x, self.low_rank())
+
+    def low_rank(self) -> LowRank:
+        """The update beside the weight, for the fused training paths that take one."""
+        return LowRank(self.lora_A, self.lora_B, self.scale)
+
+    def projection(self) -> tuple[Tensor, LowRank | None]:
+        return self.weight, self.low_rank()
 
     def delta(self) -> Tensor:
         """(alpha/rank)·B·A [out, in] in the base weight's dtype (computed in at least float32,

@@ -15,3 +15,4 @@ def linear(x: Tensor, weight: Tensor) -> Tensor:
     if fast is not None:
         return fast(x, weight)
     return F.linear(x, weight)
+

@@ -1,0 +1,29 @@
+"""The LoRA update beside a projection (Hu et al. 2021, arXiv:2106.09685), defined once for the
+module (`retnet.modules.lora`), the references of `retnet.ops` and the fused training paths of
+`retnet.kernels` that take it (a module of its own: it imports nothing from retnet, so the
+kernels can use it without a cycle through the dispatch table)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class LowRank(NamedTuple):
+    """A LoRA update beside a projection's weight W [out, in]: y = x Wᵀ + scale·(x Aᵀ) Bᵀ."""
+
+    a: Tensor  # [r, in]
+    b: Tensor  # [out, r]
+    scale: float  # alpha / r
+
+
+def add_low_rank(y: Tensor, x: Tensor, low: LowRank) -> Tensor:
+    """y [..., out] + low.scale·(x [..., in] Aᵀ) Bᵀ. The scale goes on the [..., r] product and
+    B's product is added by one addmm: one [..., out] tensor, not three (update, scaled, sum)."""
+    part = F.linear(x, low.a.to(x.dtype)) * low.scale  # [..., r]
+    flat = torch.addmm(y.reshape(-1, y.shape[-1]), part.reshape(-1, part.shape[-1]),
+                       low.b.to(x.dtype).t())
+    return flat.view(y.shape)
