@@ -1,5 +1,6 @@
-"""Training text: the embedded default corpus (the Python standard library), files, JSONL;
-tokenised once into a memory-mapped cache; served as packed windows of seq_len + 1 tokens.
+"""Training text held in memory: the default corpus (the Python standard library) or any
+corpus `retnet.corpus` reads, as documents; tokenised once into a memory-mapped cache; served
+as packed windows of seq_len + 1 tokens.
 
 Batches are a pure function of (seed, step, rank): resuming at step s sees exactly the data an
 uninterrupted run would, and ranks of a distributed run see disjoint rows of one global batch.
@@ -7,7 +8,6 @@ uninterrupted run would, and ranks of a distributed run see disjoint rows of one
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
@@ -20,15 +20,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from retnet.corpus import sources
 from retnet.tokenizer import Tokenizer
 
 VAL_PER_MILLE = 20  # 2% of documents, chosen by a hash of their name
-LINES_PER_DOC = 200  # a single text file is cut into documents of this many lines
+# a corpus of one document (a text file) validates on its tail: a tenth leaves a small file
+# a validation window or two
+LONE_VAL_SHARE = 0.1
 
 
 @dataclass(frozen=True)
 class Document:
-    name: str  # a stable name: relative path, or path:line, or path#index
+    name: str  # a stable name: relative path, path:line (JSONL), path#row, ...#tail
     text: str
 
 
@@ -50,57 +53,43 @@ def stdlib_documents() -> list[Document]:
     return docs
 
 
-def _file_documents(path: Path, label: str) -> list[Document]:
-    lines = path.read_bytes().decode("utf-8", "replace").splitlines(keepends=True)
-    return [Document(f"{label}:{i}", "".join(lines[i:i + LINES_PER_DOC]))
-            for i in range(0, len(lines), LINES_PER_DOC)]
-
-
-def _jsonl_documents(path: Path, field: str) -> list[Document]:
-    docs = []
-    with path.open(encoding="utf-8", errors="replace") as f:
-        for i, line in enumerate(f):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                raise ValueError(f"{path}:{i + 1} is not valid JSON; fix or remove that line"
-                                 ) from None
-            if not isinstance(record, dict) or not isinstance(record.get(field), str):
-                raise ValueError(f"{path}:{i + 1} has no string field {field!r}; "
-                                 "pass --text-field NAME")
-            docs.append(Document(f"{path.name}#{i}", record[field]))
-    return docs
-
-
 def load_documents(source: str | None, text_field: str = "text") -> list[Document]:
-    """None: the standard library. Else a text file, a .jsonl file, a directory or a glob."""
+    """Every non-empty document of a corpus held in memory, read by `retnet.corpus.sources`
+    (the reader `retnet data prepare` streams): one document per file, JSONL record or
+    Parquet/`datasets` row; None: the standard library.
+
+    Args:
+        source: a text file, .jsonl(.gz/.zst), .parquet, a `datasets` folder, a directory or a
+            glob (see `sources.files_of`).
+        text_field: the JSONL field (Parquet, `datasets` column) holding the text.
+    Returns: the documents in the order read; names inside a directory are relative to it, so
+    the hash split does not depend on how the directory is spelled."""
     if source is None:
         return stdlib_documents()
-    path = Path(source)
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file())
-    elif path.is_file():
-        files = [path]
-    else:
-        files = sorted(Path(p) for p in glob.glob(source, recursive=True) if Path(p).is_file())
-    if not files:
-        raise FileNotFoundError(f"no data at {source!r}: give a text file, a .jsonl file, "
-                                "a directory or a glob, or nothing for the default corpus")
-    docs = []
-    for f in files:
-        label = f.relative_to(path).as_posix() if path.is_dir() else f.as_posix()
-        is_jsonl = f.suffix == ".jsonl"
-        docs += _jsonl_documents(f, text_field) if is_jsonl else _file_documents(f, label)
-    docs = [d for d in docs if d.text.strip()]
+    root = Path(source)
+    folder = root.is_dir() and not sources.is_datasets_folder(root)
+    inside = f"{root.as_posix()}/" if folder else ""
+    docs, replaced = [], 0
+    for item in sources.items(sources.files_of([source]), text_field):
+        text, bad = sources.to_text(item)
+        replaced += bad
+        if text.strip():
+            docs.append(Document(item.name.removeprefix(inside), text))
     if not docs:
         raise ValueError(f"the data at {source!r} holds no text")
+    if replaced:
+        print(f"warning: {replaced:,} invalid UTF-8 byte sequences were replaced by U+FFFD",
+              file=sys.stderr)
     return docs
 
 
 def split_documents(docs: list[Document]) -> tuple[list[Document], list[Document]]:
-    """(train, validation), decided by a hash of each document's name: stable as data grows."""
+    """(train, validation), decided by a hash of each document's name: stable as data grows.
+    A corpus of one document (a text file) holds out its tail; one whose names all fall in
+    training, its last document."""
+    if len(docs) == 1:
+        return _split_lone(docs[0])
+
     def is_val(d: Document) -> bool:
         return int(hashlib.sha256(d.name.encode()).hexdigest()[:8], 16) % 1000 < VAL_PER_MILLE
 
@@ -109,6 +98,14 @@ def split_documents(docs: list[Document]) -> tuple[list[Document], list[Document
     if not val:  # tiny corpora: hold out the last document
         train, val = train[:-1] or train, train[-1:]
     return train, val
+
+
+def _split_lone(doc: Document) -> tuple[list[Document], list[Document]]:
+    """A lone document's head for training and its last LONE_VAL_SHARE, from a line start
+    when there is one, for validation."""
+    at = int(len(doc.text) * (1 - LONE_VAL_SHARE))
+    cut = doc.text.rfind("\n", 0, at) + 1 or at
+    return [Document(doc.name, doc.text[:cut])], [Document(f"{doc.name}#tail", doc.text[cut:])]
 
 
 def corpus_fingerprint(docs: list[Document]) -> str:

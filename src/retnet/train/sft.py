@@ -188,7 +188,10 @@ class ChatRows:
 
 
 def split(convs: list[Conversation]) -> tuple[list[Conversation], list[Conversation]]:
-    """(train, validation) by the hash of each record's name, as `retnet.data` splits text."""
+    """(train, validation) by the hash of each record's name, as `retnet.data` splits text;
+    a lone record is both (a record is not cut in two as a lone text document is)."""
+    if len(convs) == 1:
+        return convs, convs
     docs = [Document(c.name, "") for c in convs]
     train, val = split_documents(docs)
     by_name = {c.name: c for c in convs}
