@@ -69,6 +69,35 @@ def test_values_and_gradients_equal_the_float64_expression(B, T, H, V, project):
         assert rel_err(a, b) < 1e-5, name
 
 
+@pytest.mark.parametrize("frozen", [True, False], ids=["frozen-W_O", "trained-W_O"])
+def test_a_lora_update_on_w_o_equals_it_written_out(frozen):
+    """W_O with a LoRA update inside the kernel's Function: the float64 expression plus
+    s·(y Aᵀ)Bᵀ written out, value and every gradient (A and B included) to float32 1e-5."""
+    from retnet.ops.low_rank import LowRank
+
+    B, T, H, V = 2, 5, 3, 37
+    args = _inputs(B, T, H, V)
+    gen = torch.Generator().manual_seed(4)
+    out_weight = torch.randn(11, H * V, generator=gen).requires_grad_(not frozen)
+    a = torch.randn(4, H * V, generator=gen).requires_grad_()
+    b = torch.randn(11, 4, generator=gen).requires_grad_()
+    kernels.set_enabled(True)
+    try:
+        fast = choose("head_norm_gate", *args, EPS, out_weight, low=LowRank(a, b, 0.5))
+        assert fast is not None
+        out = fast(*args, EPS, out_weight, low=LowRank(a, b, 0.5))
+    finally:
+        kernels.set_enabled(None)
+    y = _reference(*args)
+    want = y @ out_weight.double().T + 0.5 * (y @ a.double().T) @ b.double().T
+    assert rel_err(out, want) < 1e-5
+    grad = torch.randn(out.shape, generator=gen)
+    wrt = [args[0], args[2], args[3], args[4], a, b] + ([] if frozen else [out_weight])
+    for a_, b_ in zip(torch.autograd.grad(out, wrt, grad),
+                      torch.autograd.grad(want, wrt, grad.double())):
+        assert rel_err(a_, b_) < 1e-5
+
+
 def test_declines_what_it_does_not_take():
     """float64, bf16 and the switch off leave the layer to the PyTorch expression."""
     args = _inputs(1, 3, 2, 16)

@@ -173,28 +173,37 @@ def _graph_nodes(t: torch.Tensor) -> set[str]:
 
 @pytest.mark.usefixtures("kernels_on")
 @pytest.mark.parametrize("ffn", ["gelu", "glu-swish"])
-def test_training_takes_the_fused_paths_with_the_same_gradients(ffn):
-    """With adapters on every projection, a training step runs the norm+projections and the
-    activation+down projection through the recomputing Functions (LoRA inside them), with the
-    loss and every adapter gradient of the reference (switch off) to float64 1e-10, and keeps
-    no more activation memory than full fine-tuning of the same model."""
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_training_takes_the_fused_paths_with_the_same_gradients(ffn, dtype):
+    """With adapters on every projection, a training step runs the norm+projections, the
+    activation+down projection and (float32, the C++ kernel) the output stage with W_O through
+    the recomputing Functions, LoRA inside them, with the loss and every adapter gradient of
+    the reference (switch off; float64 1e-10, float32 1e-5 relative), and keeps no more
+    activation memory than full fine-tuning of the same model (no LoRA input kept beside
+    what the fused paths keep)."""
     from retnet import kernels
 
-    _, model = _with_adapters(torch.float64, ffn=ffn)
+    _, model = _with_adapters(dtype, ffn=ffn)
     model.train()
     ids = tokens(2, 24)
     loss = model(ids[:, :-1], targets=ids[:, 1:]).loss
     names = _graph_nodes(loss)
     assert "_LayerNormLinearBackward" in names
     assert ("_ActLinearBackward" in names) == (ffn == "gelu")  # a GLU's down has no fusion
+    assert ("HeadNormGateBackward" in names) == (dtype == torch.float32)  # C++: float32 only
     adapters = [p for n, p in model.named_parameters() if p.requires_grad]
     got = torch.autograd.grad(loss, adapters)
     kernels.set_enabled(False)
     ref_loss = model(ids[:, :-1], targets=ids[:, 1:]).loss
     want = torch.autograd.grad(ref_loss, adapters)
     kernels.set_enabled(True)
-    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=1e-10)
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    assert abs(loss.item() - ref_loss.item()) <= tol * abs(ref_loss.item())
     for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
-    full = tiny_model(torch.float64, ffn=ffn).train()
-    assert _saved_activation_bytes(model, ids) <= _saved_activation_bytes(full, ids)
+        assert (a - b).abs().max() <= tol * b.abs().max()
+    # Full fine-tuning also keeps the tied head's weight gradient (the chunked loss computes
+    # it in the forward); LoRA keeps what it keeps, less that, within 1% (the [N, r] products)
+    full = tiny_model(dtype, ffn=ffn).train()
+    full_bytes, head = _saved_activation_bytes(full, ids), full.embed.weight
+    assert (_saved_activation_bytes(model, ids)
+            <= full_bytes - head.numel() * head.element_size() + 0.01 * full_bytes)

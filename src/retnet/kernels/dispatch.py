@@ -169,8 +169,9 @@ def _decode(model, token: Tensor, *_, backend: str = "auto") -> Call:
 ADAPTERS = "_unmerged_lora"
 
 
-def _head_norm(o_full, floor, g, weight, bias, eps, out_weight=None) -> Call:
-    return _tensors(o_full, floor, g, weight, bias, *(() if out_weight is None else (out_weight,)))
+def _head_norm(o_full, floor, g, weight, bias, eps, out_weight=None, low=None) -> Call:
+    extra = (() if out_weight is None else (out_weight,)) + (() if low is None else low[:2])
+    return _tensors(o_full, floor, g, weight, bias, *extra)
 
 
 def _linear(x: Tensor, weight: Tensor, *_) -> Call:

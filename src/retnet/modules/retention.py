@@ -118,11 +118,12 @@ class MultiScaleRetention(nn.Module):
             # the division, GroupNorm, gate and W_O below in one fused pass where the table
             # chooses one (W_O inside when it is a plain float weight: its input is recomputed)
             gn = self.group_norm
-            w_o = self.out_proj.weight if type(self.out_proj) is Linear else None
+            w_o, low = (self.out_proj.projection() if isinstance(self.out_proj, Linear)
+                        else None) or (None, None)
             args = (o, pos.sqrt_c, g[0], gn.weight, gn.bias, gn.eps, w_o)
-            fast = choose("head_norm_gate", *args)
+            fast = choose("head_norm_gate", *args, low=low)
             if fast is not None:
-                y = fast(*args)
+                y = fast(*args, low=low)
                 return (y if w_o is not None else self.out_proj(y)).to(x.dtype), kv
         # The reference. split, not o[..., :V] and o[..., V]: their backward would zero-fill
         # two [B, T, H, V+1] gradients; split's backward concatenates.
