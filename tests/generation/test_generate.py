@@ -206,7 +206,7 @@ def test_stop_strings_need_a_tokenizer_and_stop():
 def test_streaming_yields_the_greedy_tokens_of_the_growing_forward():
     model = recall_model()
     p = torch.cat([copy_prompt(9, seed=1), copy_prompt(9, seed=2)])
-    streamed = torch.stack([t for t, s in generate_stream(model, p, 9) if s is None], 1)
+    streamed = torch.stack([t for t, _ in generate_stream(model, p, 9)], 1)
     seq = p
     for _ in range(9):  # the reference: argmax of a full forward, no state carried
         seq = torch.cat([seq, model(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
@@ -217,6 +217,30 @@ def test_right_padding_is_refused():
     model = tiny_model()
     with pytest.raises(ValueError, match="pad prompts on the left"):
         generate(model, tokens(1, 4), 2, attention_mask=torch.tensor([[1, 1, 1, 0]]))
+
+
+@pytest.mark.parametrize("stops", [False, True], ids=["to-the-limit", "eos-stops-early"])
+def test_stream_yields_one_item_per_token_the_last_with_the_state(stops):
+    """N tokens, N items, the state on the last only; it equals the state of one plain forward
+    of each row's prompt and tokens (through its eos), in float64. 0 tokens: no item."""
+    model = tiny_model(torch.float64)
+    prompt, n, kw = tokens(2, 7), 12, dict(temperature=1.0, seed=[3, 4], pad_token_id=0)
+    free = generate(model, prompt, n, **kw)[:, 7:]
+    # eos: a token both rows make, so the stream ends early, each row at its own step
+    both = set(free[0].tolist()) & set(free[1].tolist())
+    eos = min(both, key=lambda t: max(row.index(t) for row in free.tolist())) if stops else None
+    items = list(generate_stream(model, prompt, n, eos_token_id=eos, **kw))
+    ends = [n if eos not in row else row.index(eos) + 1 for row in free.tolist()]
+    assert len(items) == max(ends) and (max(ends) < n) == stops
+    assert all(state is None for _, state in items[:-1])
+    new, final = torch.stack([t for t, _ in items], 1), items[-1][1]
+    for row, end in enumerate(ends):
+        assert torch.equal(new[row, :end], free[row, :end])
+        want = model(torch.cat([prompt[row], new[row, :end]])[None]).state
+        got = final.select([row])
+        assert all(rel_err(a, b) < 1e-12 for a, b in zip(got.kv, want.kv))
+        assert torch.equal(got.offset, want.offset)
+    assert list(generate_stream(model, prompt, 0)) == []
 
 
 def test_state_select_clone_to_and_cat():

@@ -94,10 +94,10 @@ def generate_until(model: RetNetLM, tokenizer: Tokenizer, context: str, until: S
     device = model.embed.weight.device
     text = TextStream(tokenizer, [s for s in until if s])
     parts = []
-    for token, state in generate_stream(model, torch.tensor([ids], device=device),
-                                        max_new_tokens, temperature=temperature, seed=seed,
-                                        eos_token_id=tokenizer.eos_id, prefill_form=form):
-        if state is not None or int(token[0]) == tokenizer.eos_id:
+    for token, _ in generate_stream(model, torch.tensor([ids], device=device),
+                                    max_new_tokens, temperature=temperature, seed=seed,
+                                    eos_token_id=tokenizer.eos_id, prefill_form=form):
+        if int(token[0]) == tokenizer.eos_id:
             break
         parts.append(text.push(int(token[0])))
         if text.stopped:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from retnet.device import check_device, pick_device
-from retnet.generation.loop import generate_stream
+from retnet.generation.loop import generate_stream, prefill
 from retnet.generation.text import TextStream
 from retnet.loading import DTYPES, check_quantization, load
 from retnet.model import RetNetLM, RetNetState, load_state, save_state
@@ -128,24 +128,29 @@ def _echoed(stream: Iterator, echo: str) -> Iterator:
     """The stream, with `echo` written to stdout once the prompt has been read: the notices
     the first forward may print (on stderr, once each) then come before the text, never
     inside it on a terminal."""
-    first = next(stream)
+    first = next(stream, None)  # None: nothing to generate (--max-new-tokens 0)
     sys.stderr.flush()
     sys.stdout.write(echo)
-    yield first
-    yield from stream
+    if first is not None:
+        yield first
+        yield from stream
 
 
 def _stream(model: RetNetLM, tok: Tokenizer, ids: torch.Tensor, state: RetNetState | None,
             opts: GenerateOptions, echo: str = "") -> RetNetState:
     """Generate after ids [1, T], printing `echo` and then the text as TextStream releases
     it; returns the state after every token (a stop string's tokens included)."""
+    if opts.max_new_tokens == 0:  # only read the prompt: its state, for --state-out
+        _, state = prefill(model, ids, state=state)
+        sys.stderr.flush()
+        sys.stdout.write(echo + "\n")
+        return state
     stream = generate_stream(model, ids, seed=opts.seed, state=state, **_sampling(opts, tok))
-    stream = _echoed(stream, echo)
     text = TextStream(tok, opts.stop)
-    for token, final in stream:
-        if final is not None:
-            state = final
-        elif int(token[0]) != tok.eos_id:
+    for token, after in _echoed(stream, echo):
+        if after is not None:  # the last item's: the state after every token
+            state = after
+        if int(token[0]) != tok.eos_id:
             sys.stdout.write(text.push(int(token[0])))
             sys.stdout.flush()
     sys.stdout.write(text.finish() + "\n")
@@ -164,8 +169,8 @@ def _samples(model: RetNetLM, tok: Tokenizer, ids: torch.Tensor, state: RetNetSt
                                      **_sampling(opts, tok)), echo)
     streams = [TextStream(tok, opts.stop) for _ in range(ids.shape[0])]
     texts, done = [""] * ids.shape[0], [False] * ids.shape[0]
-    for token, final in stream:
-        for row, t in enumerate(token.tolist() if final is None else []):
+    for token, _ in stream:
+        for row, t in enumerate(token.tolist()):
             done[row] = done[row] or t == tok.eos_id  # then pads follow
             if not done[row]:
                 texts[row] += streams[row].push(t)

@@ -122,17 +122,23 @@ def generate_stream(model: RetNetLM, input_ids: Tensor, max_new_tokens: int, *,
                     tokenizer: Tokenizer | None = None, seed: int | Sequence[int] | None = None,
                     state: RetNetState | None = None, prefill_form: Form = CHUNKWISE
                     ) -> Iterator[tuple[Tensor, RetNetState | None]]:
-    """Yield ([B] new tokens, None) per step; finally (empty, state after every token).
+    """Yield one ([B] new tokens, state) per generated token: state is None but on the last
+    item, where it is the state after every token (the last one included).
 
     input_ids [B, T], left-padded under attention_mask [B, T]. A row stops at eos_token_id or
     once its text (decoded by tokenizer) holds one of the stop strings; finished rows yield
-    pad_token_id. The caller's state is never modified. temperature 0 is greedy, and so is one
-    small enough to overflow the logits (1e-40); one that is not finite is a ValueError
-    (`SamplingParams`)."""
+    pad_token_id, and once every row has stopped the stream ends. max_new_tokens 0 yields
+    nothing (the prompt is not read): the state after the prompt alone is `prefill`'s. The
+    caller's state is never modified. temperature 0 is greedy, and so is one small enough to
+    overflow the logits (1e-40); one that is not finite is a ValueError (`SamplingParams`)."""
     params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
     B, _ = check_prompt(input_ids, attention_mask)
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be 0 or more, got {max_new_tokens}")
     if stop and tokenizer is None:
         raise ValueError("stop strings need the tokenizer: pass tokenizer=...")
+    if max_new_tokens == 0:
+        return
     pad = pad_id(pad_token_id, eos_token_id)
     generators = make_generators(seed, B)
     seen = _seen_tokens(input_ids, attention_mask, model.config.vocab_size, params)
@@ -140,19 +146,19 @@ def generate_stream(model: RetNetLM, input_ids: Tensor, max_new_tokens: int, *,
     active = torch.ones(B, dtype=torch.bool, device=input_ids.device)
     texts = [TextStream(tokenizer, stop) for _ in range(B)] if stop else None
     buffers = StepBuffers()  # prefill made a fresh state: this loop owns every state it steps
-    for _ in range(max_new_tokens):
+    for n in range(1, max_new_tokens + 1):
         token = sample(logits, params, generators, seen).masked_fill(~active, pad)
         if seen is not None:
             seen[torch.arange(B), token] |= active
+        # the rows that read this token (its eos included) before the ones that go on
+        reading, active = active, _still_active(token, active, eos_token_id, texts)
+        if n == max_new_tokens or not active.any():
+            _, state = buffers.step(model, token, state, reading)
+            yield token, state
+            return
+        # yielded before the step, so the text streams while the state consumes the token
         yield token, None
-        logits, state = buffers.step(model, token, state, active)  # the state consumes it
-        if eos_token_id is not None:
-            active &= token != eos_token_id
-        if texts is not None:
-            active &= ~_hit_stop(token, active, texts)
-        if not active.any():
-            break
-    yield input_ids.new_empty(0), state
+        logits, state = buffers.step(model, token, state, reading)
 
 
 def generate(model: RetNetLM, input_ids: Tensor, max_new_tokens: int, **kwargs
@@ -162,12 +168,12 @@ def generate(model: RetNetLM, input_ids: Tensor, max_new_tokens: int, **kwargs
     every returned token. Arguments as `generate_stream`, plus return_state."""
     return_state = kwargs.pop("return_state", False)
     pad = pad_id(kwargs.get("pad_token_id"), kwargs.get("eos_token_id"))
-    steps, final = [], None
-    for token, state in generate_stream(model, input_ids, max_new_tokens, **kwargs):
-        if state is not None:
-            final = state
-        else:
-            steps.append(token)
+    items = list(generate_stream(model, input_ids, max_new_tokens, **kwargs))
+    steps = [token for token, _ in items]
+    final = items[-1][1] if items else None  # the last item's: the state after every token
+    if final is None and return_state:  # nothing generated: the state after the prompt
+        _, final = prefill(model, input_ids, kwargs.get("attention_mask"), kwargs.get("state"),
+                           form=kwargs.get("prefill_form", CHUNKWISE))
     new = (torch.stack(steps, 1) if steps
            else input_ids.new_empty(input_ids.shape[0], 0))
     if new.shape[1] < max_new_tokens:  # everyone stopped early
@@ -200,6 +206,17 @@ def _seen_tokens(input_ids: Tensor, mask: Tensor | None, vocab: int,
     real = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.bool()
     seen.scatter_(1, input_ids.clamp(max=vocab - 1), real)
     return seen
+
+
+def _still_active(token: Tensor, active: Tensor, eos_token_id: int | None,
+                  texts: list[TextStream] | None) -> Tensor:
+    """[B] bool, a new tensor: the rows of `active` that go on after token [B], neither at
+    eos_token_id nor with a stop string in their text (which reads the token)."""
+    if eos_token_id is not None:
+        active = active & (token != eos_token_id)
+    if texts is not None:
+        active = active & ~_hit_stop(token, active, texts)
+    return active
 
 
 def _hit_stop(token: Tensor, active: Tensor, texts: list[TextStream]) -> Tensor:
