@@ -25,6 +25,7 @@ from retnet.options import (
     check_options,
     check_types,
     opt,
+    require,
 )
 from retnet.train.step import BETA2, MAX_GRAD_NORM, MIN_LR_RATIO, WEIGHT_DECAY, Schedule
 
@@ -91,6 +92,13 @@ class TrainConfig:
     eval_every: int = opt(100, "evaluate the validation loss every N steps",
                           bounds=AT_LEAST_ONE)
     eval_batches: int = opt(8, "fixed validation batches per evaluation", bounds=AT_LEAST_ONE)
+    eval_tasks: str | None = opt(None, "comma-separated lm-eval tasks (e.g. retnet_mc) run on "
+                                 "the model as it trains, each task's main metric logged as "
+                                 "eval/TASK/METRIC (the eval extra)", metavar="TASKS")
+    eval_tasks_every: int | None = opt(None, "run --eval-tasks every N steps (default: at each "
+                                       "evaluation, --eval-every)", bounds=AT_LEAST_ONE)
+    eval_tasks_limit: int = opt(100, "documents per task at each run of --eval-tasks",
+                                bounds=AT_LEAST_ONE)
     save_every: int = opt(200, "save a checkpoint every N steps (the two newest are kept)",
                           bounds=AT_LEAST_ONE)
     seed: int = opt(0, "seed of the initial weights and of the batch order", bounds=SEED)
@@ -134,6 +142,10 @@ class TrainConfig:
                              "TrainConfig.from_file(path, **overrides)")
         check_device(self.device)
         check_finetune(self)
+        if self.eval_tasks is not None:
+            require("eval", "lm_eval")
+        elif self.eval_tasks_every is not None:
+            raise ValueError("--eval-tasks-every applies to --eval-tasks; none given")
 
     @property
     def form(self) -> Form:
@@ -144,6 +156,16 @@ class TrainConfig:
     def form_fields(form: Form) -> dict[str, Any]:
         """The mode and chunk_size options that give `form`: TrainConfig(**form_fields(f))."""
         return {"mode": form.mode, "chunk_size": form.chunk_size}
+
+    @property
+    def task_names(self) -> list[str]:
+        """The --eval-tasks, in order ([] without them)."""
+        return [] if self.eval_tasks is None else self.eval_tasks.split(",")
+
+    def tasks_due(self, step: int, last: int) -> bool:
+        """Whether --eval-tasks run after `step` (1-based) of a run ending at `last`."""
+        every = self.eval_tasks_every or self.eval_every
+        return self.eval_tasks is not None and (step % every == 0 or step == last)
 
     @property
     def lr_schedule(self) -> Schedule:

@@ -303,6 +303,10 @@ def train(cfg: TrainConfig) -> dict[str, float]:
 def _train(cfg: TrainConfig, ctx: dist.Context) -> dict[str, float]:
     out = Path(cfg.out)
     _check_fresh(cfg)  # on every rank, so that none waits for a rank that refused
+    if cfg.eval_tasks is not None:  # an unknown task is refused before any work too
+        from retnet.train.eval_tasks import check_tasks
+
+        check_tasks(cfg.task_names)
     if ctx.is_main:  # only rank 0 saves, so only it may judge a temp folder orphaned
         _make_run_dir(out, cfg.overwrite and not cfg.resume)
     run = _prepare(cfg, ctx)
@@ -341,6 +345,8 @@ def _train(cfg: TrainConfig, ctx: dist.Context) -> dict[str, float]:
                 if run.samples is not None and ctx.is_main:
                     record["samples"] = run.samples()
                     bar.write("\n".join(f"  sample: {line}" for line in record["samples"]))
+            if cfg.tasks_due(step, last):
+                record |= _task_metrics(run, cfg, ctx, bar, step)
             if ctx.is_main:
                 _log(out / "metrics.jsonl", record)
                 sinks.log(record)
@@ -359,6 +365,19 @@ def _train(cfg: TrainConfig, ctx: dist.Context) -> dict[str, float]:
 
         plot_losses(out / "metrics.jsonl", out / "loss.png")
     return result
+
+
+def _task_metrics(run: _Run, cfg: TrainConfig, ctx: dist.Context, bar: tqdm,
+                  step: int) -> dict[str, float]:
+    """--eval-tasks on the model as it is after `step`, on every process (a sharded model's
+    forward is a collective); rank 0 prints them."""
+    from retnet.train.eval_tasks import task_metrics
+
+    metrics = task_metrics(run.model, run.tokenizer, cfg.task_names, cfg.eval_tasks_limit)
+    if ctx.is_main:
+        bar.write(f"step {step}: " + ", ".join(f"{key.removeprefix('eval/')} {value:.4f}"
+                                               for key, value in metrics.items()))
+    return metrics
 
 
 def _complete(cfg: TrainConfig, step: int) -> str:

@@ -27,7 +27,7 @@ class MetricSinks:
                                     config=config, name=out.name)
 
     def log(self, record: dict[str, Any]) -> None:
-        """The record's numbers (loss, lr, tokens_per_s, val_*) at its step."""
+        """The record's numbers (loss, lr, tokens_per_s, val_*, eval/TASK/METRIC) at its step."""
         step = record["step"]
         scalars = {k: float(v) for k, v in record.items()
                    if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
