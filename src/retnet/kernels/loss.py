@@ -21,7 +21,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-CHUNK_BYTES = 64 << 20  # logits of one chunk: 64 MiB (512 rows at V = 32000, float32)
+# logits of one chunk: 32 MiB (256 rows at V = 32000, float32). Each chunk is still a
+# full-speed product (256 × D × V), and the chunk is a transient at the peak of a step: at 64
+# MiB it was a tenth of a LoRA step's peak at the `small` preset (benchmarks/finetune.py).
+CHUNK_BYTES = 32 << 20
 
 
 def _compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -45,7 +48,7 @@ def _chunk_terms(h: Tensor, w: Tensor, t: Tensor, ignore_index: int
     target = torch.where(real, t, 0)
     picked = logits.gather(1, target[:, None]).squeeze(1)  # [C]
     # logsumexp and softmax in the logits' own memory: torch.logsumexp would make a [C, V]
-    # temporary (a fresh 64 MiB block, and one more pass over it, per chunk)
+    # temporary (a fresh 32 MiB block, and one more pass over it, per chunk)
     top = logits.amax(-1, keepdim=True)  # [C, 1]
     probs = logits.sub_(top).exp_()
     total = probs.sum(-1, keepdim=True)  # [C, 1]
@@ -94,7 +97,7 @@ def chunked_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *,
 
     hidden [..., D] (any dtype; computed in float32, float64 for float64 inputs);
     weight [V, D]; targets [...] of the same leading shape, `ignore_index` for no target.
-    chunk_rows: rows per chunk (default: logits of about 64 MiB). Autocast does not apply:
+    chunk_rows: rows per chunk (default: logits of about 32 MiB). Autocast does not apply:
     the products run in the compute dtype, so the loss is that of the plain float32 head."""
     h, t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     if h.shape[0] != t.shape[0]:

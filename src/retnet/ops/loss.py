@@ -18,7 +18,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *,
 
     hidden [..., D] (any dtype; computed in float32, float64 for float64 inputs); weight
     [V, D]; targets [...] of the same leading shape, `ignore_index` for no target. chunk_rows:
-    rows per chunk of the chunked path (default: logits of about 64 MiB). Autocast does not
+    rows per chunk of the chunked path (default: logits of about 32 MiB). Autocast does not
     apply: the products run in the compute dtype, so the loss is that of the plain float32
     head."""
     rows = hidden.shape[:-1].numel()
