@@ -18,6 +18,7 @@ import torch
 
 from retnet.bench.machine import describe_machine, header
 from retnet.bench.measure import script_parser, write_results
+from retnet.memory import keep_freed_memory
 from retnet.model import RetNetConfig, RetNetLM
 from retnet.modules.lora import add_lora
 from retnet.train.step import adamw, train_step
@@ -34,7 +35,9 @@ def _rss_mib() -> float:
 
 
 def cell(mode: str, preset: str, batch: int, seq_len: int, steps: int) -> dict:
-    """One process's measurement: `steps` timed optimiser steps after one warm-up step."""
+    """One process's measurement: `steps` timed optimiser steps after one warm-up step, with
+    the allocator as `retnet train` sets it (freed blocks kept for reuse: retnet.memory)."""
+    keep_freed_memory()
     torch.manual_seed(0)
     model = RetNetLM(RetNetConfig.from_preset(preset)).train()
     if mode == "lora":

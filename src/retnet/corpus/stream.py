@@ -5,6 +5,7 @@ kept by the next run; an unchanged corpus is not tokenised again."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import multiprocessing
@@ -66,6 +67,21 @@ def encode_batch(batch: list[sources.Item], tokenizer=None) -> tuple[np.ndarray,
     return (np.concatenate(arrays) if arrays else np.zeros(0, dtype)), stats
 
 
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """One worker is one core: the BPE's encode_batch in this process would otherwise start a
+    thread per core (so `--workers 1` would use them all and `--workers N` would not be N× it)."""
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
+
+
 def _batches(stream: Iterator[sources.Item]) -> Iterator[list[sources.Item]]:
     batch, size = [], 0
     for item in stream:
@@ -83,7 +99,8 @@ def _encoded(batches: Iterator[list], tokenizer, workers: int) -> Iterator[tuple
     head = list(itertools.islice(batches, 2))
     batches = itertools.chain(head, batches)
     if workers <= 1 or len(head) < 2:  # one batch: starting processes would cost more
-        yield from (encode_batch(b, tokenizer) for b in batches)
+        with _one_thread() if workers <= 1 else contextlib.nullcontext():
+            yield from (encode_batch(b, tokenizer) for b in batches)
         return
     # spawn: a forked child would inherit the tokenizers library's thread pool (it deadlocks)
     ctx = multiprocessing.get_context("spawn")
