@@ -3,7 +3,8 @@ without): the same model, batch and tokens through `train_step` in the chunkwise
 resets of packed standard-library documents and without any, alternated round by round in one
 process, medians.
 
-    .venv/bin/python benchmarks/boundaries.py [--preset small] [--seq-len 2048] [--out DIR]
+    .venv/bin/python benchmarks/boundaries.py [--preset small] [--seq-len 2048] [--doc-tokens N]
+        [--out DIR]
 """
 
 from __future__ import annotations
@@ -23,11 +24,16 @@ from retnet.train.step import adamw, train_step
 BYTES_PER_TOKEN = 3.6  # the demo BPE on the standard library: document lengths in tokens
 
 
-def packed_resets(batch: int, seq_len: int, seed: int = 0) -> torch.Tensor:
-    """[batch, seq_len] bool: True where a document starts when standard-library files (their
-    lengths in tokens, in shuffled order) are packed end to end, as `retnet train` packs."""
-    lengths = [max(1, round(len(d.text.encode()) / BYTES_PER_TOKEN)) for d in stdlib_documents()]
-    random.Random(seed).shuffle(lengths)
+def packed_resets(batch: int, seq_len: int, doc_tokens: int = 0, seed: int = 0) -> torch.Tensor:
+    """[batch, seq_len] bool: True where a document starts when documents are packed end to
+    end, as `retnet train` packs: standard-library files (their lengths in tokens, in shuffled
+    order), or documents of `doc_tokens` tokens each."""
+    if doc_tokens:
+        lengths = [doc_tokens] * (batch * seq_len // doc_tokens + 1)
+    else:
+        lengths = [max(1, round(len(d.text.encode()) / BYTES_PER_TOKEN))
+                   for d in stdlib_documents()]
+        random.Random(seed).shuffle(lengths)
     starts, pos = torch.zeros(batch * seq_len, dtype=torch.bool), 0
     for n in lengths:
         if pos >= starts.numel():
@@ -43,12 +49,14 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--doc-tokens", type=int, default=0,
+                   help="documents of this many tokens (default 0: the standard library's)")
     args = p.parse_args()
     torch.manual_seed(0)
     model = RetNetLM(RetNetConfig.from_preset(args.preset)).train()
     opt = adamw(model, 1e-4)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq_len + 1))
-    resets = packed_resets(args.batch, args.seq_len)
+    resets = packed_resets(args.batch, args.seq_len, args.doc_tokens)
     modes = {"without": None, "with": resets}
     times: dict[str, list[float]] = {m: [] for m in modes}
     for r in range(args.rounds + 1):  # round 0 warms both up, unrecorded
