@@ -25,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MUTATIONS = ROOT / "tests" / "mutations"
-COPIED = ("src", "tests", "pyproject.toml")
+COPIED = ("src", "tests", "pyproject.toml", "README.md")  # README: tests/project/test_readme.py
 
 
 def header(patch: Path) -> dict[str, str]:
