@@ -200,6 +200,22 @@ def read_chat_template(path: str | Path) -> dict[str, str]:
     return template
 
 
+def render_chat(messages: list[dict], tokenizer: Tokenizer, template: dict[str, str]
+                ) -> tuple[list[int], list[int]]:
+    """Chat messages → (prompt ids, the token count after each message), with the template's
+    generation prompt at the end: what the server reads for /v1/chat/completions and
+    `retnet generate --chat` for one user message. Messages are tokenised one by one and
+    concatenated, so the count at each message boundary is exact: the server stores prefix
+    states there, and the next turn of the same conversation reuses them."""
+    ids: list[int] = []
+    ends = []
+    for m in messages:
+        ids += tokenizer.encode(template["message"].format(role=m["role"], content=m["content"]))
+        ends.append(len(ids))
+    ids += tokenizer.encode(template["generation_prompt"])
+    return ids, ends
+
+
 def chat_template_jinja(template: dict[str, str]) -> str:
     """retnet's chat template (`message` formats each message with str.format fields {role}
     and {content}; `generation_prompt` is literal text) as the Jinja string that transformers'

@@ -87,6 +87,20 @@ def test_a_prompt_file_is_read_and_not_echoed(run, model, tmp_path, capsys):
     assert copy == second
 
 
+def test_chat_renders_the_message_with_the_template_and_prints_the_answer(run, model, capsys):
+    """--chat MESSAGE: the prompt is the user turn in the run's chat template (none saved here:
+    the default, written out by hand below) and the assistant's generation prompt; only the
+    answer is printed, as greedy full forwards of that text give it."""
+    message = HISTORY + WORD + "|"
+    assert generate_cli("--checkpoint", str(run), "--chat", message) == 0
+    rendered = "<|user|>\n" + message + "\n<|assistant|>\n"
+    new = cold_greedy(model, rendered, 14)
+    if TOK.eos_id in new:
+        new = new[:new.index(TOK.eos_id)]
+    assert capsys.readouterr().out == TOK.decode(new) + "\n"
+    assert main(["generate", "--checkpoint", str(run), "--chat", "hi", "--prompt", "x"]) == 2
+
+
 def test_the_prompt_from_standard_input(run, model, monkeypatch, capsys):
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(PROMPT.encode())))
     assert command(GenerateOptions(checkpoint=str(run), prompt_file="-", max_new_tokens=14,
@@ -96,7 +110,8 @@ def test_the_prompt_from_standard_input(run, model, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--prompt", "a", "--prompt-file", "p.txt"], "--prompt or --prompt-file, not both"),
+    (["--prompt", "a", "--prompt-file", "p.txt"], "not --prompt and --prompt-file"),
+    (["--chat", "hi", "--prompt", "a"], "one of --prompt, --prompt-file and --chat"),
     (["--prompt-file", "missing.txt"], "--prompt-file missing.txt is not a file"),
     (["--prompt-file", "latin1.txt"], "is not UTF-8 text"),
     (["--stop", ""], "--stop needs non-empty"),
@@ -110,7 +125,7 @@ def test_bad_options_exit_2_with_one_line_before_the_model_loads(run, tmp_path, 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "p.txt").write_text("x")
     (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
-    monkeypatch.setattr("retnet.generation.command.load", None)  # never reached
+    monkeypatch.setattr("retnet.generation.command.load_run", None)  # never reached
     assert generate_cli("--checkpoint", str(run), *args) == 2
     out, err = capsys.readouterr()
     assert out == "" and len(err.strip().splitlines()) == 1 and message in err, err

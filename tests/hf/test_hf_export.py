@@ -134,7 +134,7 @@ def test_tie_word_embeddings_follows_tie_embeddings(exported):
 
 
 def retnet_chat(template: dict, prompt: bool = True) -> str:
-    """The text retnet's own chat rendering (retnet.serve.chat) makes of MESSAGES."""
+    """The text retnet's own chat rendering (retnet.tokenizer.render_chat) makes of MESSAGES."""
     text = "".join(template["message"].format(role=m["role"], content=m["content"])
                    for m in MESSAGES)
     return text + (template["generation_prompt"] if prompt else "")

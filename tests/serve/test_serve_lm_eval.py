@@ -40,8 +40,7 @@ def test_local_chat_completions_generates_what_the_chat_template_prompts(srv):
     on the prompt rendered with the server's chat template, cut at the task's stop string."""
     import json
 
-    from retnet.serve.chat import render_chat
-    from retnet.tokenizer import DEFAULT_CHAT_TEMPLATE
+    from retnet.tokenizer import DEFAULT_CHAT_TEMPLATE, render_chat
     from servers import reference
 
     out = evaluate("local-chat-completions", tasks=["retnet_gen"], apply_chat_template=True,

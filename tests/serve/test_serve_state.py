@@ -64,8 +64,7 @@ def chat(s, messages) -> tuple[list[str], list[float], int]:
 
 
 def test_chat_turns_continue_from_message_boundaries(srv):
-    from retnet.serve.chat import render_chat
-    from retnet.tokenizer import DEFAULT_CHAT_TEMPLATE
+    from retnet.tokenizer import DEFAULT_CHAT_TEMPLATE, render_chat
 
     words = [random_word(random.Random(90 + i)) for i in range(3)]
     turn = [{"role": "system", "content": EPISODES[:120]},

@@ -14,7 +14,7 @@ import torch
 from retnet.device import check_device, pick_device
 from retnet.generation.loop import generate_stream, prefill
 from retnet.generation.text import TextStream
-from retnet.loading import DTYPES, check_quantization, load
+from retnet.loading import DTYPES, check_quantization, load_run
 from retnet.model import RetNetLM, RetNetState, load_state, save_state
 from retnet.model.fast_decode import decode_path
 from retnet.modules.quant import QUANTIZATIONS
@@ -28,7 +28,7 @@ from retnet.options import (
     opt,
     short,
 )
-from retnet.tokenizer import Tokenizer
+from retnet.tokenizer import DEFAULT_CHAT_TEMPLATE, Tokenizer, render_chat
 
 MAX_SAMPLES = 256  # rows decoded together: each holds its own state and sampler
 
@@ -42,6 +42,10 @@ class GenerateOptions:
                              "none, the model starts a document)")
     prompt_file: str | None = opt(None, "read the prompt from FILE ('-': standard input) "
                                   "instead of --prompt; it is not echoed", metavar="FILE")
+    chat: str | None = opt(None, "a user message instead of a prompt: rendered with the "
+                           "checkpoint's chat template as the server renders a chat request, "
+                           "and only the answer printed (it ends at <|endoftext|>)",
+                           metavar="MESSAGE")
     max_new_tokens: int = opt(200, "tokens to generate; 0: only read the prompt (--state-out)",
                               bounds=NON_NEGATIVE)
     temperature: float = opt(0.8, "0 for greedy; one so small that the logits divided by it "
@@ -79,9 +83,11 @@ class GenerateOptions:
         check_options(self)  # types, --dtype, and every number's range (--temperature nan)
         if self.num_samples > 1 and self.state_out:
             raise ValueError("--state-out saves one state: use it with --num-samples 1")
-        if self.prompt is not None and self.prompt_file is not None:
-            raise ValueError("pass the prompt with --prompt or --prompt-file, not both")
-        if not _is_text(self.prompt or ""):
+        given = [f for f in ("prompt", "prompt_file", "chat") if getattr(self, f) is not None]
+        if len(given) > 1:
+            raise ValueError(f"pass one of --prompt, --prompt-file and --chat, not "
+                             f"{' and '.join('--' + f.replace('_', '-') for f in given)}")
+        if not (_is_text(self.prompt or "") and _is_text(self.chat or "")):
             raise ValueError("--prompt is not valid UTF-8 text")
         if not all(s and _is_text(s) for s in self.stop):
             raise ValueError(f"--stop needs non-empty UTF-8 strings; got {short(self.stop)}")
@@ -92,18 +98,23 @@ def command(opts: GenerateOptions) -> int:
     """Print the prompt (when given with --prompt) and its continuation as it is made."""
     _check_paths(opts)
     prompt = _read_prompt(opts.prompt_file) if opts.prompt_file else opts.prompt or ""
-    model, tok = load(opts.checkpoint, pick_device(opts.device), opts.dtype, opts.quantization,
+    loaded = load_run(opts.checkpoint, pick_device(opts.device), opts.dtype, opts.quantization,
                       layout="inference", adapter=opts.adapter)
+    model, tok = loaded.model, loaded.tokenizer
     fingerprint = model.config.fingerprint()
     device = model.embed.weight.device
     state = None
     if opts.state_in:
         state = load_state(opts.state_in, fingerprint, device).to(dtype=model.state_dtype)
     ids = tok.encode(prompt) or [tok.eos_id]
+    if opts.chat is not None:  # the answer only: the rendered turn is not echoed
+        template = loaded.chat_template or DEFAULT_CHAT_TEMPLATE
+        ids = render_chat([{"role": "user", "content": opts.chat}], tok, template)[0]
     if max(ids) >= model.config.vocab_size:
         raise ValueError("the prompt encodes to ids beyond the model's vocabulary")
     print(f"decode: {decode_path(model)}", file=sys.stderr, flush=True)
-    echo = prompt if opts.prompt_file is None else ""  # a file is not echoed back (#17)
+    # a file is not echoed back (#17), nor the rendered chat turn
+    echo = prompt if opts.prompt_file is None and opts.chat is None else ""
     if opts.num_samples > 1:
         ids = torch.tensor([ids] * opts.num_samples, device=device)
         _samples(model, tok, ids, state, opts, echo)

@@ -18,14 +18,13 @@ from starlette.exceptions import HTTPException
 
 from retnet.generation import SamplingParams
 from retnet.serve import validate as v
-from retnet.serve.chat import render_chat
 from retnet.serve.engine import Engine
 from retnet.serve.guard import Guard
 from retnet.serve.metrics import CONTENT_TYPE, prometheus_text, registry
 from retnet.serve.request import Request as EngineRequest
 from retnet.serve.respond import Run, draining, respond_all, state_not_found
 from retnet.serve.validate import ApiError, Limits, error_body
-from retnet.tokenizer import EOS, PAD, Tokenizer, chat_template_jinja
+from retnet.tokenizer import EOS, PAD, Tokenizer, chat_template_jinja, render_chat
 
 Disconnected = Callable[[], Awaitable[bool]]
 

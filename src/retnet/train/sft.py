@@ -6,12 +6,12 @@ Records (JSONL, one per line), the forms TRL and most chat datasets use:
     {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
     {"prompt": "...", "completion": "..."}   (or lists of messages for either)
 
-Each message is rendered on its own (`template["message"]`), as `retnet.serve.chat` does, and
-an assistant message is trained on after its generation prompt (the server writes that part),
-followed by <|endoftext|>, the token the server stops at. A row is int64 [T + 1] whose low 32
-bits are the token id and whose high bits are flags: TARGET (the loss is taken where this
-token is predicted) and START (a conversation starts here: `resets` of the forward). Rows hold
-one conversation padded, or several packed, each then read alone through the resets.
+Each message is rendered on its own (`template["message"]`), as `retnet.tokenizer.render_chat`
+does, and an assistant message is trained on after its generation prompt (the server writes
+that part), followed by <|endoftext|>, the token the server stops at. A row is int64 [T + 1]
+whose low 32 bits are the token id and whose high bits are flags: TARGET (the loss is taken
+where this token is predicted) and START (a conversation starts here: `resets` of the forward).
+Rows hold one conversation padded, or several packed, each then read alone through the resets.
 """
 
 from __future__ import annotations
