@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from retnet.ops.low_rank import LowRank, add_low_rank
+from retnet.ops.low_rank import LowRank, add_low_rank, low_rank_grads
 
 _BACKWARD = {"gelu": lambda grad, h: torch.ops.aten.gelu_backward(grad, h),
              "swish": lambda grad, h: torch.ops.aten.silu_backward(grad, h)}
@@ -43,10 +43,9 @@ class _ActLinear(torch.autograd.Function):
         grad_a = g.mm(weight)  # [N, hidden]
         grad_low: tuple[Tensor | None, ...] = ()
         if low:  # y += s·(a Aᵀ) Bᵀ: dA = (s g B)ᵀ a, dB = s gᵀ (a Aᵀ)
-            A, B = low
-            g_low = g.mm(B) * ctx.scale  # [N, r]
-            grad_low = (g_low.t().mm(a), g.t().mm(a.mm(A.t())) * ctx.scale)
-            grad_a.addmm_(g_low, A)
+            g_low, grad_b = low_rank_grads(g, a, LowRank(*low, ctx.scale))
+            grad_low = (g_low.t().mm(a), grad_b)
+            grad_a.addmm_(g_low, low[0])
         grad_h = _BACKWARD[ctx.kind](grad_a.view(h.shape), h) if needs[0] else None
         return grad_h, grad_w, None, None, *grad_low
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from retnet.ops.low_rank import LowRank, add_low_rank
+from retnet.ops.low_rank import LowRank, add_low_rank, low_rank_grads
 
 
 class HeadNormGate(torch.autograd.Function):
@@ -46,10 +46,9 @@ class HeadNormGate(torch.autograd.Function):
                 d_out_weight = flat.t().mm(y)
             d_y = flat.mm(out_weight)  # [N, H·V]
             if low:  # out += s·(y Aᵀ) Bᵀ: dA = (s g B)ᵀ y, dB = s gᵀ (y Aᵀ)
-                A, B = low
-                g_low = flat.mm(B) * ctx.scale  # [N, r]
-                d_low = (g_low.t().mm(y), flat.t().mm(y.mm(A.t())) * ctx.scale)
-                d_y.addmm_(g_low, A)
+                g_low, grad_b = low_rank_grads(flat, y, LowRank(*low, ctx.scale))
+                d_low = (g_low.t().mm(y), grad_b)
+                d_y.addmm_(g_low, low[0])
             grad = d_y.view(*grad.shape[:-1], -1)
         d_o, d_g, d_w, d_b = torch.ops.retnet.head_norm_gate_backward(
             grad.contiguous(), o_full, floor, g, weight, bias, ctx.eps)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from retnet.ops.low_rank import LowRank, add_low_rank
+from retnet.ops.low_rank import LowRank, add_low_rank, low_rank_grads
 
 
 class _LayerNormLinear(torch.autograd.Function):
@@ -46,9 +46,9 @@ class _LayerNormLinear(torch.autograd.Function):
                 grad_tensors[i] = g.t().mm(flat)
             part = g.mm(weight)  # [N, D]
             if lo is not None:  # y += s·(xn Aᵀ) Bᵀ: dB = s gᵀ(xn Aᵀ), dA = (s g B)ᵀ xn
-                g_low = g.mm(lo.b) * lo.scale  # [N, r]
+                g_low, grad_b = low_rank_grads(g, flat, lo)
                 grad_tensors[low_at] = g_low.t().mm(flat)
-                grad_tensors[low_at + 1] = g.t().mm(flat.mm(lo.a.t())) * lo.scale
+                grad_tensors[low_at + 1] = grad_b
                 part.addmm_(g_low, lo.a)
                 low_at += 2
             grad_xn = part if grad_xn is None else grad_xn.add_(part)

@@ -27,3 +27,12 @@ def add_low_rank(y: Tensor, x: Tensor, low: LowRank) -> Tensor:
     flat = torch.addmm(y.reshape(-1, y.shape[-1]), part.reshape(-1, part.shape[-1]),
                        low.b.to(x.dtype).t())
     return flat.view(y.shape)
+
+
+def low_rank_grads(g: Tensor, x: Tensor, lo: LowRank) -> tuple[Tensor, Tensor]:
+    """For y += s·(x Aᵀ) Bᵀ with output gradient g [N, OUT] and input x [N, IN]: (s g B [N, r],
+    dB = s gᵀ (x Aᵀ) [OUT, r]). Each product is written with the r rows first ([r, ·] @ [·, ·],
+    then transposed): BLAS runs those several times faster than a product with r columns."""
+    g_low = lo.b.t().mm(g.t()).t() * lo.scale  # [N, r]
+    grad_b = (lo.a.mm(x.t())).mm(g).t() * lo.scale  # ((A xᵀ) g)ᵀ = gᵀ x Aᵀ  [OUT, r]
+    return g_low, grad_b
