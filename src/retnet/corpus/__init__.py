@@ -1,4 +1,4 @@
-"""Corpora at any size: streamed multi-worker tokenisation into memory-mapped shards with a
+"""Corpora at any size: streamed multi-worker tokenisation into token shards (read by offset) with a
 document index (`prepare`), read back without loading (`Corpus`), as training windows whose
 document starts come from the index (`CorpusWindows`); `retnet data prepare|info`.
 

@@ -1,7 +1,7 @@
 """A prepared corpus on disk and read back without loading it.
 
 DIR/shard-NNNNN.bin   the tokens of consecutive documents, each followed by <|endoftext|>
-                      (uint16 when the vocabulary fits, else uint32), read with np.memmap
+                      (uint16 when the vocabulary fits, else uint32), read by offset (os.pread)
 DIR/shard-NNNNN.idx.npy  int64 [documents, 2]: each document's tokens and source bytes
 DIR/shard-NNNNN.json  written last: the shard is complete (a resumed run keeps it)
 DIR/manifest.json     written last of all: source fingerprint, tokenizer hash, counts
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -70,8 +71,40 @@ def remove_stale(directory: Path, keep: int) -> None:
     (directory / MANIFEST).unlink(missing_ok=True)
 
 
+class Shard:
+    """One shard's tokens, read by offset (os.pread), not memory-mapped: windows are read at
+    random offsets, and a mapping would leave every page it touched (the kernel maps 64 KiB
+    around each fault) resident in this process, so RSS would grow with the corpus and the
+    steps. Read this way, only the page cache holds them (the kernel's, reclaimable)."""
+
+    def __init__(self, path: Path, dtype: np.dtype, tokens: int) -> None:
+        if not path.is_file() or path.stat().st_size != tokens * dtype.itemsize:
+            raise ValueError(f"{path} is missing or not the size its manifest says; prepare "
+                             "the corpus again (retnet data prepare)")
+        self.path, self.dtype, self.tokens = path, dtype, tokens
+        self._fd: int | None = None
+
+    def __len__(self) -> int:
+        return self.tokens
+
+    def read(self, lo: int, hi: int) -> np.ndarray:
+        """Tokens [lo, hi) of this shard."""
+        if not hasattr(os, "pread"):  # no pread (Windows): a mapping, opened per read
+            return np.array(np.memmap(self.path, dtype=self.dtype, mode="r",
+                                      shape=(self.tokens,))[lo:hi])
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        size = self.dtype.itemsize
+        data = os.pread(self._fd, (hi - lo) * size, lo * size)
+        return np.frombuffer(data, dtype=self.dtype)
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+
+
 class Corpus:
-    """A prepared corpus: its shards memory-mapped, its documents' offsets in memory (16 bytes
+    """A prepared corpus: its shards read by offset, its documents' offsets in memory (16 bytes
     per document). `starts` [documents + 1]: where each document's tokens begin in the
     corpus-wide stream (cumulative lengths, cu_seqlens style); tokens are read on demand."""
 
@@ -90,20 +123,13 @@ class Corpus:
         self.shards, sizes, docs = [], [], []
         for i, record in enumerate(self.manifest["shards"]):
             stem = shard_stem(self.directory, i)
-            self.shards.append(self._map(stem.with_suffix(".bin"), dtype, record["tokens"]))
+            self.shards.append(Shard(stem.with_suffix(".bin"), dtype, record["tokens"]))
             sizes.append(record["tokens"])
             docs.append(np.load(stem.with_suffix(".idx.npy")))
         table = np.concatenate(docs) if docs else np.zeros((0, 2), np.int64)
         self.starts = np.concatenate([[0], np.cumsum(table[:, 0])]).astype(np.int64)
         self.doc_bytes = table[:, 1]
         self.shard_starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-
-    @staticmethod
-    def _map(path: Path, dtype: np.dtype, tokens: int) -> np.ndarray:
-        if not path.is_file() or path.stat().st_size != tokens * dtype.itemsize:
-            raise ValueError(f"{path} is missing or not the size its manifest says; prepare "
-                             "the corpus again (retnet data prepare)")
-        return np.memmap(path, dtype=dtype, mode="r", shape=(tokens,))
 
     @property
     def documents(self) -> int:
@@ -120,7 +146,7 @@ class Corpus:
             s = int(np.searchsorted(self.shard_starts, at, side="right")) - 1
             end = min(hi, int(self.shard_starts[s + 1]))
             base = int(self.shard_starts[s])
-            parts.append(self.shards[s][at - base:end - base])
+            parts.append(self.shards[s].read(at - base, end - base))
             at = end
         return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
