@@ -45,6 +45,17 @@ def user_cache(_private_cache) -> Path:
     return _private_cache[1]
 
 
+@pytest.fixture(params=["kernel", "reference"])
+def fast(request):
+    """Each test twice: the fast paths on (True) and off (False), for tests of a kernel
+    against its reference."""
+    from retnet import kernels
+
+    kernels.set_enabled(request.param == "kernel")
+    yield request.param == "kernel"
+    kernels.set_enabled(None)
+
+
 @pytest.fixture
 def kernels_on():
     """The fast paths on whatever $RETNET_KERNELS says, for tests of the kernels themselves

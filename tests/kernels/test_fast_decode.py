@@ -32,13 +32,6 @@ VARIANTS = {
 }
 
 
-@pytest.fixture(params=["kernel", "reference"])
-def fast(request):
-    kernels.set_enabled(request.param == "kernel")
-    yield request.param == "kernel"
-    kernels.set_enabled(None)
-
-
 def fused_step(model, ids, state, mask, out) -> RetNetOutput | None:
     """A one-token step of ids [B, 1] through the fast path the dispatch table chooses, as
     `RetNetLM.forward` takes it; None where none runs."""

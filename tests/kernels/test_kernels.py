@@ -15,13 +15,6 @@ from retnet import kernels
 TOL = 1e-5  # relative, float32 accumulation over K ≤ 1029
 
 
-@pytest.fixture(params=["kernel", "reference"])
-def fast(request):
-    kernels.set_enabled(request.param == "kernel")
-    yield request.param == "kernel"
-    kernels.set_enabled(None)
-
-
 def _weight(fmt: str, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """(weight in fmt, scales or None, the float64 weight it stands for)."""
     w = torch.randn(n, k)
