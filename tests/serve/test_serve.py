@@ -29,7 +29,6 @@ def srv(run_dir):
     stop_server(s)
 
 
-
 @pytest.mark.slow
 def test_concurrent_streams_equal_generate(srv):
     """16 streaming clients, prompt lengths 1..300, staggered arrivals, a batch of at most 6:

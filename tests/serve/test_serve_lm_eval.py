@@ -17,7 +17,6 @@ def srv(tmp_path_factory):
     stop_server(s)
 
 
-
 @pytest.mark.slow
 def test_local_completions_against_the_server_scores_like_retnet_eval(srv):
     from retnet.eval.harness import RetNetHarnessLM

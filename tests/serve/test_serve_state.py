@@ -21,14 +21,12 @@ def srv(tmp_path_factory):
     stop_server(s)
 
 
-
 def complete(s, prompt: str, **body) -> dict:
     r = httpx.post(s.url + "/v1/completions", timeout=60, json={
         "model": s.name, "prompt": prompt, "max_tokens": 10, "temperature": 0, "logprobs": 1,
         **body})
     assert r.status_code == 200, r.text
     return r.json()
-
 
 
 def test_a_prompt_that_hits_its_own_cached_state(srv):
