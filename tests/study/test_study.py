@@ -50,8 +50,10 @@ def tiny_grid(tmp_path: Path, steps: int = 6, archs=("retnet", "llama")) -> Path
     return path
 
 
-def _row(report: str, first_cell: str) -> list[str]:
-    line = next(x for x in report.splitlines() if x.startswith(f"| {first_cell} |"))
+def _row(report: str, first_cell: str, section: str = "") -> list[str]:
+    """The cells of the first table row starting with `first_cell` (after `## section`)."""
+    text = report.split(f"## {section}\n", 1)[1] if section else report
+    line = next(x for x in text.splitlines() if x.startswith(f"| {first_cell} |"))
     return [c.strip() for c in line.strip("|").split("|")]
 
 
@@ -59,7 +61,8 @@ def _row(report: str, first_cell: str) -> list[str]:
 def test_quick_study_report_matches_the_cell_records(corpus, tmp_path, capsys):
     out = tmp_path / "quick"
     assert main(["study", "--quick", "--data", str(corpus), "--out", str(out)]) == 0
-    found = records(out)
+    every = records(out)
+    found = {k: r for k, r in every.items() if r["task"] == "lm"}
     assert len(found) == 6 and {r["arch"] for r in found.values()} == {"retnet", "llama",
                                                                        "linear"}
     report = (out / "report.md").read_text()
@@ -75,14 +78,27 @@ def test_quick_study_report_matches_the_cell_records(corpus, tmp_path, capsys):
             line = next(x for x in report.splitlines()
                         if x.startswith(f"| {arch} | {size} | base |"))
             assert f"| {statistics.mean(r['val_loss'] for r in rs):.4f} (" in line
+        # loss by position and few-shot accuracy, each table row against the records
+        assert len(r["loss_by_position"]) == 8 and set(r["few_shot"]["python_mc"]) == {"0", "3"}
+        if r["size"] == "q2":
+            cells = _row(report, r["arch"], "Loss by position")[1:]
+            assert cells == [f"{x:.3f}" for x in r["loss_by_position"]]
+        shots = _row(report, f"{r['arch']} | {r['size']}", "Zero- and few-shot")[3:]
+        assert shots == [f"{r['few_shot']['python_mc'][k]:.3f}" for k in ("0", "3")]
+    recall = [r for r in every.values() if r["task"] == "mqar"]
+    assert {r["arch"] for r in recall} == {"retnet", "llama"}
+    for r in recall:  # trained on recall rows: vocabulary and steps of the [recall] table
+        assert r["status"] == "done" and r["steps"] == 4 and r["model"]["vocab_size"] == 258
+        row = _row(report, f"{r['arch']} | {r['d_model']}", "Recall (MQAR)")[2:]
+        assert row == [f"{r['recall_accuracy'][n]:.3f}" for n in ("2", "4")]
     assert "read byte-identical batches: True" in report
-    for png in ("loss_vs_params.png", "throughput.png"):
-        assert (out / png).stat().st_size > 1000
+    for png in ("loss_vs_params", "loss_vs_flops", "throughput", "mqar", "loss_by_position"):
+        assert (out / f"{png}.png").stat().st_size > 1000 and f"({png}.png)" in report
     lines = (out / "cells.jsonl").read_text()
     capsys.readouterr()
     assert main(["study", "--quick", "--data", str(corpus), "--out", str(out)]) == 0
     assert (out / "cells.jsonl").read_text() == lines  # finished cells are never rerun
-    assert "6 of 6 cells recorded" in capsys.readouterr().out
+    assert "8 of 8 cells recorded" in capsys.readouterr().out
 
 
 def _run_until_mid_cell(args: list[str], out: Path) -> None:
@@ -191,6 +207,14 @@ BAD = {
                 'archs = ["retnet"]\nsizes = ["a"]\n', "budget lr must be a number > 0"),
     "no block": ('[sizes.a]\nd_model = 32\nn_layers = 1\n', "no [[block]]"),
     "not toml": ("archs = [\n", "is not valid TOML"),
+    "unknown task": ('[sizes.a]\nd_model = 32\nn_layers = 1\n[[block]]\narchs = ["retnet"]\n'
+                     'sizes = ["a"]\ntask = "copy"\n', "task 'copy'; choose from lm, mqar"),
+    "recall rows too short": ('[recall]\nseq_len = 16\npairs = [8]\n[sizes.a]\nd_model = 32\n'
+                              'n_layers = 1\n[[block]]\narchs = ["retnet"]\nsizes = ["a"]\n',
+                              "recall.seq_len 16 cannot hold 8 pairs"),
+    "ablation of recall": ('[sizes.a]\nd_model = 32\nn_layers = 1\n[[block]]\narchs = '
+                           '["retnet"]\nsizes = ["a"]\nvariants = ["no-gate"]\ntask = "mqar"\n',
+                           "task mqar trains base models only"),
     "string width": ('[sizes.a]\nd_model = "big"\nn_layers = 1\n[[block]]\narchs = '
                      '["retnet"]\nsizes = ["a"]\n', "sizes.a.d_model must be an integer"),
 }

@@ -32,6 +32,9 @@ class RetNetLoss(torch.nn.Module):
     def loss(self, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return self.model(ids, mode=CHUNKWISE, targets=targets).loss
 
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(ids, mode=CHUNKWISE).logits  # [B, T, V]
+
     def non_embedding(self) -> int:
         return self.model.num_parameters(embeddings=False)
 
@@ -49,6 +52,9 @@ class HFLoss(torch.nn.Module):
     def loss(self, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         hidden = self.model.base_model(input_ids=ids, use_cache=False).last_hidden_state
         return linear_cross_entropy(hidden, self.model.get_output_embeddings().weight, targets)
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=ids, use_cache=False).logits  # [B, T, V]
 
     def non_embedding(self) -> int:
         return llama_non_embedding(self.model)
@@ -183,8 +189,9 @@ def describe(model: torch.nn.Module) -> dict[str, Any]:
     inner = model.model
     if isinstance(inner, RetNetLM):
         return {"class": "RetNetLM", **inner.config.to_dict()}
-    keys = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
-            "head_dim", "state_size", "num_heads", "expand", "attention_hidden_size")
+    keys = ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size",
+            "num_attention_heads", "head_dim", "state_size", "num_heads", "expand",
+            "attention_hidden_size")
     config = inner.config
     return {"class": type(inner).__name__,
             **{k: getattr(config, k) for k in keys if getattr(config, k, None) is not None}}

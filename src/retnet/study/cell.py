@@ -5,6 +5,7 @@ training tokens/s and peak memory measured in this process on these batches."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -28,7 +29,8 @@ from retnet.checkpoint import (
 from retnet.data import PackedWindows
 from retnet.memory import PeakMemory
 from retnet.study import archs
-from retnet.study.grid import Budget, Cell
+from retnet.study.grid import Budget, Cell, Recall
+from retnet.study.mqar import RecallLoss, accuracy
 from retnet.train.step import Diverged, Schedule, adamw, micro_batches, train_step, validation_loss
 
 PROBE_STEPS = 3  # timed steps after which a cell too slow for its budget is stopped
@@ -41,6 +43,7 @@ class Data:
     tokenizer: Any
     train: PackedWindows
     val: list[torch.Tensor]
+    long_val: list[torch.Tensor]  # [1, LENGTH_FACTOR·seq_len + 1] windows: loss by position
 
 
 @dataclass
@@ -107,14 +110,18 @@ def _evaluate(model, data: Data, progress: Progress, loss: float, tokens: int) -
                            "val_loss": val})
 
 
-def run_cell(cell: Cell, budget: Budget, data: Data, folder: Path,
-             device: torch.device) -> dict[str, Any]:
-    """Train and evaluate one cell (resuming from `folder`); its record, whatever the outcome."""
+def run_cell(cell: Cell, budget: Budget, data: Data, folder: Path, device: torch.device,
+             recall: Recall | None = None) -> dict[str, Any]:
+    """Train and evaluate one cell (resuming from `folder`); its record, whatever the outcome.
+    `recall`: the recall task's settings, for a cell of task "mqar" (`budget` is then
+    recall.budget(...))."""
     vocab = data.tokenizer.vocab_size
     target = archs.target_parameters(cell, vocab)
     steps = steps_of(cell, budget, target)
     torch.manual_seed(cell.seed)
     model = archs.builder(cell, vocab)().to(device)
+    if recall is not None:
+        model = RecallLoss(model, recall.keys)
     optimizer = adamw(model, cell.lr)
     progress = _resume(folder, cell, model, optimizer)
     record = {"non_embedding": model.non_embedding(), "target_non_embedding": target,
@@ -123,6 +130,10 @@ def run_cell(cell: Cell, budget: Budget, data: Data, folder: Path,
         status = _train(cell, budget, data, folder, model, optimizer, progress, steps)
     except Diverged as err:
         status = {"status": "diverged", "reason": f"{err} at step {progress.step + 1}"}
+    if status["status"] == "done":
+        status.update(_measure(model, data) if recall is None else
+                      {"recall_accuracy": accuracy(model, recall, cell.seed),
+                       "recall": dataclasses.asdict(recall)})
     # finished cells are never resumed: their checkpoints only took space
     shutil.rmtree(folder / "checkpoints", ignore_errors=True)
     (folder / "latest").unlink(missing_ok=True)
@@ -134,6 +145,15 @@ def run_cell(cell: Cell, budget: Budget, data: Data, folder: Path,
             "batches_sha256": progress.batches_sha256, "curve": progress.curve,
             "resumed_at": progress.resumed_at,
             "val_loss": progress.curve[-1]["val_loss"] if progress.curve else None}
+
+
+def _measure(model: torch.nn.Module, data: Data) -> dict[str, Any]:
+    """The finished model's loss by position to LENGTH_FACTOR× the training length, and its
+    accuracy on the shipped tasks at 0 and k shots."""
+    from retnet.study.evaluate import LENGTH_FACTOR, few_shot, loss_by_position
+
+    return {"loss_by_position": loss_by_position(model, data.long_val, LENGTH_FACTOR),
+            "few_shot": few_shot(model, data.tokenizer)}
 
 
 def _train(cell: Cell, budget: Budget, data: Data, folder: Path, model, optimizer,

@@ -14,6 +14,8 @@ from retnet.options import check_types, short
 
 # Every architecture a cell can name; `retnet.study.archs` builds each.
 ARCHS = ("retnet", "linear", "llama", "mamba", "mamba2", "rwkv")
+# What a cell trains on: the language-model corpus, or the synthetic recall task (study.mqar).
+TASKS = ("lm", "mqar")
 # Variants of our own model (the paper's Table 6) apply to these only.
 RETNET_ARCHS = ("retnet",)
 BASE = "base"
@@ -53,14 +55,41 @@ class Budget:
 
 
 @dataclass(frozen=True)
+class Recall:
+    """The grid's [recall] table: what every MQAR cell (task "mqar") trains on and is measured
+    on; its steps, batch and rate replace the budget's."""
+
+    seq_len: int = 64
+    pairs: tuple[int, ...] = (2, 4, 8, 16)  # training mixes these; accuracy is given for each
+    vocab_size: int = 258  # the byte tokenizer's: keys 1 … 128, values 129 … 257
+    batch_size: int = 32
+    steps: int = 800
+    lr: float = 3e-3
+    checkpoint_every: int = 200
+    test_rows: int = 256
+
+    @property
+    def keys(self) -> int:
+        return (self.vocab_size - 1) // 2
+
+    def budget(self, base: Budget) -> Budget:
+        """The Budget an MQAR cell trains under (tokens_per_param 0: exactly `steps` steps)."""
+        return dataclasses.replace(base, batch_size=self.batch_size, seq_len=self.seq_len,
+                                   tokens_per_param=0.0, min_steps=self.steps,
+                                   checkpoint_every=self.checkpoint_every)
+
+
+@dataclass(frozen=True)
 class Block:
-    """archs × sizes × seeds × variants × lrs; lrs empty: the budget's rate per architecture."""
+    """archs × sizes × seeds × variants × lrs; lrs empty: the budget's rate per architecture
+    (the recall table's for task "mqar")."""
 
     archs: tuple[str, ...]
     sizes: tuple[str, ...]
     seeds: tuple[int, ...] = (0,)
     variants: tuple[str, ...] = (BASE,)
     lrs: tuple[float, ...] = ()
+    task: str = "lm"
 
 
 @dataclass(frozen=True)
@@ -72,10 +101,12 @@ class Cell:
     seed: int
     variant: str
     lr: float
+    task: str = "lm"
 
     @property
     def id(self) -> str:
-        return f"{self.arch}-{self.size.name}-{self.variant}-lr{self.lr:g}-s{self.seed}"
+        name = f"{self.arch}-{self.size.name}-{self.variant}-lr{self.lr:g}-s{self.seed}"
+        return name if self.task == "lm" else f"{self.task}-{name}"
 
 
 @dataclass(frozen=True)
@@ -84,6 +115,7 @@ class Grid:
     budget: Budget
     sizes: dict[str, Size]
     blocks: tuple[Block, ...]
+    recall: Recall = Recall()
 
     def cells(self) -> list[Cell]:
         """Every cell once, in block order (a cell named by two blocks runs once)."""
@@ -95,8 +127,9 @@ class Grid:
                     for variant in b.variants:
                         for lr in lrs:
                             for seed in b.seeds:
-                                cell = Cell(arch, self.sizes[size], seed, variant,
-                                            lr if lr is not None else self.lr_of(arch))
+                                if lr is None:
+                                    lr = self.recall.lr if b.task == "mqar" else self.lr_of(arch)
+                                cell = Cell(arch, self.sizes[size], seed, variant, lr, b.task)
                                 out.setdefault(cell.id, cell)
         return list(out.values())
 
@@ -107,11 +140,12 @@ class Grid:
 def parse(values: dict[str, Any], name: str, variants: tuple[str, ...]) -> Grid:
     """A Grid from the TOML's tables: [budget], [sizes.NAME], [[block]]; `variants`: the
     names a block may use besides "base"."""
-    unknown = sorted(set(values) - {"name", "budget", "sizes", "block"})
+    unknown = sorted(set(values) - {"name", "budget", "sizes", "block", "recall"})
     if unknown:
         raise ValueError(f"grid {name}: unknown table(s) {', '.join(unknown)}; use name, "
-                         "[budget], [sizes.NAME] and [[block]]")
+                         "[budget], [sizes.NAME], [recall] and [[block]]")
     budget = _record(Budget, values.get("budget", {}), f"grid {name}: budget.")
+    recall = _record(Recall, values.get("recall", {}), f"grid {name}: recall.")
     sizes = {k: _record(Size, {"name": k, **_table(v, f"sizes.{k}", name)},
                         f"grid {name}: sizes.{k}.") for k, v in
              _table(values.get("sizes"), "sizes", name).items()}
@@ -120,7 +154,7 @@ def parse(values: dict[str, Any], name: str, variants: tuple[str, ...]) -> Grid:
         raise ValueError(f"grid {name}: no [[block]] of cells; add one with archs, sizes, "
                          "seeds (and variants, lrs)")
     parsed = tuple(_block(b, i, name) for i, b in enumerate(blocks))
-    grid = Grid(str(values.get("name", name)), budget, sizes, parsed)
+    grid = Grid(str(values.get("name", name)), budget, sizes, parsed, recall)
     check(grid, variants)
     return grid
 
@@ -173,6 +207,7 @@ def check(grid: Grid, variants: tuple[str, ...]) -> None:
     _check_names(grid.name, "budget.lr_by_arch", b.lr_by_arch, ARCHS)
     for size in grid.sizes.values():
         _check_size(grid.name, size)
+    _check_recall(grid.name, grid.recall)
     for i, block in enumerate(grid.blocks):
         _check_block(grid, block, f"grid {grid.name}: block {i + 1}", variants)
 
@@ -186,12 +221,33 @@ def _check_size(name: str, size: Size) -> None:
         raise ValueError(f"grid {name}: sizes.{size.name}: {err}") from None
 
 
+def _check_recall(name: str, r: Recall) -> None:
+    for key in ("seq_len", "batch_size", "steps", "checkpoint_every", "test_rows"):
+        if getattr(r, key) < 1:
+            raise ValueError(f"grid {name}: recall.{key} must be ≥ 1; got {getattr(r, key)}")
+    if not (math.isfinite(r.lr) and r.lr > 0):
+        raise ValueError(f"grid {name}: recall.lr must be a number > 0; got {r.lr}")
+    if r.vocab_size < 5:
+        raise ValueError(f"grid {name}: recall.vocab_size must be ≥ 5; got {r.vocab_size}")
+    if not r.pairs or min(r.pairs) < 1 or max(r.pairs) > r.keys:
+        raise ValueError(f"grid {name}: recall.pairs must be numbers within 1 … {r.keys} "
+                         f"(the keys vocab_size {r.vocab_size} holds)")
+    if 4 * max(r.pairs) > r.seq_len + 1:  # 2n tokens of pairs, then 2n of queries
+        raise ValueError(f"grid {name}: recall.seq_len {r.seq_len} cannot hold "
+                         f"{max(r.pairs)} pairs and their queries; use seq_len ≥ "
+                         f"{4 * max(r.pairs) - 1}")
+
+
 def _check_block(grid: Grid, block: Block, where: str, variants: tuple[str, ...]) -> None:
     for key, allowed in (("archs", ARCHS), ("sizes", tuple(grid.sizes)),
                          ("variants", (BASE, *variants))):
         _check_names(where, key, getattr(block, key), allowed)
         if not getattr(block, key):
             raise ValueError(f"{where}: {key} is empty")
+    if block.task not in TASKS:
+        raise ValueError(f"{where}: task {short(block.task)}; choose from {', '.join(TASKS)}")
+    if block.task == "mqar" and set(block.variants) != {BASE}:
+        raise ValueError(f"{where}: task mqar trains base models only; drop variants")
     if not block.seeds or any(not isinstance(s, int) or s < 0 for s in block.seeds):
         raise ValueError(f"{where}: seeds must be a non-empty list of integers ≥ 0")
     if any(not (isinstance(x, (int, float)) and x > 0) for x in block.lrs):

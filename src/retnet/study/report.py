@@ -33,7 +33,8 @@ def summary(rs: list[dict[str, Any]]) -> dict[str, float]:
             "tokens_per_s": statistics.mean(r["tokens_per_s"] for r in rs),
             "peak_mib": max(r["peak_mib"] for r in rs),
             "minutes": statistics.mean(r["train_seconds"] for r in rs) / 60,
-            "non_embedding": rs[0]["non_embedding"]}
+            "non_embedding": rs[0]["non_embedding"],
+            "flops": statistics.mean(r["flops_6nd"] for r in rs)}
 
 
 def _cell_table(records: list[dict[str, Any]]) -> list[str]:
@@ -108,18 +109,41 @@ def write_report(out: Path, grid: Grid) -> Path:
     order = [c.id for c in grid.cells()]
     records = ([found[i] for i in order if i in found]
                + [r for i, r in found.items() if i not in set(order)])
-    table = groups(records)
+    table = groups([r for r in records if r.get("task", "lm") == "lm"])
     lines = [*_header(grid, records), "", "## Mean over seeds", "", *_summary_table(table),
-             "", "## Cells that did not finish", "", *_not_done(records), "",
+             "", *_readings(grid, records, table, out),
+             "## Cells that did not finish", "", *_not_done(records), "",
              _same_batches(records), "", "## Every cell", "", *_cell_table(records), ""]
-    if table:
-        from retnet.study.plots import plot_all
-
-        chosen = {k: v for k, v in table.items() if k[3] == grid.lr_of(k[0])}
-        lines += [f"![{name}]({name}.png)" for name in plot_all(base_families(chosen), out)]
     path = Path(out) / "report.md"
     atomic_write_text(path, "\n".join(lines))
     return path
+
+
+def _readings(grid: Grid, records: list[dict[str, Any]], table: dict, out: Path) -> list[str]:
+    """The sections that read the records (sections.py), each with its plot."""
+    from retnet.study import plots, sections
+
+    lines = ["## Learning rate", "", *sections.sweep_section(grid, records), "",
+             "## Scaling", "", *sections.scaling_section(grid, records)]
+    chosen = {k: v for k, v in table.items() if k[3] == grid.lr_of(k[0])}
+    if chosen:
+        names = plots.plot_all(base_families(chosen), out,
+                               sections.fits(grid, records, "non_embedding"),
+                               sections.fits(grid, records, "flops_6nd"))
+        lines += [f"![{name}]({name}.png)" for name in names] + [""]
+    ablations, rows = sections.ablation_section(records)
+    lines += ["## Ablations", "", *ablations, ""]
+    if rows:
+        lines += [f"![ablations]({plots.plot_ablations(rows, out)}.png)", ""]
+    recall, mean = sections.recall_section(records)
+    lines += ["## Recall (MQAR)", "", *recall, ""]
+    if mean:
+        lines += [f"![mqar]({plots.plot_recall(mean, out)}.png)", ""]
+    positions, found = sections.position_section(grid, records)
+    lines += ["## Loss by position", "", *positions, ""]
+    if found:
+        lines += [f"![loss_by_position]({plots.plot_positions(found, out)}.png)", ""]
+    return [*lines, "## Zero- and few-shot", "", *sections.shots_section(grid, records), ""]
 
 
 def base_families(table: dict[tuple, list[dict[str, Any]]]) -> dict[str, list[tuple]]:

@@ -91,6 +91,7 @@ def _prepared(source: str | None, kind: str, vocab_size: int, seq_len: int, batc
               eval_batches: int, out: str):
     from retnet.data import PackedWindows, load_documents, split_documents, tokenize
     from retnet.study.cell import Data
+    from retnet.study.evaluate import LENGTH_FACTOR, POSITION_WINDOWS
     from retnet.tokenizer import ByteTokenizer, load_tokenizer, train_bpe
 
     train_docs, val_docs = split_documents(load_documents(source))
@@ -105,8 +106,10 @@ def _prepared(source: str | None, kind: str, vocab_size: int, seq_len: int, batc
     train_tokens, _ = tokenize(train_docs, tok, "study-train")
     val_tokens, _ = tokenize(val_docs, tok, "study-val")
     val = PackedWindows(val_tokens, seq_len, "validation split")
+    long_val = PackedWindows(val_tokens, LENGTH_FACTOR * seq_len, "validation split")
     return Data(tok, PackedWindows(train_tokens, seq_len, "training split"),
-                val.evaluation_batches(batch_size, eval_batches))
+                val.evaluation_batches(batch_size, eval_batches),
+                long_val.evaluation_batches(1, POSITION_WINDOWS))
 
 
 def pending(grid: grids.Grid, out: Path, opts: StudyOptions) -> list[grids.Cell]:
@@ -117,7 +120,18 @@ def pending(grid: grids.Grid, out: Path, opts: StudyOptions) -> list[grids.Cell]
             or (opts.retry and done[c.id].get("status") != "done")]
 
 
-def run_one(cell: grids.Cell, budget: grids.Budget, out: str, device: str,
+def recall_data(recall: grids.Recall, batch_size: int):
+    """An MQAR cell's Data: the recall rows, and fixed validation rows from the test stream."""
+    from retnet.study.cell import Data
+    from retnet.study.mqar import TEST_SEED, RecallBatches
+    from retnet.tokenizer import ByteTokenizer
+
+    batches = RecallBatches(recall)
+    val = [batches.batch(TEST_SEED + 1, i, batch_size) for i in range(4)]
+    return Data(ByteTokenizer(), batches, val, [])
+
+
+def run_one(cell: grids.Cell, grid: grids.Grid, out: str, device: str,
             threads: int | None) -> dict[str, Any] | None:
     """Run a cell and append its record; None when another process holds it."""
     from retnet.study.cell import run_cell
@@ -129,9 +143,14 @@ def run_one(cell: grids.Cell, budget: grids.Budget, out: str, device: str,
             return None
         began = time.perf_counter()
         try:
-            data = prepare_data(budget, out)
-            outcome = run_cell(cell, budget, data, Path(out) / "cells" / cell.id,
-                               torch.device(device))
+            folder, where = Path(out) / "cells" / cell.id, torch.device(device)
+            if cell.task == "mqar":
+                budget = grid.recall.budget(grid.budget)
+                outcome = run_cell(cell, budget, recall_data(grid.recall, budget.batch_size),
+                                   folder, where, grid.recall)
+            else:
+                outcome = run_cell(cell, grid.budget, prepare_data(grid.budget, out), folder,
+                                   where)
         except ImportError as err:
             outcome = {"status": "unavailable", "reason": _line(err)}
         except Exception as err:  # a cell that cannot run is a result: recorded, not fatal
@@ -147,9 +166,9 @@ def _line(err: BaseException) -> str:
 
 
 def _cell_fields(cell: grids.Cell) -> dict[str, Any]:
-    return {"arch": cell.arch, "size": cell.size.name, "d_model": cell.size.d_model,
-            "n_layers": cell.size.n_layers, "variant": cell.variant, "lr": cell.lr,
-            "seed": cell.seed}
+    return {"task": cell.task, "arch": cell.arch, "size": cell.size.name,
+            "d_model": cell.size.d_model, "n_layers": cell.size.n_layers,
+            "variant": cell.variant, "lr": cell.lr, "seed": cell.seed}
 
 
 def machine(device: str) -> dict[str, Any]:
@@ -169,12 +188,12 @@ def run(opts: StudyOptions) -> list[dict[str, Any]]:
         return []
     prepare_data(grid.budget, str(out))  # the BPE once, before any worker needs it
     if opts.parallel == 1:
-        return [r for c in todo if (r := _report(run_one(c, grid.budget, str(out), str(device),
+        return [r for c in todo if (r := _report(run_one(c, grid, str(out), str(device),
                                                          None)))]
     threads = max(1, (os.cpu_count() or 1) // opts.parallel) if device.type == "cpu" else None
     made = []
     with ProcessPoolExecutor(opts.parallel, mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(run_one, c, grid.budget, str(out), str(device), threads)
+        futures = [pool.submit(run_one, c, grid, str(out), str(device), threads)
                    for c in todo]
         for f in as_completed(futures):
             if (record := _report(f.result())) is not None:
