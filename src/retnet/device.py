@@ -1,4 +1,5 @@
-"""Where tensors go: the one place that turns a --device option into a torch.device."""
+"""Where tensors go: the one place that turns a --device option into a torch.device; and
+what the processor is called, for the records that name the machine behind a figure."""
 
 from __future__ import annotations
 
@@ -33,3 +34,17 @@ def check_device(requested: str | None) -> None:
     """Raise the ValueError of `pick_device` for a bad name, before any slow work."""
     if requested is not None:
         pick_device(requested)
+
+
+def cpu_name() -> str:
+    """The processor's model name ("AMD EPYC", "Intel(R) Xeon(R) ..."), else its architecture."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -11,6 +11,7 @@ import time
 import torch
 
 from retnet.bench.measure import repeat_timed
+from retnet.device import cpu_name
 
 
 def describe_machine() -> dict:
@@ -27,16 +28,8 @@ def describe_machine() -> dict:
             versions[name] = version(name)
         except PackageNotFoundError:
             versions[name] = None
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "threads": torch.get_num_threads(),
-            "backend": torch.backends.cpu.get_cpu_capability(),
+    return {"cpu": cpu_name(), "cores": len(os.sched_getaffinity(0)),
+            "threads": torch.get_num_threads(), "backend": torch.backends.cpu.get_cpu_capability(),
             "bf16_dot_products": bf16_dot_products(), "versions": versions}
 
 

@@ -87,8 +87,9 @@ def _same_batches(records: list[dict[str, Any]]) -> str:
 
 def _header(grid: Grid, records: list[dict[str, Any]]) -> list[str]:
     b = grid.budget
-    machines = {(m["cpu"], m["cores"], m["threads"], m["device"], m["torch"],
-                 m["transformers"]) for r in records if (m := r.get("machine"))}
+    machines = {(m["cpu"] + (f" ({m['isa']})" if m.get("isa") else ""), m["cores"],
+                 m["threads"], m["device"], m["torch"], m["transformers"])
+                for r in records if (m := r.get("machine"))}
     lines = [f"# Study `{grid.name}`", "",
              f"{len(records)} of {len(grid.cells())} cells recorded. Budget: batch "
              f"{b.batch_size} × {b.seq_len} tokens, {b.tokens_per_param:g} training tokens "

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import os
-import platform
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -18,7 +17,7 @@ from typing import Any
 import torch
 
 from retnet.compare.config import VARIANTS
-from retnet.device import check_device, pick_device
+from retnet.device import check_device, cpu_name, pick_device
 from retnet.options import AT_LEAST_ONE, check_options, opt
 from retnet.study import grid as grids
 from retnet.study import store
@@ -174,8 +173,9 @@ def _cell_fields(cell: grids.Cell) -> dict[str, Any]:
 def machine(device: str) -> dict[str, Any]:
     import transformers
 
-    return {"device": device, "threads": torch.get_num_threads(), "cpu": platform.processor()
-            or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
+    return {"device": device, "threads": torch.get_num_threads(), "cpu": cpu_name(),
+            "isa": torch.backends.cpu.get_cpu_capability(), "cores": os.cpu_count(),
+            "torch": torch.__version__,
             "transformers": transformers.__version__, "python": sys.version.split()[0]}
 
 
