@@ -85,6 +85,9 @@ def test_quick_study_report_matches_the_cell_records(corpus, tmp_path, capsys):
             assert cells == [f"{x:.3f}" for x in r["loss_by_position"]]
         shots = _row(report, f"{r['arch']} | {r['size']}", "Zero- and few-shot")[3:]
         assert shots == [f"{r['few_shot']['python_mc'][k]:.3f}" for k in ("0", "3")]
+        cost = _row(report, f"{r['size']} | {r['arch']}", "Training cost")
+        ref = next(x for x in found.values() if (x["size"], x["arch"]) == (r["size"], "retnet"))
+        assert cost[3] == f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}"
     recall = [r for r in every.values() if r["task"] == "mqar"]
     assert {r["arch"] for r in recall} == {"retnet", "llama"}
     for r in recall:  # trained on recall rows: vocabulary and steps of the [recall] table

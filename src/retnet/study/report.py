@@ -144,7 +144,8 @@ def _readings(grid: Grid, records: list[dict[str, Any]], table: dict, out: Path)
     lines += ["## Loss by position", "", *positions, ""]
     if found:
         lines += [f"![loss_by_position]({plots.plot_positions(found, out)}.png)", ""]
-    return [*lines, "## Zero- and few-shot", "", *sections.shots_section(grid, records), ""]
+    return [*lines, "## Zero- and few-shot", "", *sections.shots_section(grid, records), "",
+            "## Training cost", "", *sections.cost_section(grid, records), ""]
 
 
 def base_families(table: dict[tuple, list[dict[str, Any]]]) -> dict[str, list[tuple]]:

@@ -168,3 +168,36 @@ def shots_section(grid: Grid, records: list[dict[str, Any]]) -> list[str]:
         lines.append(f"| {arch} | {size} | {len(rs)} | " + " | ".join(f"{v:.3f}" for v in vals)
                      + " |")
     return lines
+
+
+def cost_section(grid: Grid, records: list[dict[str, Any]]) -> list[str]:
+    """Training tokens/s and peak memory of every architecture at each size (base variant, its
+    rate), mean over seeds, and each against RetNet's at the same size: the cells of one
+    process read the same batches, so the ratios compare architectures, not machines."""
+    done = [r for r in _done(records) if r["variant"] == BASE
+            and r["lr"] == grid.lr_of(r["arch"])]
+    cells: dict[tuple, list[dict]] = {}
+    for r in done:
+        cells.setdefault((r["size"], r["arch"]), []).append(r)
+    if not cells:
+        return ["No finished cell at its family's rate yet."]
+    lines = ["Mean over seeds; ratios against RetNet of the same size (tokens/s: > 1 is faster "
+             "than RetNet; memory: < 1 is less).", "",
+             "| size | arch | tokens/s | × RetNet | peak MiB | × RetNet |",
+             "|---|---|---|---|---|---|"]
+    for size in grid.sizes:
+        ref = cells.get((size, "retnet"))
+        for arch in FAMILIES:
+            rs = cells.get((size, arch))
+            if not rs:
+                continue
+            rate = statistics.mean(r["tokens_per_s"] for r in rs)
+            peak = max(r["peak_mib"] for r in rs)
+            if ref:
+                ref_rate = statistics.mean(r["tokens_per_s"] for r in ref)
+                ref_peak = max(r["peak_mib"] for r in ref)
+                ratios = f"{rate / ref_rate:.2f} | {peak:,.0f} | {peak / ref_peak:.2f}"
+            else:
+                ratios = f" | {peak:,.0f} | "
+            lines.append(f"| {size} | {arch} | {rate:,.0f} | {ratios} |")
+    return lines
