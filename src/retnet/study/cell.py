@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from retnet.checkpoint import (
@@ -52,6 +53,7 @@ class Progress:
 
     step: int = 0
     train_seconds: float = 0.0
+    step_seconds: list | None = None  # every step's time: its median resists a busy machine
     peak_mib: float = 0.0
     batches_sha256: str = ""  # a chain over every batch read so far
     curve: list | None = None
@@ -74,7 +76,7 @@ def _resume(folder: Path, cell: Cell, model: torch.nn.Module,
     its manifest); a fresh Progress when there is none."""
     remove_orphans(folder)
     if read_latest(folder) is None:
-        return Progress(curve=[], resumed_at=[])
+        return Progress(curve=[], resumed_at=[], step_seconds=[])
     from safetensors.torch import load
 
     path = resolve_checkpoint(folder)
@@ -89,6 +91,7 @@ def _resume(folder: Path, cell: Cell, model: torch.nn.Module,
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"])
     progress = Progress(**state["progress"])
+    progress.step_seconds = progress.step_seconds or []  # a checkpoint from before the field
     progress.resumed_at.append(progress.step)
     return progress
 
@@ -141,10 +144,22 @@ def run_cell(cell: Cell, budget: Budget, data: Data, folder: Path, device: torch
     return {**record, **status, "tokens": tokens,
             "flops_6nd": 6 * record["non_embedding"] * tokens,
             "tokens_per_s": tokens / progress.train_seconds if progress.train_seconds else None,
+            **_step_rates(progress.step_seconds, budget.batch_size * budget.seq_len),
             "train_seconds": progress.train_seconds, "peak_mib": progress.peak_mib,
             "batches_sha256": progress.batches_sha256, "curve": progress.curve,
             "resumed_at": progress.resumed_at,
             "val_loss": progress.curve[-1]["val_loss"] if progress.curve else None}
+
+
+def _step_rates(seconds: list | None, tokens_per_step: int) -> dict[str, float]:
+    """Tokens/s at the median step and at the fastest decile's edge: the mean over the whole
+    run counts every moment another process held the cores; these do not, as long as half
+    (a tenth) of the steps ran on a quiet machine."""
+    if not seconds:
+        return {}
+    p10, p50 = (float(x) for x in np.quantile(seconds, [0.1, 0.5]))
+    return {"tokens_per_s_median_step": tokens_per_step / p50,
+            "tokens_per_s_fast_steps": tokens_per_step / p10}
 
 
 def _measure(model: torch.nn.Module, data: Data) -> dict[str, Any]:
@@ -170,7 +185,9 @@ def _train(cell: Cell, budget: Budget, data: Data, folder: Path, model, optimize
         loss = train_step(model, optimizer, batches, schedule.lr_at(step), loss_of=model.loss)
         if device.type == "cuda":  # time the work, not the kernel launches
             torch.cuda.synchronize(device)
-        progress.train_seconds += time.perf_counter() - began
+        elapsed = time.perf_counter() - began
+        progress.train_seconds += elapsed
+        progress.step_seconds.append(elapsed)
         progress.step = step + 1
         progress.peak_mib = max(progress.peak_mib, meter.mib())
         if progress.step == start + PROBE_STEPS and progress.step < steps:
