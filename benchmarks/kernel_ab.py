@@ -14,8 +14,8 @@ Each build is compiled with the project's flags under its own op namespace (`-Dr
 alternately on the same model plan and state, 30 rounds of 4 steps, and the script prints the
 medians and bests of each and B's time over A's, with the largest difference of their logits and
 new states (relative to the largest logit). The figures in docs/implementation-notes.md's "fused
-CPU decode step" (4-14% per change) come from this script. Needs g++ and AVX-512 for the
-kernels' fast loops (without AVX-512 both builds run the portable ones).
+CPU decode step" (4-14% per change) and docs/benchmarks.md's "Streaming or plain stores for the
+state" come from this script. Needs g++; both builds get the machine's vector ISA (simd.h).
 """
 
 from __future__ import annotations

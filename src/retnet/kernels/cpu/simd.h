@@ -159,11 +159,15 @@ inline bool stream_aligned(const float* p) {
   return reinterpret_cast<uintptr_t>(p) % sizeof(fvec) == 0;
 }
 
+// A store the step does not read back. AVX-512 builds stream it past the caches (no
+// read-for-ownership: a third less of the state's traffic; chosen on the Intel Xeon). AVX2
+// builds store it plainly: on the 2-core AMD EPYC (Zen 3, 32 MiB L3) plain stores made the
+// whole one-token step 5-15% faster at batch 1 and 8 in every weight format (the state
+// stayed partly cached for the next step's read): benchmarks/kernel_ab.py, results in
+// docs/benchmarks.md, "Streaming or plain stores for the state".
 inline void stream(float* p, const fvec& v) {
 #if defined(CPU_CAPABILITY_AVX512)
   _mm512_stream_ps(p, v);
-#elif defined(CPU_CAPABILITY_AVX2)
-  _mm256_stream_ps(p, v);
 #else
   v.store(p);
 #endif
