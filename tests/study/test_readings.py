@@ -137,8 +137,13 @@ def test_two_fits_cross_where_their_lines_meet():
     steep = analysis.fit({s: [(s, math.exp(2 - 0.10 * math.log(s)))] * 2 for s in sizes})
     flat = analysis.fit({s: [(s, math.exp(1.5 - 0.05 * math.log(s)))] * 2 for s in sizes})
     c = analysis.crossing(steep, flat)
-    assert c["x"] == pytest.approx(math.exp(10)) and c["first_better_above"]
-    assert c["low"] == pytest.approx(math.exp(10)) and c["share"] == 1.0
+    assert 10 ** c["log10_x"] == pytest.approx(math.exp(10)) and c["first_better_above"]
+    assert 10 ** c["log10_low"] == pytest.approx(math.exp(10)) and c["share"] == 1.0
+    # nearly parallel lines cross far away: in logs, no overflow
+    near = analysis.fit({s: [(s, math.exp(2.5 - 0.1000001 * math.log(s)))] * 2 for s in sizes})
+    far = analysis.crossing(near, steep)["log10_x"]  # log x* = 0.5 / 1e-7
+    assert far == pytest.approx(5e6 / math.log(10), rel=1e-3)
+    assert analysis.crossing(steep, steep) is None
 
 
 def test_an_ablation_difference_and_its_standard_error():
@@ -157,3 +162,14 @@ def test_the_sweep_names_the_lowest_rate_and_whether_it_sits_at_an_edge():
     found = analysis.sweep(recs, "s1")
     assert found["x"]["best"] == 2e-3 and not found["x"]["edge"]
     assert found["y"]["best"] == 2e-3 and found["y"]["edge"]
+
+
+def test_a_measurement_that_cannot_run_is_recorded_and_the_rest_kept():
+    from retnet.study.cell import Data, _measure
+    from retnet.tokenizer import ByteTokenizer
+
+    torch.manual_seed(0)
+    model = RetNetLoss(RetNetLM(RetNetConfig(vocab_size=258, d_model=32, n_layers=1)))
+    out = _measure(model, Data(ByteTokenizer(), None, [], []))  # no long window to read
+    assert "no window" in out["measure_errors"]["loss_by_position"]
+    assert "loss_by_position" not in out and set(out["few_shot"]["python_mc"]) == {"0", "3"}

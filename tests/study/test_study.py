@@ -71,7 +71,8 @@ def test_quick_study_report_matches_the_cell_records(corpus, tmp_path, capsys):
         assert abs(r["non_embedding"] / r["target_non_embedding"] - 1) < 0.01
         assert r["val_loss"] == r["curve"][-1]["val_loss"]
         row = _row(report, r["id"])
-        assert row[5] == f"{r['val_loss']:.4f}" and row[6] == f"{r['tokens_per_s']:,.0f}"
+        assert row[5] == f"{r['val_loss']:.4f}"
+        assert row[6] == f"{r['tokens_per_s_median_step']:,.0f}"
     for arch in ("retnet", "llama", "linear"):  # the seed summary against the records
         for size in ("q1", "q2"):
             rs = [r for r in found.values() if (r["arch"], r["size"]) == (arch, size)]
@@ -93,7 +94,7 @@ def test_quick_study_report_matches_the_cell_records(corpus, tmp_path, capsys):
     recall = [r for r in every.values() if r["task"] == "mqar"]
     assert {r["arch"] for r in recall} == {"retnet", "llama"}
     for r in recall:  # trained on recall rows: vocabulary and steps of the [recall] table
-        assert r["status"] == "done" and r["steps"] == 4 and r["model"]["vocab_size"] == 258
+        assert r["status"] == "done" and r["steps"] == 4 and r["model"]["vocab_size"] == 34
         row = _row(report, f"{r['arch']} | {r['d_model']}", "Recall (MQAR)")[2:]
         assert row == [f"{r['recall_accuracy'][n]:.3f}" for n in ("2", "4")]
     assert "read byte-identical batches: True" in report
@@ -251,3 +252,7 @@ def test_a_folder_of_another_budget_is_refused(corpus, tmp_path, capsys):
     grid.write_text(grid.read_text().replace("seq_len = 32", "seq_len = 16"))
     assert main(["study", "--grid", str(grid), "--data", str(corpus), "--out", str(out)]) == 2
     assert "another budget (seq_len differ" in capsys.readouterr().err
+    grid.write_text(grid.read_text().replace("seq_len = 16", "seq_len = 32")
+                    + "\n[recall]\nsteps = 9\n")
+    assert main(["study", "--grid", str(grid), "--data", str(corpus), "--out", str(out)]) == 2
+    assert "another recall (steps differ: steps=800)" in capsys.readouterr().err

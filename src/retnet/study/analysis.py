@@ -58,20 +58,22 @@ def fit(points: dict[Any, list[tuple[float, float]]], seed: int = 0) -> Fit | No
 
 
 def crossing(first: Fit, second: Fit) -> dict[str, Any] | None:
-    """Where `first`'s fitted loss falls below `second`'s (x*, with the bootstrap interval of
-    the draws whose lines cross, and the fraction of draws that cross at all)."""
-    def point(a1, b1, a2, b2):
-        return math.exp((a2 - a1) / (b1 - b2)) if b1 != b2 else math.inf
-
-    x = point(first.a, first.b, second.a, second.b)
-    cross = [point(*f, *s) for f, s in zip(first.draws, second.draws) if f[1] != s[1]]
-    cross = [c for c in cross if math.isfinite(c) and c > 0]
-    if not cross:
+    """Where `first`'s fitted line crosses `second`'s, in log x (log x* = (a2 − a1)/(b1 − b2),
+    kept in logs: x* itself overflows a float where the slopes nearly agree). The interval is
+    over the bootstrap draws whose slopes are ordered as the fits' are (in the others the
+    better side flips), `share` the fraction of such draws; None for parallel fits."""
+    if first.b == second.b:
         return None
-    low, high = np.quantile(np.log(cross), [(1 - LEVEL) / 2, (1 + LEVEL) / 2])
-    # the side each family is better on: first's slope steeper means it wins above x
-    return {"x": x, "low": math.exp(low), "high": math.exp(high),
-            "first_better_above": first.b < second.b, "share": len(cross) / len(first.draws)}
+    log_x = (second.a - first.a) / (first.b - second.b)
+    same = np.sign(first.draws[:, 1] - second.draws[:, 1]) == np.sign(first.b - second.b)
+    f, s = first.draws[same], second.draws[same]
+    logs = (s[:, 0] - f[:, 0]) / (f[:, 1] - s[:, 1])
+    low, high = np.quantile(logs, [(1 - LEVEL) / 2, (1 + LEVEL) / 2]) if len(logs) else (
+        math.nan, math.nan)
+    # first's slope steeper (more negative) means its loss is the lower one above x*
+    return {"log10_x": log_x / math.log(10), "log10_low": float(low) / math.log(10),
+            "log10_high": float(high) / math.log(10), "first_better_above": first.b < second.b,
+            "share": float(same.mean())}
 
 
 def family_points(records: list[dict[str, Any]], arch: str, variant: str, lr: float,

@@ -97,10 +97,10 @@ def _resume(folder: Path, cell: Cell, model: torch.nn.Module,
 
 
 def _save(folder: Path, cell: Cell, model: torch.nn.Module, optimizer, data: Data,
-          progress: Progress) -> None:
+          progress: Progress, vocab: int) -> None:
     # cloned: a tied embedding and head share storage, which safetensors will not write
     weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    config = archs.base_config(cell, data.tokenizer.vocab_size)  # the size this cell matches
+    config = archs.base_config(cell, vocab)  # the size this cell matches
     state = {"optimizer": optimizer.state_dict(), "step": progress.step,
              "rng": torch.get_rng_state(), "progress": vars(progress)}
     save_checkpoint(folder, progress.step, weights, config, data.tokenizer, state,
@@ -118,7 +118,8 @@ def run_cell(cell: Cell, budget: Budget, data: Data, folder: Path, device: torch
     """Train and evaluate one cell (resuming from `folder`); its record, whatever the outcome.
     `recall`: the recall task's settings, for a cell of task "mqar" (`budget` is then
     recall.budget(...))."""
-    vocab = data.tokenizer.vocab_size
+    # an MQAR cell's tokens are its task's, not a tokenizer's
+    vocab = recall.vocab_size if recall is not None else data.tokenizer.vocab_size
     target = archs.target_parameters(cell, vocab)
     steps = steps_of(cell, budget, target)
     torch.manual_seed(cell.seed)
@@ -130,7 +131,7 @@ def run_cell(cell: Cell, budget: Budget, data: Data, folder: Path, device: torch
     record = {"non_embedding": model.non_embedding(), "target_non_embedding": target,
               "steps": steps, "model": archs.describe(model)}
     try:
-        status = _train(cell, budget, data, folder, model, optimizer, progress, steps)
+        status = _train(cell, budget, data, folder, model, optimizer, progress, steps, vocab)
     except Diverged as err:
         status = {"status": "diverged", "reason": f"{err} at step {progress.step + 1}"}
     if status["status"] == "done":
@@ -164,15 +165,24 @@ def _step_rates(seconds: list | None, tokens_per_step: int) -> dict[str, float]:
 
 def _measure(model: torch.nn.Module, data: Data) -> dict[str, Any]:
     """The finished model's loss by position to LENGTH_FACTOR× the training length, and its
-    accuracy on the shipped tasks at 0 and k shots."""
+    accuracy on the shipped tasks at 0 and k shots. A measurement that cannot run (lm-eval
+    not installed, a validation split shorter than one long window) is recorded with its
+    reason; the trained cell stays done."""
     from retnet.study.evaluate import LENGTH_FACTOR, few_shot, loss_by_position
 
-    return {"loss_by_position": loss_by_position(model, data.long_val, LENGTH_FACTOR),
-            "few_shot": few_shot(model, data.tokenizer)}
+    out: dict[str, Any] = {}
+    for key, measure in (("loss_by_position",
+                          lambda: loss_by_position(model, data.long_val, LENGTH_FACTOR)),
+                         ("few_shot", lambda: few_shot(model, data.tokenizer))):
+        try:
+            out[key] = measure()
+        except Exception as err:  # recorded, not fatal: the training result stands
+            out.setdefault("measure_errors", {})[key] = f"{type(err).__name__}: {err}"[:300]
+    return out
 
 
 def _train(cell: Cell, budget: Budget, data: Data, folder: Path, model, optimizer,
-           progress: Progress, steps: int) -> dict[str, Any]:
+           progress: Progress, steps: int, vocab: int) -> dict[str, Any]:
     """The loop from progress.step to `steps`; {"status": ...} (and a reason)."""
     schedule = Schedule(cell.lr, steps, round(budget.warmup_frac * steps))
     device = next(model.parameters()).device
@@ -200,5 +210,5 @@ def _train(cell: Cell, budget: Budget, data: Data, folder: Path, model, optimize
         if progress.step % budget.checkpoint_every == 0 or progress.step == steps:
             _evaluate(model, data, progress, loss, tokens)
         if progress.step % budget.checkpoint_every == 0 and progress.step < steps:
-            _save(folder, cell, model, optimizer, data, progress)
+            _save(folder, cell, model, optimizer, data, progress, vocab)
     return {"status": "done"}

@@ -21,6 +21,8 @@ TASKS = ("python_mc",)  # 30 Python-syntax items written for the stdlib corpus
 def loss_by_position(model: torch.nn.Module, windows: list[torch.Tensor], buckets: int
                      ) -> list[float]:
     """Mean next-token loss in `buckets` equal spans of position; windows [B, T + 1]."""
+    if not windows:
+        raise ValueError("the validation split holds no window of this length")
     model.eval()
     device = next(model.parameters()).device
     total = None

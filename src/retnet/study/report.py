@@ -12,6 +12,7 @@ from typing import Any
 from retnet.files import atomic_write_text
 from retnet.study import store
 from retnet.study.grid import BASE, Grid
+from retnet.study.sections import rate
 
 
 def groups(records: list[dict[str, Any]]) -> dict[tuple, list[dict[str, Any]]]:
@@ -30,7 +31,7 @@ def summary(rs: list[dict[str, Any]]) -> dict[str, float]:
     return {"n": len(rs), "val_loss": statistics.mean(losses),
             "sd": statistics.stdev(losses) if len(rs) > 1 else 0.0,
             "min": min(losses), "max": max(losses),
-            "tokens_per_s": statistics.mean(r["tokens_per_s"] for r in rs),
+            "tokens_per_s": statistics.mean(map(rate, rs)),
             "peak_mib": max(r["peak_mib"] for r in rs),
             "minutes": statistics.mean(r["train_seconds"] for r in rs) / 60,
             "non_embedding": rs[0]["non_embedding"],
@@ -45,10 +46,10 @@ def _cell_table(records: list[dict[str, Any]]) -> list[str]:
             lines.append(f"| {r['id']} | {r['status']} | | | | | | | |")
             continue
         loss = "" if r.get("val_loss") is None else f"{r['val_loss']:.4f}"
-        rate = "" if not r.get("tokens_per_s") else f"{r['tokens_per_s']:,.0f}"
+        speed = "" if not r.get("tokens_per_s") else f"{rate(r):,.0f}"
         off = r["non_embedding"] / r["target_non_embedding"] - 1
         lines.append(f"| {r['id']} | {r['status']} | {r['non_embedding']:,} ({off:+.2%}) | "
-                     f"{r['steps']:,} | {r['tokens']:,} | {loss} | {rate} | "
+                     f"{r['steps']:,} | {r['tokens']:,} | {loss} | {speed} | "
                      f"{r['peak_mib']:.0f} | {r['train_seconds'] / 60:.1f} |")
     return lines
 
@@ -79,7 +80,8 @@ def _same_batches(records: list[dict[str, Any]]) -> str:
     seen: dict[tuple, set[str]] = {}
     for r in records:
         if r.get("status") == "done":
-            seen.setdefault((r["seed"], r["steps"]), set()).add(r["batches_sha256"])
+            key = (r.get("task", "lm"), r["seed"], r["steps"])
+            seen.setdefault(key, set()).add(r["batches_sha256"])
     same = all(len(v) == 1 for v in seen.values())
     return (f"Cells of the same seed and step count read byte-identical batches: {same} "
             f"({len(seen)} groups; a sha256 chain over every batch).")

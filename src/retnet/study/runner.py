@@ -105,10 +105,12 @@ def _prepared(source: str | None, kind: str, vocab_size: int, seq_len: int, batc
     train_tokens, _ = tokenize(train_docs, tok, "study-train")
     val_tokens, _ = tokenize(val_docs, tok, "study-val")
     val = PackedWindows(val_tokens, seq_len, "validation split")
-    long_val = PackedWindows(val_tokens, LENGTH_FACTOR * seq_len, "validation split")
+    long_val = []  # a split shorter than one long window: loss by position is not measured
+    if len(val_tokens) > LENGTH_FACTOR * seq_len:
+        long_val = PackedWindows(val_tokens, LENGTH_FACTOR * seq_len, "validation split"
+                                 ).evaluation_batches(1, POSITION_WINDOWS)
     return Data(tok, PackedWindows(train_tokens, seq_len, "training split"),
-                val.evaluation_batches(batch_size, eval_batches),
-                long_val.evaluation_batches(1, POSITION_WINDOWS))
+                val.evaluation_batches(batch_size, eval_batches), long_val)
 
 
 def pending(grid: grids.Grid, out: Path, opts: StudyOptions) -> list[grids.Cell]:

@@ -23,11 +23,10 @@ def sweep_section(grid: Grid, records: list[dict[str, Any]]) -> list[str]:
     rates: dict[tuple, set] = {}
     for r in _done(records):
         rates.setdefault((r["size"], r["arch"]), set()).add(r["lr"])
-    swept = {size for (size, _), lrs in rates.items() if len(lrs) > 1}
+    swept = {size for (size, _), lrs in rates.items() if len(lrs) > 1 and size in grid.sizes}
     if not swept:
         return ["No sweep cells recorded yet."]
-    smallest = min(swept, key=lambda k: grid.sizes[k].d_model ** 2 * grid.sizes[k].n_layers
-                   if k in grid.sizes else 0)
+    smallest = min(swept, key=lambda k: grid.sizes[k].d_model ** 2 * grid.sizes[k].n_layers)
     found = analysis.sweep(_done(records), smallest)
     rates = sorted({lr for v in found.values() for lr in v["losses"]})
     lines = [f"Seed 0, size {smallest}; validation loss per peak rate (bold: the lowest). "
@@ -74,12 +73,13 @@ def _crossing_line(found: dict[str, analysis.Fit], x: str) -> str:
         return "Crossing of RetNet and Llama: needs both at two sizes or more."
     c = analysis.crossing(found["retnet"], found["llama"])
     if c is None:
-        return "RetNet's and Llama's fits are parallel in every bootstrap draw: no crossing."
+        return "RetNet's and Llama's fits have the same slope: no crossing."
     side = "above" if c["first_better_above"] else "below"
-    return (f"RetNet's and Llama's fitted lines cross at {x} ≈ {c['x']:.3g} "
-            f"(interval {c['low']:.3g} … {c['high']:.3g} over the {c['share']:.0%} of draws "
-            f"that cross); RetNet's fit is the lower one {side} it. An extrapolation far "
-            "outside the sizes run is a statement about two fitted lines, not about models.")
+    return (f"RetNet's and Llama's fitted lines cross at {x} ≈ 10^{c['log10_x']:.2f} "
+            f"(10^{c['log10_low']:.2f} … 10^{c['log10_high']:.2f} over the {c['share']:.0%} of "
+            f"bootstrap draws whose slopes are ordered the same way); RetNet's fit is the lower "
+            f"one {side} it. An extrapolation far outside the sizes run is a statement about "
+            "two fitted lines, not about models.")
 
 
 def ablation_section(records: list[dict[str, Any]]) -> tuple[list[str], dict[str, dict]]:
@@ -115,14 +115,14 @@ def recall_section(records: list[dict[str, Any]]) -> tuple[list[str], dict[tuple
     if not table:
         return ["No MQAR cells recorded yet."], {}
     pairs = sorted({int(n) for accs in table.values() for a in accs for n in a})
-    mean = {k: {n: statistics.mean(a[str(n)] for a in accs) for n in pairs}
-            for k, accs in table.items()}
+    mean = {k: {n: statistics.mean(a[str(n)] for a in accs if str(n) in a) for n in pairs
+                if any(str(n) in a for a in accs)} for k, accs in table.items()}
     lines = ["Fraction of values recalled on fresh rows (chance ≈ 1/values), mean over seeds.",
              "", "| arch | width | " + " | ".join(f"{n} pairs" for n in pairs) + " |",
              "|---|---|" + "---|" * len(pairs)]
     for (arch, width), accs in sorted(mean.items()):
-        lines.append(f"| {arch} | {width} | " + " | ".join(f"{accs[n]:.3f}" for n in pairs)
-                     + " |")
+        lines.append(f"| {arch} | {width} | " + " | ".join(
+            f"{accs[n]:.3f}" if n in accs else "" for n in pairs) + " |")
     return lines, mean
 
 
@@ -192,17 +192,19 @@ def cost_section(grid: Grid, records: list[dict[str, Any]]) -> list[str]:
             rs = cells.get((size, arch))
             if not rs:
                 continue
-            rate = statistics.mean(map(_rate, rs))
+            speed = statistics.mean(map(rate, rs))
             peak = max(r["peak_mib"] for r in rs)
             if ref:
-                ref_rate = statistics.mean(map(_rate, ref))
+                ref_speed = statistics.mean(map(rate, ref))
                 ref_peak = max(r["peak_mib"] for r in ref)
-                ratios = f"{rate / ref_rate:.2f} | {peak:,.0f} | {peak / ref_peak:.2f}"
+                memory = f"{peak / ref_peak:.2f}" if ref_peak else ""
+                ratios = f"{speed / ref_speed:.2f} | {peak:,.0f} | {memory}"
             else:
                 ratios = f" | {peak:,.0f} | "
-            lines.append(f"| {size} | {arch} | {rate:,.0f} | {ratios} |")
+            lines.append(f"| {size} | {arch} | {speed:,.0f} | {ratios} |")
     return lines
 
 
-def _rate(r: dict[str, Any]) -> float:
+def rate(r: dict[str, Any]) -> float:
+    """Tokens/s at the median step where recorded, else over the whole run."""
     return r.get("tokens_per_s_median_step") or r["tokens_per_s"]

@@ -70,19 +70,28 @@ def cell_lock(out: Path, cell_id: str):
 
 
 def check_budget(out: Path, grid: Grid, data: str | None) -> None:
-    """Records of one folder are comparable only under one budget: the first run writes it,
-    later runs must match (new sizes, blocks, seeds are fine, and so are new per-architecture
-    learning rates: a rate is part of the cell's id)."""
+    """Records of one folder are comparable only under one budget and one [recall] table: the
+    first run writes them, later runs must match (new sizes, blocks, seeds are fine, and so
+    are new per-architecture learning rates: a rate is part of the cell's id). A folder made
+    before the recall table existed takes it from the first run that has one."""
     budget = {**dataclasses.asdict(grid.budget), "data": data}
     budget.pop("lr_by_arch")
+    recall = json.loads(json.dumps(dataclasses.asdict(grid.recall)))  # tuples as lists
     path = Path(out) / "study.json"
     with _locked(Path(out) / "study.json.lock"):
         if not path.is_file():
-            atomic_write_text(path, json.dumps({"grid": grid.name, "budget": budget}, indent=1))
+            atomic_write_text(path, json.dumps({"grid": grid.name, "budget": budget,
+                                                "recall": recall}, indent=1))
             return
-        stored = json.loads(path.read_text())["budget"]
-    changed = sorted(k for k in set(budget) | set(stored) if budget.get(k) != stored.get(k))
-    if changed:
-        raise ValueError(f"{out} holds a study made with another budget ({', '.join(changed)} "
-                         f"differ: {', '.join(f'{k}={stored.get(k)!r}' for k in changed)}); "
-                         "use the same grid budget or another --out")
+        stored = json.loads(path.read_text())
+        if "recall" not in stored:
+            atomic_write_text(path, json.dumps({**stored, "recall": recall}, indent=1))
+            stored["recall"] = recall
+    for what, mine, theirs in (("budget", budget, stored["budget"]),
+                               ("recall", recall, stored["recall"])):
+        changed = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        if changed:
+            raise ValueError(f"{out} holds a study made with another {what} ("
+                             f"{', '.join(changed)} differ: "
+                             f"{', '.join(f'{k}={theirs.get(k)!r}' for k in changed)}); use "
+                             f"the same grid {what} or another --out")
