@@ -173,3 +173,18 @@ def test_a_measurement_that_cannot_run_is_recorded_and_the_rest_kept():
     out = _measure(model, Data(ByteTokenizer(), None, [], []))  # no long window to read
     assert "no window" in out["measure_errors"]["loss_by_position"]
     assert "loss_by_position" not in out and set(out["few_shot"]["python_mc"]) == {"0", "3"}
+
+
+def test_the_sweep_section_shows_a_rate_checked_at_a_larger_size():
+    from retnet.compare.config import VARIANTS
+    from retnet.study import load
+    from retnet.study.sections import sweep_section
+
+    grid = load("cpu", tuple(VARIANTS))
+    recs = [{"status": "done", "task": "lm", "size": size, "variant": "base", "seed": 0,
+             "arch": "retnet", "lr": lr, "val_loss": loss}
+            for size, lr, loss in [("s1", 4e-3, 3.9), ("s1", 8e-3, 3.8), ("s3", 8e-3, 2.9),
+                                   ("s3", 4e-3, 2.8)]]
+    text = "\n".join(sweep_section(grid, recs))
+    assert "| retnet | 3.9000 | **3.8000** |" in text and "size s1" in text
+    assert "- At s3, retnet (seed 0): 0.004: 2.8000, 0.008: 2.9000; lowest 0.004" in text

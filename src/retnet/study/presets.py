@@ -54,6 +54,9 @@ PRESETS: dict[str, dict[str, Any]] = {
             # size last (its six cells are half of the study's time), so that a study cut short
             # has every other reading
             {"archs": ["retnet", "llama"], "sizes": ["s1", "s2", "s3"], "seeds": [0, 1, 2]},
+            # does the rate chosen at s1 still suit s3? each at half its rate there, seed 0
+            {"archs": ["retnet"], "sizes": ["s3"], "seeds": [0], "lrs": [4e-3]},
+            {"archs": ["llama"], "sizes": ["s3"], "seeds": [0], "lrs": [2e-3]},
             # the efficient rivals: two sizes, two seeds
             {"archs": RIVALS, "sizes": ["s1", "s2"], "seeds": [0, 1]},
             # ablations (paper Table 6): one size, three seeds (s2: 15 cells of s3 would take

@@ -39,7 +39,20 @@ def sweep_section(grid: Grid, records: list[dict[str, Any]]) -> list[str]:
         edge = " (edge of the sweep)" if v["edge"] else ""
         lines.append(f"| {arch} | {' | '.join(cells)} | {v['best']:g}{edge} | "
                      f"{grid.lr_of(arch):g} |")
-    return lines
+    return lines + _rate_checks(grid, records, swept - {smallest})
+
+
+def _rate_checks(grid: Grid, records: list[dict[str, Any]], sizes: set[str]) -> list[str]:
+    """Larger sizes where a family also ran another rate (seed 0): does the sweep's choice
+    still hold there?"""
+    lines = []
+    for size in sorted(sizes, key=list(grid.sizes).index):
+        for arch, v in analysis.sweep(_done(records), size).items():
+            if len(v["losses"]) > 1:
+                tried = ", ".join(f"{lr:g}: {loss:.4f}" for lr, loss in sorted(v["losses"].items()))
+                lines.append(f"- At {size}, {arch} (seed 0): {tried}; lowest {v['best']:g}, "
+                             f"the grid uses {grid.lr_of(arch):g}.")
+    return ["", *lines] if lines else []
 
 
 def fits(grid: Grid, records: list[dict[str, Any]], x_key: str) -> dict[str, analysis.Fit]:
